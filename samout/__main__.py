@@ -1,0 +1,3 @@
+from samout.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""MaxStateSuper token mixers: every variant of SPEC.md.
+
+Each mixer works in two stages, so that tests can feed the same projected streams to
+the full, chunked and one-step forms and demand bit-identical results:
+
+    streams = mixer.project(x)                  # [B, T, k, H, dh], one fused Linear
+    y, new_state = mixer.mix(streams, state)    # y: [B, T, H, dh]; state: [B, H, dh]
+
+`forward(x, state)` chains the two and merges the heads back to [B, T, D]. The only
+thing carried across time is the running max of one stream (`state`); all the rest
+is per position, so any chunking gives the same outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from samout.config import SamOutConfig
+from samout.ops import running_max
+
+
+class MaxStateSuper(nn.Module):
+    """Base class: fused projection into `num_streams` streams, running max of one."""
+
+    num_streams: int
+    max_stream: int  # index of the stream whose running max carries the context
+    num_alphas: int = 0
+
+    def __init__(self, config: SamOutConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.proj = nn.Linear(config.hidden_size, self.num_streams * config.hidden_size, bias=False)
+        # Learnable scalars of the polynomial, all initialised to 0.5 as in the seeds.
+        self.alpha = nn.Parameter(torch.full((self.num_alphas,), 0.5)) if self.num_alphas else None
+
+    def project(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return self.proj(x).view(b, t, self.num_streams, self.num_heads, self.head_dim)
+
+    def mix(self, streams: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        m = running_max(streams[:, :, self.max_stream], state, dim=1)
+        return self.combine(streams, m), m[:, -1]
+
+    def combine(self, streams: Tensor, m: Tensor) -> Tensor:
+        """The polynomial: streams [B, T, k, H, dh] and running max m [B, T, H, dh]."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        b, t, d = x.shape
+        y, new_state = self.mix(self.project(x), state)
+        return y.reshape(b, t, d), new_state
+
+
+class Gen3Mixer(MaxStateSuper):
+    """Seed 001: a, b, c = W3 x; m = cummax_t(c);
+    y = α1 b + α2 m + α3 a + α4 c + (a + b + c) ⊙ m + α5 m."""
+
+    num_streams, max_stream, num_alphas = 3, 2, 5
+
+    def combine(self, streams: Tensor, m: Tensor) -> Tensor:
+        a, b, c = streams.unbind(2)
+        al = self.alpha
+        return al[0] * b + al[1] * m + al[2] * a + al[3] * c + (a + b + c) * m + al[4] * m
+
+
+class DualMixer(MaxStateSuper):
+    """Seed 002: a, b, c = W3 x; m = cummax_t(a); s = running max of m over heads
+    (in index order, at the same time step, so causal); y = (s + b) ⊙ c + b."""
+
+    num_streams, max_stream = 3, 0
+
+    def combine(self, streams: Tensor, m: Tensor) -> Tensor:
+        _, b, c = streams.unbind(2)
+        s = torch.cummax(m, dim=2).values  # over the head axis
+        return (s + b) * c + b
+
+
+def _gen4(al: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor) -> Tensor:
+    return a * b + al[0] * b + al[1] * d + a * (al[2] * e + d) + b * (c + e) + c * e
+
+
+class Gen4Mixer(MaxStateSuper):
+    """Seed 003: a, b, c, d = W4 x; e = cummax_t(c);
+    y = a⊙b + α1 b + α2 d + a⊙(α3 e + d) + b⊙(c + e) + c⊙e."""
+
+    num_streams, max_stream, num_alphas = 4, 2, 3
+
+    def combine(self, streams: Tensor, m: Tensor) -> Tensor:
+        a, b, c, d = streams.unbind(2)
+        return _gen4(self.alpha, a, b, c, d, m)
+
+
+class OpenAshMixer(MaxStateSuper):
+    """The seed author's published model: gen4 + G ⊙ e, where G = Linear(5H, H) mixes
+    the five streams [a, b, c, d, e] across the head axis (per time step and channel)."""
+
+    num_streams, max_stream, num_alphas = 4, 2, 3
+
+    def __init__(self, config: SamOutConfig) -> None:
+        super().__init__(config)
+        self.head_mix = nn.Linear(5 * config.num_heads, config.num_heads, bias=False)
+
+    def combine(self, streams: Tensor, m: Tensor) -> Tensor:
+        a, b, c, d = streams.unbind(2)
+        five = torch.cat([streams, m.unsqueeze(2)], dim=2)  # [B, T, 5, H, dh]
+        b_, t, _, h, dh = five.shape
+        # Streams and heads form the 5H inputs of G; channels ride along as a batch axis.
+        g = self.head_mix(five.reshape(b_, t, 5 * h, dh).transpose(-1, -2)).transpose(-1, -2)
+        return _gen4(self.alpha, a, b, c, d, m) + g * m
+
+
+class ConvMixer(MaxStateSuper):
+    """Seed 000: p0..p4 = W5 x; e = cummax_t(p2); the six streams [p0..p4, e] stacked as
+    6*dh channels and fused by Conv2d(6dh, dh, kernel (1, 5), padding (0, 2)) sliding over
+    the *head* axis (layout [B, 6dh, T, H]). Over heads the padding is harmless; over time
+    it would let position t see t+1 and t+2."""
+
+    num_streams, max_stream = 5, 2
+
+    def __init__(self, config: SamOutConfig) -> None:
+        super().__init__(config)
+        dh = config.head_dim
+        self.conv_fusion = nn.Conv2d(6 * dh, dh, kernel_size=(1, 5), padding=(0, 2))
+
+    def combine(self, streams: Tensor, m: Tensor) -> Tensor:
+        six = torch.cat([streams, m.unsqueeze(2)], dim=2)  # [B, T, 6, H, dh]
+        b, t, _, h, dh = six.shape
+        six = six.permute(0, 2, 4, 1, 3).reshape(b, 6 * dh, t, h)  # channel = stream*dh + c
+        return self.conv_fusion(six).permute(0, 2, 3, 1)  # [B, dh, T, H] -> [B, T, H, dh]
+
+
+MIXER_CLASSES: dict[str, type[MaxStateSuper]] = {
+    "gen3": Gen3Mixer,
+    "dual": DualMixer,
+    "gen4": Gen4Mixer,
+    "openash": OpenAshMixer,
+    "conv": ConvMixer,
+}
+
+
+def build_mixer(config: SamOutConfig) -> MaxStateSuper:
+    return MIXER_CLASSES[config.mixer](config)

@@ -1,0 +1,5 @@
+"""Full language models."""
+
+from samout.models.samout import SamOut
+
+__all__ = ["SamOut"]

@@ -1,0 +1,150 @@
+"""The SamOut language model (SPEC.md, "Layer and model"). One source of truth: every
+wrapper (Hugging Face, ONNX export, training, generation) imports this class.
+
+    x = Embedding(ids)                                  # no positional encoding
+    for layer: x = layer(x) + x                         # the seeds' outer residual
+    layer(x) = LayerNorm(α ⊙ FFN(mixer(x)) + (1 − α) ⊙ x)
+    logits = Linear(D, V, bias=False)(x)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from samout.checkpoint import load_model_weights, save_model_weights
+from samout.config import SamOutConfig
+from samout.layers.mixers import build_mixer
+from samout.state import State
+
+
+class FeedForward(nn.Module):
+    """ffn2(ffn1(x) ⊙ ReLU(gate(x))), as in the seeds (width multiplier optional)."""
+
+    def __init__(self, hidden_size: int, mult: int = 1) -> None:
+        super().__init__()
+        inner = hidden_size * mult
+        self.ffn1 = nn.Linear(hidden_size, inner)
+        self.gate = nn.Linear(hidden_size, inner)
+        self.ffn2 = nn.Linear(inner, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn2(self.ffn1(x) * torch.relu(self.gate(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: SamOutConfig) -> None:
+        super().__init__()
+        self.mixer = build_mixer(config)
+        self.ffn = FeedForward(config.hidden_size, config.ffn_mult)
+        self.layer_norm = nn.LayerNorm(config.hidden_size)
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h, state = self.mixer(x, state)
+        return self.layer_norm(self.alpha * self.ffn(h) + (1 - self.alpha) * x), state
+
+
+class SamOut(nn.Module):
+    """`logits, state = model(input_ids, state=None)`.
+
+    input_ids: LongTensor [B, T] with ids in [0, vocab_size).
+    logits:    [B, T, vocab_size].
+    state:     `State` with layers[i] = {"running_max": [B, H, dh]}; pass it back to
+               continue exactly where this call stopped, any chunk length included.
+    """
+
+    config_class = SamOutConfig
+
+    def __init__(self, config: SamOutConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_idx)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden_size) if config.final_norm else None
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+
+    # -- forward -------------------------------------------------------------
+    def forward(self, input_ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        check_input_ids(input_ids, self.config.vocab_size)
+        layer_states = self._check_state(state, input_ids.shape[0])
+        x = self.embed(input_ids)
+        new_states = []
+        for layer, s in zip(self.layers, layer_states):
+            h, s = layer(x, s)
+            x = h + x
+            new_states.append({"running_max": s})
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.head(x), State(new_states)
+
+    def _check_state(self, state: State | None, batch_size: int) -> list[Tensor | None]:
+        if state is None:
+            return [None] * len(self.layers)
+        if not isinstance(state, State) or len(state) != len(self.layers):
+            raise ValueError(
+                f"state must be a samout State with {len(self.layers)} layers, got "
+                f"{type(state).__name__} with {len(state) if isinstance(state, State) else '?'}"
+            )
+        want = (batch_size, self.config.num_heads, self.config.head_dim)
+        out = []
+        for i, layer in enumerate(state):
+            t = layer.get("running_max")
+            if t is None or tuple(t.shape) != want:
+                got = None if t is None else tuple(t.shape)
+                raise ValueError(f"state layer {i}: running_max must have shape {want}, got {got}")
+            out.append(t)
+        return out
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """An explicit empty state (running max = -inf), for graphs that need tensors."""
+        p = self.head.weight
+        shape = (batch_size, self.config.num_heads, self.config.head_dim)
+        t = torch.full(shape, float("-inf"), device=device or p.device, dtype=dtype or p.dtype)
+        return State([{"running_max": t.clone()} for _ in self.layers])
+
+    # -- sizes ---------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the
+        embedding and output head, the figure compared across architectures."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            params.pop(id(self.embed.weight), None)
+            params.pop(id(self.head.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    # -- checkpoints ---------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` and `model.safetensors` into `directory`."""
+        save_model_weights(self, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> SamOut:
+        return load_model_weights(cls, directory, map_location)
+
+
+def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Clear errors for the wrong type, rank or an id outside [0, vocab_size)."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.long, torch.int32):
+        raise TypeError(f"input_ids must be an integer tensor (torch.long), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must have shape [batch, time], got {tuple(input_ids.shape)}"
+            + (" (add a batch dimension with ids.unsqueeze(0))" if input_ids.dim() == 1 else "")
+        )
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"token id {bad} is out of range for vocab_size {vocab_size} "
+            f"(ids must be in [0, {vocab_size}))"
+        )

@@ -1,0 +1,82 @@
+"""The recurrent state carried between calls: a plain list of named tensors per layer.
+
+    logits, state = model(ids)
+    logits2, state2 = model(more_ids, state=state)   # == one call on ids + more_ids
+
+Layout (batch dimension first in every tensor):
+
+    SamOut        layers[i] = {"running_max": [B, H, dh]}       fixed size
+    Transformer   layers[i] = {"key": [B, H, T, dh], "value": [B, H, T, dh]}  grows with T
+
+Everything a wrapper needs works on that plain structure: `index_select` reorders
+the batch (beam search), `to_tensors` / `from_tensors` give flat names for
+safetensors and for the explicit state inputs/outputs of an ONNX graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class State:
+    layers: list[dict[str, Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.layers[i]
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return iter(self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.layers[0].values())).shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    def map(self, fn) -> State:
+        """A new state with `fn` applied to every tensor."""
+        return State([{k: fn(v) for k, v in layer.items()} for layer in self.layers])
+
+    def index_select(self, index: Tensor) -> State:
+        """Reorder / pick batch rows (beam search)."""
+        return self.map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def to(self, *args, **kwargs) -> State:
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def detach(self) -> State:
+        return self.map(Tensor.detach)
+
+    def clone(self) -> State:
+        return self.map(Tensor.clone)
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Flat `{"layers.{i}.{name}": tensor}`, e.g. for safetensors or ONNX names."""
+        return {f"layers.{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> State:
+        layers: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            parts = key.split(".")
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit():
+                raise ValueError(f"not a state tensor name: {key!r} (expected layers.<i>.<name>)")
+            layers.setdefault(int(parts[1]), {})[parts[2]] = value
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(f"state layers are not numbered 0..n-1: {sorted(layers)}")
+        return cls([layers[i] for i in range(len(layers))])
+
+    def equal(self, other: State) -> bool:
+        """Bitwise equality of every tensor."""
+        a, b = self.to_tensors(), other.to_tensors()
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,200 @@
+import json
+import random
+
+import pytest
+import torch
+
+from samout import SamOut, SamOutConfig, State
+from samout.config import MIXERS, PRESETS
+
+# The seed article for seed-001 prints 2,763,532 parameters; the real model has this many.
+SEED_001_PARAMETERS = 21_266_480
+OPENASH_85M_PARAMETERS = 84_930_864
+
+
+def _tiny(mixer: str, **kw) -> SamOut:
+    model = SamOut(SamOutConfig.from_preset("tiny", mixer=mixer, **kw))
+    with torch.no_grad():  # alphas away from 0.5 so every term matters
+        for name, p in model.named_parameters():
+            if "alpha" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_causal_exactly(seed, mixer):
+    model = _tiny(mixer)
+    ids = torch.randint(0, 512, (2, 24))
+    t = random.Random(seed).randrange(1, 24)
+    other = ids.clone()
+    other[:, t] = (ids[:, t] + 1 + torch.randint(0, 510, (2,))) % 512
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(other)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.equal(a[:, t], b[:, t])
+
+
+def _random_chunks(total, rng):
+    cuts = sorted(rng.sample(range(1, total), k=rng.randint(1, 8)))
+    return [b - a for a, b in zip([0] + cuts, cuts + [total])]
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_chunked_equals_full(seed, mixer):
+    rng = random.Random(seed)
+    model = _tiny(mixer)
+    ids = torch.randint(0, 512, (3, 40))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        scale = full.abs().max()
+        for chunking in ([1] * 40, _random_chunks(40, rng), _random_chunks(40, rng)):
+            outs, state, t = [], None, 0
+            for n in chunking:
+                out, state = model(ids[:, t : t + n], state=state)
+                outs.append(out)
+                t += n
+            assert (torch.cat(outs, 1) - full).abs().max() <= 1e-5 * scale, chunking
+            for a, b in zip(state, full_state):
+                a, b = a["running_max"], b["running_max"]
+                assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_state_size_does_not_grow(mixer):
+    model = _tiny(mixer)
+    with torch.no_grad():
+        _, s1 = model(torch.randint(0, 512, (2, 3)))
+        _, s2 = model(torch.randint(0, 512, (2, 300)))
+        _, s3 = model(torch.randint(0, 512, (2, 1)), state=s2)
+    assert s1.nbytes == s2.nbytes == s3.nbytes
+    assert [t.shape for t in s1.to_tensors().values()] == [t.shape for t in s3.to_tensors().values()]
+    h, dh = model.config.num_heads, model.config.head_dim
+    assert s1.nbytes == model.config.num_layers * 2 * h * dh * 4
+
+
+def test_init_state_is_the_same_as_no_state(seed):
+    model = _tiny("gen4")
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        a, sa = model(ids)
+        b, sb = model(ids, state=model.init_state(2))
+    assert torch.equal(a, b) and sa.equal(sb)
+
+
+def test_state_round_trips_and_reorders(seed):
+    model = _tiny("openash")
+    with torch.no_grad():
+        _, state = model(torch.randint(0, 512, (3, 5)))
+    again = State.from_tensors(state.to_tensors())
+    assert again.equal(state)
+    picked = state.index_select(torch.tensor([2, 0, 0]))
+    assert picked.batch_size == 3
+    assert torch.equal(picked[0]["running_max"][1], state[0]["running_max"][0])
+
+
+def test_parameter_counts():
+    assert SamOut(SamOutConfig.from_preset("openash-85m")).num_parameters() == OPENASH_85M_PARAMETERS
+    assert SamOut(SamOutConfig.from_preset("seed-001")).num_parameters() == SEED_001_PARAMETERS
+
+
+def test_tied_head_counts_once():
+    untied = SamOut(SamOutConfig.from_preset("tiny"))
+    tied = SamOut(SamOutConfig.from_preset("tiny", tie_word_embeddings=True))
+    assert untied.num_parameters() - tied.num_parameters() == 512 * 64
+    assert tied.head.weight is tied.embed.weight
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([[0, 512]]), "token id 512 is out of range for vocab_size 512"),
+    (torch.tensor([[-3, 1]]), "token id -3 is out of range"),
+    (torch.tensor([1, 2]), "shape [batch, time]"),
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+])
+def test_bad_input_ids_raise_value_error(bad, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _tiny("gen3")(bad)
+
+
+def test_float_input_ids_raise_type_error():
+    with pytest.raises(TypeError, match="integer tensor"):
+        _tiny("gen3")(torch.zeros(1, 3))
+
+
+def test_state_from_another_batch_size_is_rejected():
+    model = _tiny("gen3")
+    _, state = model(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="running_max must have shape"):
+        model(torch.zeros(3, 1, dtype=torch.long), state=state)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(hidden_size=100, num_heads=8), "divisible by num_heads"),
+    (dict(mixer="softmax"), "unknown mixer"),
+    (dict(num_layers=0), "num_layers must be a positive integer"),
+    (dict(vocab_size=-5), "vocab_size must be a positive integer"),
+    (dict(padding_idx=9000), "padding_idx"),
+])
+def test_impossible_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamOutConfig(**kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'nope': choose one of"):
+        SamOutConfig.from_preset("nope")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_config_json_round_trip(tmp_path, name):
+    config = SamOutConfig.from_preset(name)
+    assert SamOutConfig.from_json(config.to_json()) == config
+    config.to_json(tmp_path / "c.json")
+    assert SamOutConfig.from_json(tmp_path / "c.json") == config
+
+
+def test_config_from_another_format_version():
+    data = json.loads(SamOutConfig().to_json())
+    data["format_version"] = 99
+    with pytest.raises(ValueError, match="format_version 99"):
+        SamOutConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_and_load(tmp_path, seed, tie):
+    model = _tiny("conv", tie_word_embeddings=tie)
+    model.save_pretrained(tmp_path)
+    loaded = SamOut.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 512, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], loaded(ids)[0])
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+
+
+def test_load_errors(tmp_path):
+    from samout.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        SamOut.from_pretrained(tmp_path)
+    _tiny("gen3").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        SamOut.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_overfits_a_small_batch_of_real_text(shakespeare_text, mixer):
+    torch.manual_seed(0)
+    data = torch.tensor(list(shakespeare_text[5000:7000].encode("utf-8")), dtype=torch.long)
+    batch = data[: 4 * 65].view(4, 65)
+    model = SamOut(SamOutConfig.from_preset("tiny", mixer=mixer))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        logits, _ = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::15]

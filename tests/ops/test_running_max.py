@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from samout.ops import running_max, running_max_ref
+
+
+def _no_ties(*shapes, dtype=torch.float64):
+    """Tensors of these shapes whose values are all distinct (one random permutation
+    shared between them), so that every gradient is well defined."""
+    sizes = [torch.Size(s).numel() for s in shapes]
+    values = torch.randperm(sum(sizes)).to(dtype) / sum(sizes) - 0.5
+    return [v.reshape(s) for v, s in zip(values.split(sizes), shapes)]
+
+
+@pytest.mark.parametrize("dim", [1, 2, -1])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fast_equals_reference_values(seed, dim, with_state):
+    x = torch.randn(3, 11, 4, 5)
+    state_shape = list(x.shape)
+    state_shape.pop(dim)
+    state = torch.randn(state_shape) if with_state else None
+    fast = running_max(x, state, dim=dim)
+    ref = running_max_ref(x, state, dim=dim)
+    assert torch.equal(fast, ref)
+    if with_state:
+        # The state really matters: some outputs come from it.
+        assert not torch.equal(fast, running_max(x, None, dim=dim))
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fast_equals_reference_gradients(seed, with_state):
+    x, state = _no_ties((2, 9, 3, 4), (2, 3, 4))
+    x.requires_grad_()
+    state = state.add(0.3).requires_grad_() if with_state else None
+    g = torch.randn(2, 9, 3, 4, dtype=torch.float64)
+    inputs = [x] + ([state] if state is not None else [])
+    fast = torch.autograd.grad((running_max(x, state) * g).sum(), inputs)
+    ref = torch.autograd.grad((running_max_ref(x, state) * g).sum(), inputs)
+    # Same routing; the sums may be added in another order, hence float64 rounding.
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.equal(a != 0, b != 0)
+    if with_state:
+        assert fast[1].abs().sum() > 0  # the state received some gradient
+
+
+@pytest.mark.parametrize("fn", [running_max, running_max_ref])
+def test_gradcheck(seed, fn):
+    x, state = _no_ties((2, 7, 3), (2, 3))
+    x.requires_grad_()
+    state.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: fn(a, None, 1), (x,))
+    assert torch.autograd.gradcheck(lambda a, s: fn(a, s, 1), (x, state))
+
+
+@pytest.mark.parametrize("fn", [running_max, running_max_ref])
+def test_ties_send_gradient_to_most_recent_position(fn):
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    out = fn(x, None, 1)
+    assert out.tolist() == [[1.0, 3.0, 3.0, 3.0, 3.0, 3.0]]
+    # Output t's gradient goes to the latest position <= t holding the max.
+    g = torch.tensor([[1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0]], dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * g).sum(), x)
+    assert grad.tolist() == [[1.0, 10.0, 1100.0, 0.0, 110000.0, 0.0]]
+
+
+@pytest.mark.parametrize("fn", [running_max, running_max_ref])
+def test_ties_with_state_prefer_the_chunk(fn):
+    state = torch.tensor([[3.0]], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[[2.0], [3.0], [1.0]]], dtype=torch.float64, requires_grad=True)
+    out = fn(x, state, 1)
+    assert out.flatten().tolist() == [3.0, 3.0, 3.0]
+    gx, gs = torch.autograd.grad(out.sum(), [x, state])
+    # Position 0 is below the state: its output comes from the state. Position 1 ties
+    # with the state and, being newer, takes the gradient of outputs 1 and 2.
+    assert gs.item() == 1.0
+    assert gx.flatten().tolist() == [0.0, 2.0, 0.0]
+
+
+def test_random_ties_fast_equals_reference(seed):
+    # Small integers force many ties; both paths must route gradients the same way.
+    x = torch.randint(0, 4, (3, 20, 5)).double().requires_grad_()
+    state = torch.randint(0, 4, (3, 5)).double().requires_grad_()
+    g = torch.randn(3, 20, 5, dtype=torch.float64)
+    fast = torch.autograd.grad((running_max(x, state) * g).sum(), [x, state])
+    ref = torch.autograd.grad((running_max_ref(x, state) * g).sum(), [x, state])
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.equal(a != 0, b != 0)
+
+
+def test_chunked_equals_full(seed):
+    x = torch.randn(2, 30, 6)
+    full = running_max(x)
+    state, parts = None, []
+    for a, b in [(0, 1), (1, 8), (8, 9), (9, 30)]:
+        out = running_max(x[:, a:b], state)
+        state = out[:, -1]
+        parts.append(out)
+    assert torch.equal(torch.cat(parts, 1), full)
