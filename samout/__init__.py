@@ -1,9 +1,10 @@
 """samout: softmax-free, linear-time SamOut language models with a fixed-size state."""
 
 from samout.config import PRESETS, SamOutConfig
+from samout.models import load_pretrained
 from samout.models.samout import SamOut
 from samout.state import State
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "SamOut", "SamOutConfig", "State", "__version__"]
+__all__ = ["PRESETS", "SamOut", "SamOutConfig", "State", "__version__", "load_pretrained"]

@@ -1,5 +1,24 @@
-"""Full language models."""
+"""Full language models, and loading any of them from a checkpoint directory."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from samout.checkpoint import CheckpointError, read_config_dict
 from samout.models.samout import SamOut
 
-__all__ = ["SamOut"]
+# config.json's "model_type" -> model class. Every architecture registers here.
+MODEL_CLASSES: dict[str, type] = {"samout": SamOut}
+
+
+def load_pretrained(directory: str | Path, map_location: str = "cpu"):
+    """Load whichever model `directory/config.json` describes."""
+    model_type = read_config_dict(directory).get("model_type", "samout")
+    if model_type not in MODEL_CLASSES:
+        raise CheckpointError(
+            f"{directory}: unknown model_type {model_type!r} (known: {', '.join(MODEL_CLASSES)})"
+        )
+    return MODEL_CLASSES[model_type].from_pretrained(directory, map_location=map_location)
+
+
+__all__ = ["MODEL_CLASSES", "SamOut", "load_pretrained"]

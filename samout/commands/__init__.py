@@ -1,0 +1,1 @@
+"""One module per `samout` subcommand; see samout/cli.py."""
