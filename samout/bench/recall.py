@@ -97,32 +97,35 @@ def parse_tasks(text: str) -> list[tuple[int, int]]:
 
 @dataclass
 class RecallSettings:
+    """Defaults: the full run (not calibrated on a quiet machine yet; see docs/benchmarks.md)."""
+
     preset: str = "tiny"
     overrides: dict[str, Any] = field(
-        default_factory=lambda: {"vocab_size": 1024, "hidden_size": 128, "num_layers": 2, "num_heads": 4}
+        default_factory=lambda: {"vocab_size": 256, "hidden_size": 128, "num_layers": 2, "num_heads": 4}
     )
     mixers: list[str] = field(default_factory=lambda: ["openash", "gen4", "gen3", "dual", "conv"])
     match_mixer: str | None = None
     positional: str = "sinusoidal"
     tasks: list[tuple[int, int]] = field(
-        default_factory=lambda: [(64, 4), (128, 8), (256, 16), (256, 32), (512, 64)]
+        default_factory=lambda: [(64, 4), (64, 8), (128, 16), (256, 32), (256, 64)]
     )
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     eval_examples: int = 1000
     device: str = "cpu"
     seed: int = 0
 
 
-# A few minutes on 2 CPU cores.
+# About 3 minutes on 2 busy CPU cores. With these settings the Transformer learns the
+# task within the 600 steps (its loss drops suddenly around step 350 at 32x4).
 QUICK = dict(
     preset="tiny",
-    overrides={"vocab_size": 128, "hidden_size": 64, "num_layers": 2, "num_heads": 4},
+    overrides={"vocab_size": 64, "hidden_size": 64, "num_layers": 2, "num_heads": 4},
     mixers=["openash"],
-    tasks=[(64, 4), (64, 8), (128, 16)],
-    steps=300,
-    batch_size=64,
+    tasks=[(32, 2), (32, 4), (64, 8)],
+    steps=600,
+    batch_size=32,
     lr=3e-3,
     eval_examples=256,
 )

@@ -11,8 +11,11 @@ import shlex
 
 import torch
 
+from samout.bench import params as params_bench
 from samout.bench import recall as recall_bench
 from samout.bench import speed as speed_bench
+from samout.bench.common import prepare_out_dir, write_json
+from samout.checkpoint import atomic_write
 from samout.config import MIXERS, PRESETS
 from samout.errors import SamoutError
 
@@ -84,6 +87,12 @@ def register(subparsers) -> None:
     _add_run_args(recall, "bench-results")
     recall.set_defaults(func=run_recall_command)
 
+    params = sub.add_parser("params", help="parameter counts: SamOut presets vs standard and matched"
+                            " Transformers", description=params_bench.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    params.add_argument("--out", help="also write params.json (and params.md) into this directory")
+    params.set_defaults(func=run_params_command)
+
 
 def _common(args, settings_cls, quick: dict) -> object:
     settings = settings_cls(**quick) if args.quick else settings_cls()
@@ -117,6 +126,17 @@ def _command_line(args) -> str:
     return " ".join(parts)
 
 
+def run_params_command(args) -> int:
+    rows = params_bench.parameter_table()
+    table = params_bench.format_params(rows)
+    print(table)
+    if args.out:
+        out = prepare_out_dir(args.out)
+        write_json(out / "params.json", {"benchmark": "params", "rows": rows})
+        atomic_write(out / "params.md", table + "\n")
+    return 0
+
+
 def run_speed_command(args) -> int:
     s = _common(args, speed_bench.SpeedSettings, speed_bench.QUICK)
     for name in ("lengths", "tokens_per_step", "contexts", "decode_steps", "prefill_chunk", "repeats", "lr"):
@@ -124,8 +144,10 @@ def run_speed_command(args) -> int:
             setattr(s, name, getattr(args, name))
     command = _command_line(args)
     results = speed_bench.run_speed(s, args.out, command=command, progress=not args.no_progress)
-    print(speed_bench.format_speed(results))
-    print(f"\nwrote {args.out}/speed.json and {', '.join(results['plots'])}")
+    summary = speed_bench.format_speed(results)
+    atomic_write(f"{args.out}/speed.txt", summary + "\n")
+    print(summary)
+    print(f"\nwrote {args.out}/speed.json, speed.txt and {', '.join(results['plots'])}")
     return 0
 
 
@@ -138,6 +160,8 @@ def run_recall_command(args) -> int:
             setattr(s, name, getattr(args, name))
     command = _command_line(args)
     results = recall_bench.run_recall(s, args.out, command=command, progress=not args.no_progress)
-    print(recall_bench.format_recall(results))
-    print(f"\nwrote {args.out}/recall.json and {', '.join(results['plots'])}")
+    summary = recall_bench.format_recall(results)
+    atomic_write(f"{args.out}/recall.txt", summary + "\n")
+    print(summary)
+    print(f"\nwrote {args.out}/recall.json, recall.txt and {', '.join(results['plots'])}")
     return 0
