@@ -219,8 +219,11 @@ def plot_recall(results: dict[str, Any], out: Path) -> list[str]:
                       if r["model"] == next(iter(results["models"])))
     s = results["settings"]
     filename = "recall_accuracy.png"
+    c = results["models"]["transformer"]["config"]
+    footer = (f"{header_line(results['header'])}; D={c['hidden_size']}, {c['num_layers']} layers, "
+              f"vocab {c['vocab_size']}, batch {s['batch_size']}, AdamW lr {s['lr']}")
     plot_lines(out / filename, f"MQAR accuracy (tasks LxPAIRS: {tasks}; {s['steps']} steps)",
-               "key-value pairs", "accuracy on held-out queries", series, header_line(results["header"]))
+               "key-value pairs", "accuracy on held-out queries", series, footer)
     return [filename]
 
 

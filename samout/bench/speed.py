@@ -243,8 +243,14 @@ def _ratios(results: dict[str, Any], samout_names: list[str]) -> dict[str, Any]:
     }
 
 
+def model_line(results: dict[str, Any]) -> str:
+    c = results["models"]["transformer"]["config"]
+    return (f"D={c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']} heads, "
+            f"vocab {c['vocab_size']}; {results['settings']['tokens_per_step']} tokens/step")
+
+
 def plot_speed(results: dict[str, Any], out: Path) -> list[str]:
-    footer = header_line(results["header"])
+    footer = f"{header_line(results['header'])}; {model_line(results)}"
     names = list(results["models"])
 
     def series(rows, key, figure, scale=1.0):
@@ -274,7 +280,7 @@ def format_speed(results: dict[str, Any]) -> str:
     for name, m in results["models"].items():
         lines.append(f"{name:>16}: {m['non_embedding_parameters']:>12,} non-embedding parameters "
                      f"({m['parameters']:,} in all)")
-    lines.append(f"(transformer matched to {results['matched_to']})")
+    lines.append(f"(transformer matched to {results['matched_to']}; {model_line(results)})")
 
     def block(title, rows, key, figure, fmt):
         names = list(results["models"])

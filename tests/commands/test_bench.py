@@ -78,3 +78,11 @@ def test_bench_params_counts_real_models(tmp_path, capsys):
                                              ffn_hidden_size=2048))
     assert rows["seed-001"]["transformer_4d_ffn"]["parameters"] == standard.num_parameters()
     assert (tmp_path / "params.md").read_text().startswith("| preset |")
+
+
+@pytest.mark.parametrize("benchmark", ["speed", "recall", "params"])
+def test_every_benchmark_has_help(benchmark, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", benchmark, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: samout bench {benchmark}" in capsys.readouterr().out
