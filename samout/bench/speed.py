@@ -294,7 +294,9 @@ def format_speed(results: dict[str, Any]) -> str:
                 cells.append(f"{text:>16}")
             lines.append(f"{k:>8} " + " ".join(cells))
 
-    mib = lambda v: f"{v / 2**20:.1f} MiB"  # noqa: E731
+    def mib(v: float) -> str:
+        return f"{v / 2**20:.1f} MiB" if v >= 2**20 else f"{v / 2**10:.1f} KiB"
+
     block("training tokens/s (median)", results["train"], "length", "tokens_per_s", lambda v: f"{v:,.0f}")
     block("training peak memory", results["train"], "length", "peak_bytes", mib)
     block("decode latency, ms/token (median)", results["decode"], "context", "median_latency_ms",
