@@ -107,6 +107,15 @@ def model_specs(base: SamOutConfig, mixers: list[str], match_mixer: str,
     return specs
 
 
+def matched_target(base: SamOutConfig, match_mixer: str) -> dict[str, Any]:
+    """Which SamOut the Transformer was sized against, and its non-embedding count (it
+    need not be among the models run)."""
+    from samout.models.transformer_config import samout_non_embedding_parameters
+
+    config = SamOutConfig.from_dict({**base.to_dict(), "mixer": match_mixer})
+    return {"mixer": match_mixer, "non_embedding_parameters": samout_non_embedding_parameters(config)}
+
+
 def build_model(config, device: torch.device, seed: int = 0) -> nn.Module:
     cls = Transformer if config.model_type == "transformer" else SamOut
     if device.type == "meta":  # sizes only, nothing allocated

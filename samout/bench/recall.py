@@ -34,6 +34,7 @@ from samout.bench.common import (
     build_model,
     check_mixers,
     header_line,
+    matched_target,
     model_specs,
     plot_lines,
     prepare_out_dir,
@@ -188,7 +189,8 @@ def run_recall(s: RecallSettings, out: str | Path, command: str = "samout bench 
                         max_position_embeddings=max(4096, max(t[0] for t in s.tasks)))
     results: dict[str, Any] = {
         "benchmark": "recall", "header": run_header(device, command), "settings": asdict(s),
-        "matched_to": f"samout-{match_mixer}", "models": {}, "runs": [],
+        "matched_to": f"samout-{match_mixer}",
+        "matched_target": matched_target(base, match_mixer), "models": {}, "runs": [],
     }
     for name, config in specs.items():
         model = build_model(config, torch.device("meta"))

@@ -35,6 +35,7 @@ from samout.bench.common import (
     build_model,
     check_mixers,
     header_line,
+    matched_target,
     median,
     model_specs,
     peak_allocated_bytes,
@@ -192,6 +193,7 @@ def run_speed(s: SpeedSettings, out: str | Path, command: str = "samout bench sp
     header = run_header(device, command)
     results: dict[str, Any] = {
         "benchmark": "speed", "header": header, "settings": asdict(s), "matched_to": f"samout-{match_mixer}",
+        "matched_target": matched_target(base, match_mixer),
         "memory_note": MEMORY_NOTE, "models": {}, "train": [], "decode": [],
     }
     for name, config in specs.items():

@@ -29,7 +29,12 @@ def test_bench_recall_end_to_end(tmp_path, capsys):
                  "--batch-size", "2", "--eval-examples", "4", "--out", str(tmp_path)])
     assert code == 0
     assert "accuracy on held-out queries" in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "recall.json").read_text())["runs"]) == 2
+    data = json.loads((tmp_path / "recall.json").read_text())
+    assert len(data["runs"]) == 2
+    # Matched to the preset's own mixer (openash), which was not run: its size is still recorded.
+    target = data["matched_target"]["non_embedding_parameters"]
+    assert data["matched_target"]["mixer"] == "openash"
+    assert abs(data["models"]["transformer"]["non_embedding_parameters"] - target) <= 0.02 * target
 
 
 @pytest.mark.parametrize("argv, message", [
