@@ -1,7 +1,7 @@
 """Batches are a pure function of (seed, step, micro-step, rank); errors on bad data dirs."""
 
-import torch
 import pytest
+import torch
 
 from samout.data.dataset import TokenData
 from samout.errors import SamoutError

@@ -94,7 +94,8 @@ def test_config_file_with_model_and_training_fields(tmp_path, prepared_data):
     # A command-line override wins over the file.
     train(prepared_data, run, config_file=cfg, overrides={"max_steps": 3, "eval_windows": 2}, quiet=True)
     m = load_pretrained(run)
-    assert (m.config.hidden_size, m.config.num_heads, m.config.mixer, m.config.vocab_size) == (32, 2, "gen4", 400)
+    c = m.config
+    assert (c.hidden_size, c.num_heads, c.mixer, c.vocab_size) == (32, 2, "gen4", 400)
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["max_steps"] == 3 and saved["grad_accum"] == 2 and saved["lr"] == 0.001
 
