@@ -11,6 +11,7 @@ gradient can skip the step).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -237,6 +238,11 @@ def build_model_config(model_fields: dict[str, Any], vocab_size: int, preset: st
     if model_type not in MODEL_CLASSES:
         raise SamoutError(f"unknown model_type {model_type!r}: choose one of {', '.join(MODEL_CLASSES)}")
     config_class = MODEL_CLASSES[model_type].config_class
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise SamoutError(f"unknown setting(s) {', '.join(unknown)}: not a training setting nor a field "
+                          f"of the {model_type} model config")
     fields.update(vocab_size=vocab_size, padding_idx=PAD_ID)
     try:
         if preset is not None:
