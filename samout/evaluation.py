@@ -49,7 +49,8 @@ def evaluate(model: torch.nn.Module, data: TokenData, token_bytes: np.ndarray, s
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     device = torch.device(device)
     # Windows of equal length batch together; only the last may be shorter.
-    for i in tqdm(range(0, len(windows), batch_size), desc=f"eval {split}", disable=not progress):
+    bar = tqdm(range(0, len(windows), batch_size), desc=f"eval {split}", disable=None if progress else True)
+    for i in bar:
         group = windows[i:i + batch_size]
         for length in sorted({n for _, n in group}):
             rows = np.stack([tokens[s:s + n + 1] for s, n in group if n == length]).astype(np.int64)

@@ -68,7 +68,7 @@ def _cut_into_pieces(docs: list[Document], pieces: int) -> list[Document]:
 def _tokenize(tokenizer, docs: list[Document], desc: str, quiet: bool, dtype) -> np.ndarray:
     """Token ids of every document followed by <|endoftext|>; `encode_batch` runs in parallel (Rust)."""
     chunks, batch = [], 256
-    with tqdm(total=len(docs), desc=desc, unit="doc", disable=quiet) as bar:
+    with tqdm(total=len(docs), desc=desc, unit="doc", disable=True if quiet else None) as bar:
         for i in range(0, len(docs), batch):
             for enc in tokenizer.encode_batch([d.text for d in docs[i:i + batch]], add_special_tokens=False):
                 chunks.append(np.asarray(enc.ids + [EOT_ID], dtype=dtype))

@@ -107,6 +107,7 @@ class Trainer:
     def train_step(self) -> float:
         cfg = self.cfg
         self.model.train()
+        self.scheduler.set_lr(self.step, self.tokens_seen, self.elapsed)
         total = 0.0
         for micro in range(cfg.grad_accum):
             x, y = self.data.train_batch(self.step, micro, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank)
@@ -125,7 +126,6 @@ class Trainer:
     def _apply_update(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- stopping, evaluation, logging -----------------------------------------
@@ -168,7 +168,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_log()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=self.quiet, dynamic_ncols=True)
+                   disable=True if self.quiet else None, dynamic_ncols=True)  # None: off if not a TTY
         window_tokens, window_start = 0, time.perf_counter()
         last_saved = self.step if self.step else None
         reason = self.stop_reason()
@@ -191,8 +191,9 @@ class Trainer:
             if self.step % cfg.eval_every == 0 or reason is not None:
                 ev = self.evaluate()
                 self.log({"type": "eval", "step": self.step, **ev, "tokens": self.tokens_seen})
-                bar.write(f"step {self.step}: val loss {ev['val_loss']:.4f}, "
-                          f"val bits/byte {ev['val_bpb']:.4f}") if not self.quiet else None
+                if not self.quiet:  # also the progress report when stderr is not a terminal
+                    bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {ev['val_loss']:.4f}, "
+                              f"val bits/byte {ev['val_bpb']:.4f}, {self.elapsed:.0f}s")
             if self.is_main and (self.step % cfg.save_every == 0 or reason is not None):
                 self.save()
                 last_saved = self.step

@@ -11,7 +11,7 @@ from samout.errors import SamoutError
 from samout.models import load_pretrained
 from samout.training.checkpointing import list_checkpoints
 from samout.training.config import TrainConfig, load_config_file, parse_duration
-from samout.training.schedule import lr_multiplier
+from samout.training.schedule import Schedule, lr_multiplier
 from samout.training.trainer import train
 from tests.fixtures_pipeline import TINY_TRAIN
 
@@ -118,6 +118,12 @@ def test_schedule_warmup_then_cosine():
     assert m[10] == pytest.approx(1.0) and m[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(m[10:], m[11:]))  # then decaying
     assert m[60] == pytest.approx(0.55)
+    # A token or time budget moves the decay too: halfway through the budget is the middle.
+    assert lr_multiplier(20, 10, 10_000, 0.1, progress=0.5) == pytest.approx(0.55)
+    cfg = TrainConfig(max_steps=10_000, warmup_steps=0, max_time=100.0, lr=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert Schedule(opt, cfg).set_lr(step=5, elapsed=100.0) == pytest.approx(0.1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
 def test_bfloat16_and_grad_accum_train(tmp_path, prepared_data):
