@@ -14,9 +14,9 @@ if [ ! -f "$DATA/meta.json" ]; then
 fi
 rm -rf "$RUN"
 "$BIN/samout" train --data "$DATA" --out "$RUN" --preset small \
-  --seq-len 128 --batch-size 16 --lr 3e-3 --warmup-steps 30 \
-  --max-steps "${DEMO_STEPS:-400}" --max-time "${DEMO_TIME:-240s}" \
-  --eval-every 100 --eval-windows 32 --save-every 100 --seed 0
+  --seq-len 128 --batch-size 16 --lr 3e-3 --warmup-steps 20 \
+  --max-steps "${DEMO_STEPS:-5000}" --max-time "${DEMO_TIME:-240s}" \
+  --eval-every 50 --eval-windows 16 --save-every 100 --log-every 5 --seed 0
 echo
 echo "== validation (all of it) =="
 "$BIN/samout" eval "$RUN" --quiet | head -2
