@@ -172,8 +172,13 @@ class Trainer:
         """On resume, drop log lines written after the checkpoint (they will be redone)."""
         path = self.run_dir / LOG_NAME
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.step:
+                        kept.append(line)
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a line cut short by a crash
             atomic_write(path, "".join(line + "\n" for line in kept))
 
     # -- the loop --------------------------------------------------------------

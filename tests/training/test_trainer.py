@@ -48,6 +48,8 @@ def test_resume_is_exact(tmp_path, prepared_data):
     shutil.rmtree(crashed / "checkpoints" / "step-000006")  # as if killed before saving step 6
     for name in ("model.safetensors", "loss.png"):
         (crashed / name).unlink()
+    with (crashed / "log.jsonl").open("a") as f:
+        f.write('{"type": "train", "step": 7, "lo')  # a line cut short by the kill
     result = train(prepared_data, crashed, resume=True, quiet=True)
     assert result["step"] == 6
     a = load_file(straight / "model.safetensors")
