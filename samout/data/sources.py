@@ -43,7 +43,7 @@ def _kjv() -> tuple[list[str], bytes]:
     start = source.index('"""') + 3
     body = source[start:source.index('"""', start)].strip("\n")
     # "1. In the beginning ... 2. And the earth ...": a verse number 1 starts a chapter.
-    parts = re.split(r"(?:(?<=\s)|^)(\d+)\. ", body)
+    parts = re.split(r"(?:(?<=[\s.])|^)(\d+)\.(?: |(?=\())", body)
     chapters: list[list[str]] = []
     for number, verse in zip(parts[1::2], parts[2::2]):
         if number == "1" or not chapters:
