@@ -92,7 +92,8 @@ class Trainer:
             "rng": rng_state(),
             "train_config": self.cfg.to_dict(),
             "data_dir": str(self.data.dir.resolve()),
-            "world_size": self.world_size,
+            # Batches are a pure function of these (TokenData.train_batch): the data position.
+            "data_position": {"next_step": self.step, "seed": self.cfg.seed, "world_size": self.world_size},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from samout.errors import SamoutError
 from samout.models import load_pretrained
-from samout.training.checkpointing import list_checkpoints
+from samout.training.checkpointing import list_checkpoints, load_training_state
 from samout.training.config import TrainConfig, load_config_file, parse_duration
 from samout.training.schedule import Schedule, lr_multiplier
 from samout.training.trainer import train
@@ -26,6 +26,11 @@ def test_run_dir_layout(trained_run, prepared_data):
         assert (trained_run / name).is_file(), name
     assert (trained_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in list_checkpoints(trained_run)] == ["step-000002", "step-000004"]
+    state = load_training_state(trained_run / "checkpoints" / "step-000004")
+    assert state["step"] == 4 and state["tokens_seen"] == 4 * 4 * 32
+    assert state["data_position"] == {"next_step": 4, "seed": 0, "world_size": 1}
+    assert {"optimizer", "scheduler", "rng", "train_config"} <= state.keys()
+    assert set(state["rng"]) >= {"torch", "numpy", "python"}
     model = load_pretrained(trained_run)
     assert model.config.vocab_size == 400 and model.config.padding_idx == 0  # vocab from the tokenizer
     top = load_file(trained_run / "model.safetensors")
