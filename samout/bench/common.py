@@ -214,7 +214,7 @@ def prepare_out_dir(out: str | Path) -> Path:
 
 
 def plot_lines(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
-               footer: str, logy: bool = False) -> None:
+               footer: str, logy: bool = False, logx: bool = True) -> None:
     """One PNG: a line per model, log2 x axis (lengths double), the run header as footer."""
     import matplotlib
 
@@ -228,7 +228,8 @@ def plot_lines(path: Path, title: str, xlabel: str, ylabel: str, series: dict[st
             xs, ys = zip(*points)
             style = dict(color="black", linestyle="--", linewidth=2) if name == "transformer" else {}
             ax.plot(xs, ys, marker="o", label=name, **style)
-    ax.set_xscale("log", base=2)
+    if logx:
+        ax.set_xscale("log", base=2)
     if logy:
         ax.set_yscale("log")
     ax.set_title(title)

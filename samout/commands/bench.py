@@ -12,6 +12,7 @@ import shlex
 import torch
 
 from samout.bench import params as params_bench
+from samout.bench import quality as quality_bench
 from samout.bench import recall as recall_bench
 from samout.bench import speed as speed_bench
 from samout.bench.common import prepare_out_dir, write_json
@@ -87,6 +88,18 @@ def register(subparsers) -> None:
     _add_run_args(recall, "bench-results")
     recall.set_defaults(func=run_recall_command)
 
+    quality = sub.add_parser("quality", help="validation bits per byte: SamOut mixers vs the matched"
+                             " Transformer, trained alike", description=quality_bench.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    quality.add_argument("--corpus", help="directory of .txt files, one document each (e.g. the plays)")
+    quality.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small)")
+    quality.add_argument("--mixers", type=_mixers, help="SamOut mixers to train (default: all)")
+    for name, kind in (("vocab_size", int), ("seq_len", int), ("batch_size", int), ("max_steps", int),
+                       ("lr", float), ("warmup_steps", int), ("eval_every", int)):
+        quality.add_argument("--" + name.replace("_", "-"), type=kind)
+    _add_run_args(quality, "bench-results")
+    quality.set_defaults(func=run_quality_command)
+
     params = sub.add_parser("params", help="parameter counts: SamOut presets vs standard and matched"
                             " Transformers", description=params_bench.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +137,26 @@ def _command_line(args) -> str:
             text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             parts += [flag, shlex.quote(text)]
     return " ".join(parts)
+
+
+def run_quality_command(args) -> int:
+    settings = quality_bench.QualitySettings
+    s = settings(**quality_bench.QUICK) if args.quick else settings()
+    for name in ("corpus", "preset", "mixers", "vocab_size", "seq_len", "batch_size", "max_steps", "lr",
+                 "warmup_steps", "eval_every", "device", "seed"):
+        if getattr(args, name, None) is not None:
+            setattr(s, name, getattr(args, name))
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise SamoutError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    results = quality_bench.run_quality(s, args.out, command=_command_line(args),
+                                        progress=not args.no_progress)
+    summary = quality_bench.format_quality(results)
+    atomic_write(f"{args.out}/quality.txt", summary + "\n")
+    print(summary)
+    print(f"\nwrote {args.out}/quality.json, quality.txt and {', '.join(results['plots'])}")
+    return 0
 
 
 def run_params_command(args) -> int:
