@@ -50,6 +50,7 @@ class QualitySettings:
     context_multiples: list[int] = field(default_factory=lambda: [1, 2, 4])
     device: str = "cpu"
     seed: int = 0
+    work_dir: str | None = None  # data and runs; default <out>/quality-work
 
 
 QUICK = dict(preset="tiny", vocab_size=1024, seq_len=128, batch_size=16, max_steps=200, warmup_steps=20,
@@ -102,7 +103,8 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                           f"at least {MIN_SPLIT_UNITS} files")
     _, val_idx = split_documents(docs, s.val_fraction, s.seed)  # the split prepare() makes
     val_files = [Path(docs[i].source).name for i in val_idx]
-    data_dir = out / "quality-data"
+    work = Path(s.work_dir) if s.work_dir else out / "quality-work"
+    data_dir = work / "data"
     prepare(files, data_dir, vocab_size=s.vocab_size, val_fraction=s.val_fraction, seed=s.seed, quiet=True)
     data = TokenData(data_dir)
     token_bytes = token_byte_lengths(load_tokenizer(data.tokenizer_path))
@@ -116,7 +118,8 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     runs["transformer"] = {"model_type": "transformer",
                            "max_position_embeddings": max(4096, longest)}
     results: dict[str, Any] = {
-        "benchmark": "quality", "header": run_header(device, command), "settings": asdict(s),
+        "benchmark": "quality", "work_dir": str(work), "header": run_header(device, command),
+        "settings": asdict(s),
         "split": {"unit": "document (one per file)", "validation_files": val_files,
                   "training_files": len(files) - len(val_files), "seed": s.seed,
                   "val_fraction": s.val_fraction},
@@ -124,7 +127,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     }
     base = SamOutConfig.from_preset(s.preset, vocab_size=data.vocab_size)
     for name, model_fields in runs.items():
-        run_dir = out / "quality-runs" / name
+        run_dir = work / "runs" / name
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a fresh run each time: the benchmark owns this directory
         result = train(data_dir, run_dir, preset=s.preset, overrides=train_settings,

@@ -97,6 +97,7 @@ def register(subparsers) -> None:
     for name, kind in (("vocab_size", int), ("seq_len", int), ("batch_size", int), ("max_steps", int),
                        ("lr", float), ("warmup_steps", int), ("eval_every", int)):
         quality.add_argument("--" + name.replace("_", "-"), type=kind)
+    quality.add_argument("--work-dir", help="where the data and trained runs go (default OUT/quality-work)")
     _add_run_args(quality, "bench-results")
     quality.set_defaults(func=run_quality_command)
 
@@ -143,7 +144,7 @@ def run_quality_command(args) -> int:
     settings = quality_bench.QualitySettings
     s = settings(**quality_bench.QUICK) if args.quick else settings()
     for name in ("corpus", "preset", "mixers", "vocab_size", "seq_len", "batch_size", "max_steps", "lr",
-                 "warmup_steps", "eval_every", "device", "seed"):
+                 "warmup_steps", "eval_every", "device", "seed", "work_dir"):
         if getattr(args, name, None) is not None:
             setattr(s, name, getattr(args, name))
     if args.threads is not None:

@@ -19,7 +19,7 @@ def test_tiny_quality_run(tmp_path, shakespeare_dir):
     data = json.loads((out / "quality.json").read_text())
     assert list(data["models"]) == ["samout-gen3", "transformer"]
     # The validation plays written down are the ones prepare() held out.
-    meta = json.loads((out / "quality-data" / "meta.json").read_text())
+    meta = json.loads((out / "quality-work" / "data" / "meta.json").read_text())
     assert len(data["split"]["validation_files"]) == meta["splits"]["val"]["documents"] == 2
     assert data["split"]["validation_files"][0] in {p.name for p in corpus.iterdir()}
     for m in data["models"].values():
@@ -27,7 +27,7 @@ def test_tiny_quality_run(tmp_path, shakespeare_dir):
         assert m["tokens"] == 4 * 2 * 16
         assert [v["seq_len"] for v in m["contexts"].values()] == [16, 32, 64]
         assert all(v["bits_per_byte"] > 0 for v in m["contexts"].values())
-    assert type(load_pretrained(out / "quality-runs" / "transformer")).__name__ == "Transformer"
+    assert type(load_pretrained(out / "quality-work" / "runs" / "transformer")).__name__ == "Transformer"
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in results["plots"])
 
 
