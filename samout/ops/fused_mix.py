@@ -7,8 +7,8 @@ kind is "gen3", "gen4" or "openash" (SPEC.md, "Mixers"); streams [B, T, k, H, dh
 from the mixer's fused projection; the running max is taken over stream 2 in all three.
 
 What the fused form changes, and why it is faster and leaner than eager autograd:
-- backward keeps only the streams (which the projection produced anyway), the running
-  max e and the state; eager autograd also keeps every intermediate of the polynomial,
+- backward keeps only the streams (which the projection produced anyway) and the state,
+  and recomputes the running max e (one cheap scan); eager autograd also keeps every intermediate of the polynomial,
   the int64 arg-max indices of `torch.cummax`, and zero-fills a full streams-sized
   buffer for each stream it unbinds;
 - the gradients of all streams are written into one buffer laid out like `streams`, so
@@ -97,8 +97,8 @@ def _gen4_forward(al: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Ten
 
 
 def _gen4_backward(g, al, a, b, c, d, e, ga, gb, gc, gd) -> tuple[Tensor, Tensor]:
-    t = torch.mul(e, al[2])
-    t.add_(b).add_(d)
+    t = torch.addcmul(b, e, al[2])
+    t.add_(d)
     torch.mul(g, t, out=ga)  # b + d + α3 e
     torch.add(a, c, out=t)
     t.add_(e).add_(al[0])
@@ -221,19 +221,24 @@ class _FusedMix(torch.autograd.Function):
         e = _scan_streams(streams, state)
         y = KERNELS[kind].forward(alpha, weight, streams, e)
         ctx.kind = kind
-        ctx.save_for_backward(streams, state, alpha, weight, e)
+        # e is not saved: recomputing it in backward costs one cheap scan and saves a
+        # [B, T, D] tensor per layer.
+        ctx.save_for_backward(streams, state, alpha, weight)
         return y, e[:, -1].clone()
 
     @staticmethod
     def backward(ctx, gy, gstate):
-        streams, state, alpha, weight, e = ctx.saved_tensors
+        streams, state, alpha, weight = ctx.saved_tensors
+        e = _scan_streams(streams, state)
         b, t, k, h, dh = streams.shape
         gs = torch.empty((b, t, k, h, dh), dtype=streams.dtype, device=streams.device)
         ge, galpha, gweight = KERNELS[ctx.kind].backward(gy, alpha, weight, streams, e, gs)
         ge[:, -1].add_(gstate)  # the new state is e's last step
         c = streams[:, :, MAX_STREAM].reshape(b, t, h * dh)
         s2 = None if state is None else state.reshape(b, h * dh)
-        gc, gstate_in = scan_max_backward(ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2)
+        gc, gstate_in = scan_max_backward(
+            ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2, inplace=True
+        )
         gs[:, :, MAX_STREAM].add_(gc.view(b, t, h, dh))
         if gstate_in is not None:
             gstate_in = gstate_in.view(b, h, dh)

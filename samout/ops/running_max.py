@@ -145,44 +145,48 @@ def scan_max(x: Tensor, state: Tensor | None = None) -> Tensor:
 
 
 def scan_max_backward(
-    grad: Tensor, x: Tensor, m: Tensor, state: Tensor | None
+    grad: Tensor, x: Tensor, m: Tensor, state: Tensor | None, *, inplace: bool = False,
+    work: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Gradients of `scan_max` for x [P, T, Q] and state, from grad [P, T, Q] (any
-    strides), the input x and the output m. Returns (grad_x contiguous, grad_state)."""
+    """Gradients of `scan_max` for x [P, T, Q] and state, from grad [P, T, Q], the
+    input x and the output m. Returns (grad_x contiguous, grad_state).
+
+    inplace: grad is a contiguous scratch tensor that may be overwritten (and returned
+    as grad_x); work: an optional [P, T, Q] scratch tensor. Both save large allocations.
+    """
     p, t, q = x.shape
     # ne_t = 1 where x_t is not the running max: output t's gradient flows on to t - 1.
-    ne = torch.empty((p, t, q), dtype=grad.dtype, device=grad.device)
+    ne = work if work is not None else torch.empty((p, t, q), dtype=grad.dtype, device=grad.device)
     torch.ne(x, m, out=ne)
-    acc = torch.empty((p, t, q), dtype=grad.dtype, device=grad.device)
+    acc = grad if inplace else grad.clone(memory_format=torch.contiguous_format)
     # acc_t = grad_t + ne_{t+1} * acc_{t+1}: the sum of the gradients that end at t's
     # segment start, computed from the end of time backwards.
     size = _block(t)
     nb = t // size
     main = nb * size
-    acc[:, t - 1] = grad[:, t - 1]
     for i in range(t - 2, main - 1, -1):  # the partial block at the end, sequentially
-        torch.addcmul(grad[:, i], ne[:, i + 1], acc[:, i + 1], out=acc[:, i])
+        torch.addcmul(acc[:, i], ne[:, i + 1], acc[:, i + 1], out=acc[:, i])
     if nb:
-        gb = grad[:, :main].unflatten(1, (nb, size))
         ab = acc[:, :main].unflatten(1, (nb, size))
         nb_ = ne[:, :main].unflatten(1, (nb, size))
-        # Local pass: each block on its own (nothing flows in from the next block), and
-        # keep_i = 1 where nothing in (i, block end] is an event.
-        keep = torch.empty((p, nb, size, q), dtype=grad.dtype, device=grad.device)
-        ab[:, :, -1] = gb[:, :, -1]
-        keep[:, :, -1] = 1
+        # Local pass: each block on its own (nothing flows in from the next block).
         for i in range(size - 2, -1, -1):
-            torch.addcmul(gb[:, :, i], nb_[:, :, i + 1], ab[:, :, i + 1], out=ab[:, :, i])
-            torch.mul(nb_[:, :, i + 1], keep[:, :, i + 1], out=keep[:, :, i])
+            torch.addcmul(ab[:, :, i], nb_[:, :, i + 1], ab[:, :, i + 1], out=ab[:, :, i])
         # Carries between blocks, from the last block backwards: what flows into block j
-        # from its successor (and, for the last block, from the partial block).
+        # from its successor (and, for the last block, from the partial block). It reaches
+        # a block's start only if no position after the start is an event.
+        open_start = nb_[:, :, 1:].amin(dim=2)  # [P, nb, Q]
         carry = torch.zeros((p, nb, q), dtype=grad.dtype, device=grad.device)
         if main < t:
             torch.mul(ne[:, main], acc[:, main], out=carry[:, nb - 1])
         for j in range(nb - 1, 0, -1):
-            start = torch.addcmul(ab[:, j, 0], keep[:, j, 0], carry[:, j])
+            start = torch.addcmul(ab[:, j, 0], open_start[:, j], carry[:, j])
             torch.mul(nb_[:, j, 0], start, out=carry[:, j - 1])
-        ab.addcmul_(keep, carry.unsqueeze(2))
+        # Second pass: add each block's carry until it meets an event, going backwards.
+        for i in range(size - 1, -1, -1):
+            torch.add(ab[:, :, i], carry, out=ab[:, :, i])
+            if i:
+                carry.mul_(nb_[:, :, i])
     grad_state = None
     if state is not None:
         grad_state = ne[:, 0] * acc[:, 0]  # gradients that end before the first event
