@@ -8,9 +8,9 @@ from the mixer's fused projection; the running max is taken over stream 2 in all
 
 What the fused form changes, and why it is faster and leaner than eager autograd:
 - backward keeps only the streams (which the projection produced anyway) and the state,
-  and recomputes the running max e (one cheap scan); eager autograd also keeps every intermediate of the polynomial,
-  the int64 arg-max indices of `torch.cummax`, and zero-fills a full streams-sized
-  buffer for each stream it unbinds;
+  and recomputes the running max e (one cheap scan); eager autograd also keeps every
+  intermediate of the polynomial, the int64 arg-max indices of `torch.cummax`, and
+  zero-fills a full streams-sized buffer for each stream it unbinds;
 - the gradients of all streams are written into one buffer laid out like `streams`, so
   the projection's backward reads it as is (no stack or cat);
 - the running max is the blocked scan of `samout.ops.running_max`; its backward routes
