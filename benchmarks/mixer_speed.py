@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from samout import SamOut, SamOutConfig  # noqa: E402
+from samout.models.transformer import Transformer  # noqa: E402
+from samout.models.transformer_config import match_transformer_to  # noqa: E402
 
 
 def header(threads: int) -> str:
@@ -78,12 +80,17 @@ def median_times(fns: dict, repeats: int, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def build(args, kernel: str) -> SamOut:
+def build(args, kind: str) -> torch.nn.Module:
+    """kind: "reference" or "fused" (SamOut kernels) or "transformer" (the SDPA baseline
+    with non-embedding parameters matched to the SamOut model within 2%)."""
     torch.manual_seed(0)
+    kernel = "fused" if kind == "transformer" else kind
     config = SamOutConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
         num_heads=args.heads, mixer=args.mixer, kernel=kernel,
     )
+    if kind == "transformer":
+        return Transformer(match_transformer_to(config, max_position_embeddings=max(args.seq_lens) + 1))
     return SamOut(config)
 
 
@@ -97,14 +104,17 @@ def train_step_fn(model: SamOut, ids: torch.Tensor, optimizer: torch.optim.Optim
     return step
 
 
-def matmul_flops_per_token(model: SamOut) -> int:
+def matmul_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
     """Forward matmul FLOPs per token: 2 x the weights of every Linear (the embedding is
-    a lookup). The head-mixing Linear of openash runs per channel, hence x head_dim."""
+    a lookup). The head-mixing Linear of openash runs per channel, hence x head_dim. A
+    Transformer adds causal attention: QK^T and AV, 2 x 2 x D x (T + 1) / 2 per token."""
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             scale = model.config.head_dim if name.endswith("head_mix") else 1
             total += 2 * module.weight.numel() * scale
+    if isinstance(model, Transformer):
+        total += model.config.num_layers * 2 * model.config.hidden_size * (seq_len + 1)
     return total
 
 
@@ -146,7 +156,7 @@ def _model_args(args) -> list[str]:
     return [
         "--mixer", args.mixer, "--hidden", str(args.hidden), "--layers", str(args.layers),
         "--heads", str(args.heads), "--vocab", str(args.vocab), "--tokens", str(args.tokens),
-        "--threads", str(args.threads),
+        "--threads", str(args.threads), "--seq-lens", *map(str, args.seq_lens),
     ]
 
 
@@ -167,21 +177,23 @@ def child_memory(args, kernel: str, seq_len: int) -> None:
     print(json.dumps({"peak_mib": (after - before) / 2**20, "exact": after > max_before}))
 
 
-def decode_latency(model: SamOut, context: int, steps: int, repeats: int) -> float:
-    """Median seconds per generated token after a context of `context` tokens."""
+def decode_latencies(model: SamOut, contexts: list[int], steps: int, repeats: int) -> dict:
+    """Median seconds per generated token after each context length. The states are
+    built first (prefill in chunks), then the contexts take turns in the timing."""
+    runs = {}
     with torch.no_grad():
-        state, chunk = None, 4096
-        ids = torch.randint(0, model.config.vocab_size, (1, context))
-        for start in range(0, context, chunk):
-            _, state = model(ids[:, start : start + chunk], state)
-        token = ids[:, -1:]
+        for context in contexts:
+            state, chunk = None, 4096
+            ids = torch.randint(0, model.config.vocab_size, (1, context))
+            for start in range(0, context, chunk):
+                _, state = model(ids[:, start : start + chunk], state)
 
-        def run():
-            s = state
-            for _ in range(steps):
-                _, s = model(token, s)
+            def run(state=state, token=ids[:, -1:]):
+                for _ in range(steps):
+                    _, state = model(token, state)
 
-        return median_time(run, repeats) / steps
+            runs[context] = run
+        return {c: t / steps for c, t in median_times(runs, repeats, warmup=1).items()}
 
 
 def main(argv=None) -> int:
@@ -197,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[128, 32768])
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess RSS runs")
+    p.add_argument("--no-transformer", action="store_true", help="skip the Transformer baseline")
     p.add_argument("--quick", action="store_true", help="small model and lengths, to check it runs")
     p.add_argument("--child-memory", nargs=2, metavar=("KERNEL", "T"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -214,14 +227,18 @@ def main(argv=None) -> int:
           f"vocab {args.vocab}, {args.tokens} tokens per step; step = forward + cross-entropy + "
           f"backward + AdamW; median of {args.repeats}\n")
     peak = matmul_throughput(args, args.repeats + 2)
-    models = {k: build(args, k) for k in ("reference", "fused")}
+    kinds = ["reference", "fused"] + ([] if args.no_transformer else ["transformer"])
+    models = {k: build(args, k) for k in kinds}
     models["fused"].load_state_dict(models["reference"].state_dict())
-    flops_tok = 3 * matmul_flops_per_token(models["fused"])
+    sizes = ", ".join(f"{k} {m.num_parameters(exclude_embeddings=True):,}" for k, m in models.items())
+    print(f"non-embedding parameters: {sizes}")
     print(f"matmul throughput ({args.tokens}x{args.hidden} @ {args.hidden}x{args.vocab}): "
-          f"{peak / 1e9:.1f} GFLOP/s; training matmul FLOPs/token: {flops_tok / 1e6:.1f} M\n")
+          f"{peak / 1e9:.1f} GFLOP/s; SamOut training matmul FLOPs/token: "
+          f"{3 * matmul_flops_per_token(models['fused'], 1) / 1e6:.1f} M\n")
 
-    print("| T | batch | kernel | tokens/s | speed-up | MFU | saved for backward (MiB) | peak RSS growth (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| T | batch | model | tokens/s | vs reference | vs Transformer | MFU | "
+          "saved for backward (MiB) | peak step memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for seq_len in args.seq_lens:
         batch = max(1, args.tokens // seq_len)
         ids = torch.randint(0, args.vocab, (batch, seq_len + 1))
@@ -232,21 +249,26 @@ def main(argv=None) -> int:
         rows = {}
         for kernel, model in models.items():
             mem = "-" if args.no_memory else f"{peak_rss_child(args, kernel, seq_len):.0f}"
+            mem = "n/a" if mem == "nan" else mem
             rows[kernel] = (batch * seq_len / secs[kernel], saved_bytes(model, ids) / 2**20, mem)
-        for kernel, (tps, saved, mem) in rows.items():
-            mfu = tps * flops_tok / peak
-            speedup = tps / rows["reference"][0]
-            print(f"| {seq_len} | {batch} | {kernel} | {tps:,.0f} | {speedup:.2f}x | {mfu:.0%} | "
+        for kind, (tps, saved, mem) in rows.items():
+            mfu = tps * 3 * matmul_flops_per_token(models[kind], seq_len) / peak
+            vs_ref = tps / rows["reference"][0]
+            vs_tf = f"{tps / rows['transformer'][0]:.2f}x" if "transformer" in rows else "-"
+            if "transformer" in rows and mem not in ("-", "n/a") and rows["transformer"][2] != "n/a":
+                tf_mem = float(rows["transformer"][2])
+                mem = f"{mem} ({float(mem) / tf_mem:.2f}x)"
+            name = kind if kind == "transformer" else f"SamOut {kind}"
+            print(f"| {seq_len} | {batch} | {name} | {tps:,.0f} | {vs_ref:.2f}x | {vs_tf} | {mfu:.0%} | "
                   f"{saved:.0f} | {mem} |", flush=True)
 
-    print("\n| context | kernel | ms/token | vs shortest context |")
+    print("\n| context | SamOut kernel | ms/token | vs shortest context |")
     print("|---|---|---|---|")
-    for kernel, model in models.items():
-        model.eval()
-        base = None
-        for context in args.decode_contexts:
-            lat = decode_latency(model, context, steps=32, repeats=args.repeats)
-            base = base or lat
+    for kernel in ("reference", "fused"):
+        model = models[kernel].eval()
+        lats = decode_latencies(model, args.decode_contexts, steps=32, repeats=max(5, args.repeats))
+        base = lats[args.decode_contexts[0]]
+        for context, lat in lats.items():
             print(f"| {context} | {kernel} | {lat * 1e3:.2f} | {lat / base:.2f}x |", flush=True)
     print("\nTriton kernel: not implemented (no GPU available when this was written); "
           "on CUDA the fused PyTorch path runs as is.")
