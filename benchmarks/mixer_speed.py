@@ -177,6 +177,27 @@ def child_memory(args, kernel: str, seq_len: int) -> None:
     print(json.dumps({"peak_mib": (after - before) / 2**20, "exact": after > max_before}))
 
 
+def mixer_times(args, seq_len: int, repeats: int) -> dict:
+    """Seconds of one mixer's `mix` forward + backward (streams given), per kernel."""
+    from samout.layers import build_mixer
+
+    config = SamOutConfig(mixer=args.mixer, hidden_size=args.hidden, num_heads=args.heads)
+    mixer = build_mixer(config)
+    batch = max(1, args.tokens // seq_len)
+    streams = mixer.project(torch.randn(batch, seq_len, args.hidden)).detach().requires_grad_()
+    grad = torch.randn(batch, seq_len, args.hidden)
+
+    def run(kernel):
+        def go():
+            mixer.set_kernel(kernel)
+            y, _ = mixer.mix(streams)
+            y.flatten(2).backward(grad)
+            streams.grad = None
+        return go
+
+    return median_times({k: run(k) for k in ("reference", "fused")}, repeats)
+
+
 def decode_latencies(model: SamOut, contexts: list[int], steps: int, repeats: int) -> dict:
     """Median seconds per generated token after each context length. The states are
     built first (prefill in chunks), then the contexts take turns in the timing."""
@@ -235,6 +256,14 @@ def main(argv=None) -> int:
     print(f"matmul throughput ({args.tokens}x{args.hidden} @ {args.hidden}x{args.vocab}): "
           f"{peak / 1e9:.1f} GFLOP/s; SamOut training matmul FLOPs/token: "
           f"{3 * matmul_flops_per_token(models['fused'], 1) / 1e6:.1f} M\n")
+
+    print(f"| T | batch | {args.mixer} mix forward+backward, reference (ms) | fused (ms) | speed-up |")
+    print("|---|---|---|---|---|")
+    for seq_len in args.seq_lens:
+        t = mixer_times(args, seq_len, max(5, args.repeats))
+        print(f"| {seq_len} | {max(1, args.tokens // seq_len)} | {t['reference'] * 1e3:.1f} | "
+              f"{t['fused'] * 1e3:.1f} | {t['reference'] / t['fused']:.2f}x |", flush=True)
+    print()
 
     print("| T | batch | model | tokens/s | vs reference | vs Transformer | MFU | "
           "saved for backward (MiB) | peak step memory (MiB) |")

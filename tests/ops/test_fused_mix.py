@@ -118,3 +118,16 @@ def test_running_max_keeps_no_integer_tensors_for_backward(seed):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         running_max_cummax(x).sum()
     assert any(t.dtype == torch.int64 for t in saved)  # what the reference keeps
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit.trace's deprecation and tracer warnings
+def test_traced_graphs_use_the_loop_free_form(seed):
+    # The blocked scan unrolls a Python loop over time; under tracing the kernels fall
+    # back to the cummax form, so a graph traced at one length works at another.
+    streams, state, alpha, _ = _inputs("gen4", t=5, dtype=torch.float32)
+    traced = torch.jit.trace(lambda s, st: fused_mix("gen4", s, st, alpha), (streams, state))
+    longer, _, _, _ = _inputs("gen4", t=11, dtype=torch.float32)
+    y, new_state = traced(longer, state)
+    y_ref, s_ref = mix_ref("gen4", longer, state, alpha)
+    assert torch.equal(new_state, s_ref)
+    torch.testing.assert_close(y, y_ref)
