@@ -157,14 +157,36 @@ class _Gen4:
         return ge, galpha, None
 
 
-def _head_mix(weight: Tensor, streams: Tensor, e: Tensor) -> Tensor:
-    """G = W [a; b; c; d; e] over the 5H stream-head axis, per position and channel:
-    batched [H, 5H] @ [5H, dh] products without concatenating the streams."""
+def _stream_major(streams: Tensor, e: Tensor, rows: slice) -> Tensor:
+    """[5H, n, dh] copy of the five streams [a; b; c; d; e] of positions `rows` (of the
+    flattened B*T), stream-head axis first: G = W @ this is one large matrix product
+    (a batch of B*T tiny [H, 5H] @ [5H, dh] products is several times slower)."""
     b, t, k, h, dh = streams.shape
-    s4 = streams.reshape(b * t, k * h, dh)
-    g = torch.matmul(weight[:, : k * h], s4)
-    g.baddbmm_(weight[:, k * h :].expand(b * t, h, h), e.reshape(b * t, h, dh))
-    return g.view(b, t, h, dh)
+    s3 = streams.reshape(b * t, k * h, dh)[rows]
+    e3 = e.reshape(b * t, h, dh)[rows]
+    five = torch.empty((5 * h, s3.shape[0], dh), dtype=streams.dtype, device=streams.device)
+    five[: k * h].copy_(s3.transpose(0, 1))
+    five[k * h :].copy_(e3.transpose(0, 1))
+    return five
+
+
+HEAD_MIX_CHUNK = 1 << 16  # positions x channels per [5H, rows, dh] copy (a few MiB)
+
+
+def _row_chunks(n: int, dh: int) -> list[slice]:
+    step = max(1, HEAD_MIX_CHUNK // dh)
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _head_mix(weight: Tensor, streams: Tensor, e: Tensor) -> Tensor:
+    """G = W [a; b; c; d; e] over the 5H stream-head axis, per position and channel.
+    Returns [B, T, H, dh] (a strided view of an [H, B*T, dh] tensor)."""
+    b, t, _, h, dh = streams.shape
+    g = torch.empty((h, b * t, dh), dtype=streams.dtype, device=streams.device)
+    for rows in _row_chunks(b * t, dh):
+        five = _stream_major(streams, e, rows)
+        g[:, rows] = torch.mm(weight, five.view(5 * h, -1)).view(h, -1, dh)
+    return g.transpose(0, 1).unflatten(0, (b, t))
 
 
 class _OpenAsh:
@@ -178,15 +200,23 @@ class _OpenAsh:
     def backward(g, al, weight, streams, e, gs):
         ge, galpha = _gen4_backward(g, al, *streams.unbind(2), e, *gs.unbind(2))
         b, t, k, h, dh = streams.shape
-        # y += G ⊙ e: e gets G (recomputed, cheap) and G gets g ⊙ e.
-        mixed = _head_mix(weight, streams, e)
-        ge.add_(mixed.mul_(g))
-        gmix = torch.mul(g, e).view(b * t, h, dh)
-        gs.view(b * t, k * h, dh).baddbmm_(weight[:, : k * h].t().expand(b * t, k * h, h), gmix)
-        ge.view(b * t, h, dh).baddbmm_(weight[:, k * h :].t().expand(b * t, h, h), gmix)
-        gw4 = torch.bmm(gmix, streams.reshape(b * t, k * h, dh).transpose(1, 2)).sum(0)
-        gw5 = torch.bmm(gmix, e.reshape(b * t, h, dh).transpose(1, 2)).sum(0)
-        return ge, galpha, torch.cat([gw4, gw5], dim=1)
+        kh = k * h
+        gw = torch.zeros_like(weight)
+        g3, e3, ge3 = g.reshape(b * t, h, dh), e.reshape(b * t, h, dh), ge.view(b * t, h, dh)
+        gs3 = gs.view(b * t, kh, dh)
+        for rows in _row_chunks(b * t, dh):
+            five = _stream_major(streams, e, rows).view(5 * h, -1)
+            # y += G ⊙ e: e gets G (recomputed) and G gets g ⊙ e.
+            mixed = torch.mm(weight, five).view(h, -1, dh)
+            ge3[rows].addcmul_(g3[rows], mixed.transpose(0, 1))
+            gmix = torch.empty((h, mixed.shape[1], dh), dtype=g.dtype, device=g.device)
+            torch.mul(g3[rows].transpose(0, 1), e3[rows].transpose(0, 1), out=gmix)
+            gmix = gmix.view(h, -1)
+            gw.addmm_(gmix, five.t())
+            gfive = torch.mm(weight.t(), gmix).view(5 * h, -1, dh)
+            gs3[rows].add_(gfive[:kh].transpose(0, 1))
+            ge3[rows].add_(gfive[kh:].transpose(0, 1))
+        return ge, galpha, gw
 
 
 KERNELS = {"gen3": _Gen3, "gen4": _Gen4, "openash": _OpenAsh}

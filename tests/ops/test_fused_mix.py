@@ -47,6 +47,22 @@ def test_fused_equals_reference(seed, kind, ties):
     assert grads[1].abs().sum() > 0  # the incoming state really received gradient
 
 
+def test_openash_head_mix_in_chunks(seed, monkeypatch):
+    # The head mixing works through chunks of positions; force several, uneven ones.
+    import samout.ops.fused_mix as fm
+
+    monkeypatch.setattr(fm, "HEAD_MIX_CHUNK", 4 * 7)  # 7 positions of dh = 4 per chunk
+    streams, state, alpha, weight = _inputs("openash", t=13)  # 26 positions: 7+7+7+5
+    gy = torch.randn(2, 13, 3, 4, dtype=torch.float64)
+    gs = torch.randn(2, 3, 4, dtype=torch.float64)
+    y, s, grads = _grads(fused_mix, "openash", streams, state, alpha, weight, gy, gs)
+    y_ref, s_ref, grads_ref = _grads(mix_ref, "openash", streams, state, alpha, weight, gy, gs)
+    assert len(fm._row_chunks(26, 4)) == 4
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_fused_without_state_and_float32(seed, kind):
     streams, _, alpha, weight = _inputs(kind, t=33, dtype=torch.float32)
