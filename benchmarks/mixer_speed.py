@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -169,12 +168,26 @@ def child_memory(args, kernel: str, seq_len: int) -> None:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _proc_status_kib("VmRSS")
+    # Reset the peak-RSS counter (Linux >= 4.0). ru_maxrss would not do: a child
+    # process inherits its parent's peak across fork and exec.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        exact = True
+    except OSError:
+        exact = False
+    hwm_before = _proc_status_kib("VmHWM")
     train_step_fn(model, ids, optimizer)()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # If the step never exceeded the earlier peak (imports), the figure is a lower bound.
-    print(json.dumps({"peak_mib": (after - before) / 2**20, "exact": after > max_before}))
+    after = _proc_status_kib("VmHWM")
+    exact = exact or after > hwm_before  # otherwise the step's peak may hide below it
+    print(json.dumps({"peak_mib": (after - before) / 1024, "exact": exact}))
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def mixer_times(args, seq_len: int, repeats: int) -> dict:
