@@ -117,11 +117,16 @@ def matmul_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
     return total
 
 
-def matmul_throughput(args, repeats: int) -> float:
-    """FLOP/s of the model's largest training matmul shape (tokens x D @ D x V)."""
+def matmul_fn(args):
+    """The model's largest training matmul shape (tokens x D @ D x V) and its FLOPs."""
     n = args.tokens
     a, b = torch.randn(n, args.hidden), torch.randn(args.hidden, args.vocab)
-    return 2 * n * args.hidden * args.vocab / median_time(lambda: a @ b, repeats, warmup=2)
+    return (lambda: a @ b), 2 * n * args.hidden * args.vocab
+
+
+def matmul_throughput(args, repeats: int) -> float:
+    fn, flops = matmul_fn(args)
+    return flops / median_time(fn, repeats, warmup=2)
 
 
 def saved_bytes(model: SamOut, ids: torch.Tensor) -> int:
@@ -267,7 +272,8 @@ def main(argv=None) -> int:
     sizes = ", ".join(f"{k} {m.num_parameters(exclude_embeddings=True):,}" for k, m in models.items())
     print(f"non-embedding parameters: {sizes}")
     print(f"matmul throughput ({args.tokens}x{args.hidden} @ {args.hidden}x{args.vocab}): "
-          f"{peak / 1e9:.1f} GFLOP/s; SamOut training matmul FLOPs/token: "
+          f"{peak / 1e9:.1f} GFLOP/s before the runs (MFU uses the figure measured in turn with "
+          f"each row's steps, printed in the MFU column); SamOut training matmul FLOPs/token: "
           f"{3 * matmul_flops_per_token(models['fused'], 1) / 1e6:.1f} M\n")
 
     print(f"| T | batch | {args.mixer} mix forward+backward, reference (ms) | fused (ms) | speed-up |")
@@ -287,7 +293,11 @@ def main(argv=None) -> int:
         steps = {
             k: train_step_fn(m, ids, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()
         }
-        secs = median_times(steps, args.repeats)
+        # The matmul takes its turn with the steps, so MFU compares like with like on a
+        # machine whose load changes.
+        mm, mm_flops = matmul_fn(args)
+        secs = median_times({**steps, "matmul": mm}, args.repeats)
+        peak = mm_flops / secs["matmul"]
         rows = {}
         for kernel, model in models.items():
             mem = "-" if args.no_memory else f"{peak_rss_child(args, kernel, seq_len):.0f}"
@@ -301,7 +311,8 @@ def main(argv=None) -> int:
                 tf_mem = float(rows["transformer"][2])
                 mem = f"{mem} ({float(mem) / tf_mem:.2f}x)"
             name = kind if kind == "transformer" else f"SamOut {kind}"
-            print(f"| {seq_len} | {batch} | {name} | {tps:,.0f} | {vs_ref:.2f}x | {vs_tf} | {mfu:.0%} | "
+            print(f"| {seq_len} | {batch} | {name} | {tps:,.0f} | {vs_ref:.2f}x | {vs_tf} | "
+                  f"{mfu:.0%} of {peak / 1e9:.0f} GFLOP/s | "
                   f"{saved:.0f} | {mem} |", flush=True)
 
     print("\n| context | SamOut kernel | ms/token | vs shortest context |")
