@@ -249,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[128, 32768])
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess RSS runs")
     p.add_argument("--no-transformer", action="store_true", help="skip the Transformer baseline")
+    p.add_argument("--sections", nargs="+", choices=["mixer", "train", "decode"],
+                   default=["mixer", "train", "decode"], help="which tables to print")
     p.add_argument("--quick", action="store_true", help="small model and lengths, to check it runs")
     p.add_argument("--child-memory", nargs=2, metavar=("KERNEL", "T"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -266,7 +268,8 @@ def main(argv=None) -> int:
           f"vocab {args.vocab}, {args.tokens} tokens per step; step = forward + cross-entropy + "
           f"backward + AdamW; median of {args.repeats}\n")
     peak = matmul_throughput(args, args.repeats + 2)
-    kinds = ["reference", "fused"] + ([] if args.no_transformer else ["transformer"])
+    with_tf = "train" in args.sections and not args.no_transformer
+    kinds = ["reference", "fused"] + (["transformer"] if with_tf else [])
     models = {k: build(args, k) for k in kinds}
     models["fused"].load_state_dict(models["reference"].state_dict())
     sizes = ", ".join(f"{k} {m.num_parameters(exclude_embeddings=True):,}" for k, m in models.items())
@@ -276,14 +279,24 @@ def main(argv=None) -> int:
           f"each row's steps, printed in the MFU column); SamOut training matmul FLOPs/token: "
           f"{3 * matmul_flops_per_token(models['fused'], 1) / 1e6:.1f} M\n")
 
-    print(f"| T | batch | {args.mixer} mix forward+backward, reference (ms) | fused (ms) | speed-up |")
-    print("|---|---|---|---|---|")
-    for seq_len in args.seq_lens:
-        t = mixer_times(args, seq_len, max(5, args.repeats))
-        print(f"| {seq_len} | {max(1, args.tokens // seq_len)} | {t['reference'] * 1e3:.1f} | "
-              f"{t['fused'] * 1e3:.1f} | {t['reference'] / t['fused']:.2f}x |", flush=True)
-    print()
+    if "mixer" in args.sections:
+        print(f"| T | batch | {args.mixer} mix forward+backward, reference (ms) | fused (ms) | speed-up |")
+        print("|---|---|---|---|---|")
+        for seq_len in args.seq_lens:
+            t = mixer_times(args, seq_len, max(5, args.repeats))
+            print(f"| {seq_len} | {max(1, args.tokens // seq_len)} | {t['reference'] * 1e3:.1f} | "
+                  f"{t['fused'] * 1e3:.1f} | {t['reference'] / t['fused']:.2f}x |", flush=True)
+        print()
+    if "train" in args.sections:
+        train_table(args, models)
+    if "decode" in args.sections:
+        decode_table(args, models)
+    print("Triton kernel: not implemented (no GPU available when this was written); "
+          "on CUDA the fused PyTorch path runs as is.")
+    return 0
 
+
+def train_table(args, models: dict) -> None:
     print("| T | batch | model | tokens/s | vs reference | vs Transformer | MFU | "
           "saved for backward (MiB) | peak step memory (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -314,8 +327,11 @@ def main(argv=None) -> int:
             print(f"| {seq_len} | {batch} | {name} | {tps:,.0f} | {vs_ref:.2f}x | {vs_tf} | "
                   f"{mfu:.0%} of {peak / 1e9:.0f} GFLOP/s | "
                   f"{saved:.0f} | {mem} |", flush=True)
+    print()
 
-    print("\n| context | SamOut kernel | ms/token | vs shortest context |")
+
+def decode_table(args, models: dict) -> None:
+    print("| context | SamOut kernel | ms/token | vs shortest context |")
     print("|---|---|---|---|")
     for kernel in ("reference", "fused"):
         model = models[kernel].eval()
@@ -323,9 +339,7 @@ def main(argv=None) -> int:
         base = lats[args.decode_contexts[0]]
         for context, lat in lats.items():
             print(f"| {context} | {kernel} | {lat * 1e3:.2f} | {lat / base:.2f}x |", flush=True)
-    print("\nTriton kernel: not implemented (no GPU available when this was written); "
-          "on CUDA the fused PyTorch path runs as is.")
-    return 0
+    print()
 
 
 if __name__ == "__main__":
