@@ -7,7 +7,8 @@ Three implementations with the same semantics:
 - `running_max`: the path the model uses. A blocked scan made of elementwise ops (so it
   runs on every core, whatever the memory layout) inside an autograd function whose
   backward recovers the gradient routing from the saved input and output: no int64
-  arg-max indices are kept for backward.
+  arg-max indices are kept for backward. (Small inputs use one `torch.cummax`, whose
+  indices the backward recomputes as a temporary.)
 - `running_max_cummax`: the original eager form, `torch.cummax` plus a `where` for the
   state. Used by the reference mixers and under tracing/compilation.
 - `running_max_ref`: a plain loop over time in float64 that documents the semantics.
@@ -116,10 +117,21 @@ def _block(t: int) -> int:
     return max(2, math.isqrt(t))
 
 
+# Below this many elements the blocked scan's ~2 sqrt(T) small ops cost more than one
+# `torch.cummax` (whose indices are then only a temporary of the backward, never saved).
+SMALL_SCAN = 1 << 15
+
+
+def _small(x: Tensor) -> bool:
+    return x.numel() <= SMALL_SCAN
+
+
 def scan_max(x: Tensor, state: Tensor | None = None) -> Tensor:
     """Running max of x [P, T, Q] (any strides) along dim 1 from state [P, Q] or None.
     Returns a new contiguous [P, T, Q] tensor."""
     p, t, q = x.shape
+    if _small(x) and t > 1:
+        return running_max_cummax(x, state, dim=1).contiguous()
     m = torch.empty((p, t, q), dtype=x.dtype, device=x.device)
     if t == 1:
         m[:, 0] = x[:, 0] if state is None else _max_with_state(x[:, 0], state)
@@ -155,6 +167,17 @@ def scan_max_backward(
     as grad_x); work: an optional [P, T, Q] scratch tensor. Both save large allocations.
     """
     p, t, q = x.shape
+    if _small(x):
+        # Same routing from cummax's indices (latest position of a tie), recomputed here.
+        values, index = torch.cummax(x, dim=1)
+        g = grad
+        grad_state = None
+        if state is not None:
+            from_state = values < state.unsqueeze(1)  # the state wins only when strictly larger
+            grad_state = torch.where(from_state, grad, 0).sum(1)
+            g = torch.where(from_state, 0, grad)
+        gx = torch.zeros((p, t, q), dtype=grad.dtype, device=grad.device)
+        return gx.scatter_add_(1, index, g), grad_state
     # ne_t = 1 where x_t is not the running max: output t's gradient flows on to t - 1.
     ne = work if work is not None else torch.empty((p, t, q), dtype=grad.dtype, device=grad.device)
     torch.ne(x, m, out=ne)
