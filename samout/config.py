@@ -15,6 +15,9 @@ from typing import Any
 
 MIXERS = ("gen3", "dual", "gen4", "openash", "conv")
 DEFAULT_MIXER = "openash"
+# How the mixers compute (same results): "fused" autograd kernels, or the plain eager
+# "reference" they are tested against (samout/ops).
+KERNELS = ("fused", "reference")
 
 # Bumped when the meaning of saved weights changes; loading another version fails clearly.
 FORMAT_VERSION = 1
@@ -59,6 +62,7 @@ class SamOutConfig:
     ffn_mult: int = 1
     tie_word_embeddings: bool = False
     final_norm: bool = False
+    kernel: str = "fused"
     model_type: str = field(default="samout", repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +92,8 @@ class SamOutConfig:
                     f"padding_idx ({self.padding_idx}) must lie in [0, vocab_size="
                     f"{self.vocab_size}): change padding_idx or use null"
                 )
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}: choose one of {', '.join(KERNELS)}")
         for name in ("tie_word_embeddings", "final_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -9,6 +9,13 @@ the full, chunked and one-step forms and demand bit-identical results:
 `forward(x, state)` chains the two and merges the heads back to [B, T, D]. The only
 thing carried across time is the running max of one stream (`state`); all the rest
 is per position, so any chunking gives the same outputs.
+
+Two kernels compute `mix` (`config.kernel`, or `SamOut.set_kernel`):
+- "fused" (default): gen3, gen4 and openash run `samout.ops.fused_mix` (one autograd
+  function: blocked running max, polynomial with an explicit backward); dual and conv
+  use the fast `running_max` with their eager combine.
+- "reference": the plain eager code (`torch.cummax` + autograd through `combine`).
+Both give the same outputs, states and gradients (to float rounding; tests compare them).
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from samout.config import SamOutConfig
-from samout.ops import running_max
+from samout.config import KERNELS, SamOutConfig
+from samout.ops import running_max, running_max_cummax
+from samout.ops.fused_mix import fused_mix, gen3_ref, gen4_ref, openash_ref
 
 
 class MaxStateSuper(nn.Module):
@@ -26,9 +34,11 @@ class MaxStateSuper(nn.Module):
     num_streams: int
     max_stream: int  # index of the stream whose running max carries the context
     num_alphas: int = 0
+    fused: str | None = None  # name of this mixer's kernel in samout.ops.fused_mix, if any
 
     def __init__(self, config: SamOutConfig) -> None:
         super().__init__()
+        self.kernel = config.kernel
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.proj = nn.Linear(config.hidden_size, self.num_streams * config.hidden_size, bias=False)
@@ -40,8 +50,25 @@ class MaxStateSuper(nn.Module):
         return self.proj(x).view(b, t, self.num_streams, self.num_heads, self.head_dim)
 
     def mix(self, streams: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.kernel == "reference":
+            return self.mix_reference(streams, state)
+        if self.fused is not None:
+            return fused_mix(self.fused, streams, state, self.alpha, self._fused_weight())
         m = running_max(streams[:, :, self.max_stream], state, dim=1)
         return self.combine(streams, m), m[:, -1]
+
+    def mix_reference(self, streams: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The plain eager form: `torch.cummax`, then autograd through `combine`."""
+        m = running_max_cummax(streams[:, :, self.max_stream], state, dim=1)
+        return self.combine(streams, m), m[:, -1]
+
+    def set_kernel(self, kernel: str) -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+        self.kernel = kernel
+
+    def _fused_weight(self) -> Tensor | None:
+        return None
 
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
         """The polynomial: streams [B, T, k, H, dh] and running max m [B, T, H, dh]."""
@@ -57,12 +84,10 @@ class Gen3Mixer(MaxStateSuper):
     """Seed 001: a, b, c = W3 x; m = cummax_t(c);
     y = α1 b + α2 m + α3 a + α4 c + (a + b + c) ⊙ m + α5 m."""
 
-    num_streams, max_stream, num_alphas = 3, 2, 5
+    num_streams, max_stream, num_alphas, fused = 3, 2, 5, "gen3"
 
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
-        a, b, c = streams.unbind(2)
-        al = self.alpha
-        return al[0] * b + al[1] * m + al[2] * a + al[3] * c + (a + b + c) * m + al[4] * m
+        return gen3_ref(self.alpha, streams, m)
 
 
 class DualMixer(MaxStateSuper):
@@ -77,38 +102,31 @@ class DualMixer(MaxStateSuper):
         return (s + b) * c + b
 
 
-def _gen4(al: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor) -> Tensor:
-    return a * b + al[0] * b + al[1] * d + a * (al[2] * e + d) + b * (c + e) + c * e
-
-
 class Gen4Mixer(MaxStateSuper):
     """Seed 003: a, b, c, d = W4 x; e = cummax_t(c);
     y = a⊙b + α1 b + α2 d + a⊙(α3 e + d) + b⊙(c + e) + c⊙e."""
 
-    num_streams, max_stream, num_alphas = 4, 2, 3
+    num_streams, max_stream, num_alphas, fused = 4, 2, 3, "gen4"
 
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
-        a, b, c, d = streams.unbind(2)
-        return _gen4(self.alpha, a, b, c, d, m)
+        return gen4_ref(self.alpha, streams, m)
 
 
 class OpenAshMixer(MaxStateSuper):
     """The seed author's published model: gen4 + G ⊙ e, where G = Linear(5H, H) mixes
     the five streams [a, b, c, d, e] across the head axis (per time step and channel)."""
 
-    num_streams, max_stream, num_alphas = 4, 2, 3
+    num_streams, max_stream, num_alphas, fused = 4, 2, 3, "openash"
 
     def __init__(self, config: SamOutConfig) -> None:
         super().__init__(config)
         self.head_mix = nn.Linear(5 * config.num_heads, config.num_heads, bias=False)
 
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
-        a, b, c, d = streams.unbind(2)
-        five = torch.cat([streams, m.unsqueeze(2)], dim=2)  # [B, T, 5, H, dh]
-        b_, t, _, h, dh = five.shape
-        # Streams and heads form the 5H inputs of G; channels ride along as a batch axis.
-        g = self.head_mix(five.reshape(b_, t, 5 * h, dh).transpose(-1, -2)).transpose(-1, -2)
-        return _gen4(self.alpha, a, b, c, d, m) + g * m
+        return openash_ref(self.alpha, self.head_mix.weight, streams, m)
+
+    def _fused_weight(self) -> Tensor:
+        return self.head_mix.weight
 
 
 class ConvMixer(MaxStateSuper):

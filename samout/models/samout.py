@@ -108,6 +108,14 @@ class SamOut(nn.Module):
         t = torch.full(shape, float("-inf"), device=device or p.device, dtype=dtype or p.dtype)
         return State([{"running_max": t.clone()} for _ in self.layers])
 
+    def set_kernel(self, kernel: str) -> SamOut:
+        """Switch every mixer between the "fused" kernels and the eager "reference"
+        (same results; see samout/ops). Returns the model."""
+        for layer in self.layers:
+            layer.mixer.set_kernel(kernel)
+        self.config.kernel = kernel
+        return self
+
     # -- sizes ---------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without the

@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 
-from samout.config import MIXERS, SamOutConfig
+from samout.config import KERNELS, MIXERS, SamOutConfig
 from samout.layers import build_mixer
 
 
-def _mixer(name: str):
-    config = SamOutConfig.from_preset("tiny", mixer=name, hidden_size=48, num_heads=6)
+def _mixer(name: str, kernel: str = "fused"):
+    config = SamOutConfig.from_preset("tiny", mixer=name, hidden_size=48, num_heads=6, kernel=kernel)
     mixer = build_mixer(config)
     with torch.no_grad():  # move the alphas off 0.5 so every term is exercised
         for p in mixer.parameters():
@@ -24,10 +24,11 @@ def _random_split(total: int) -> list[int]:
     return [b - a for a, b in zip([0] + cuts, cuts + [total])]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", MIXERS)
-def test_full_chunked_and_step_forms_are_bit_identical(seed, name):
+def test_full_chunked_and_step_forms_are_bit_identical(seed, name, kernel):
     random.seed(seed)
-    mixer = _mixer(name)
+    mixer = _mixer(name, kernel)
     x = torch.randn(3, 29, 48)
     with torch.no_grad():
         streams = mixer.project(x)
@@ -59,9 +60,10 @@ def test_state_is_the_running_max_of_one_stream(seed, name):
     assert torch.equal(state, expected)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", MIXERS)
-def test_mixer_gradients_match_full_vs_chunked(seed, name):
-    mixer = _mixer(name).double()
+def test_mixer_gradients_match_full_vs_chunked(seed, name, kernel):
+    mixer = _mixer(name, kernel).double()
     x = torch.randn(2, 17, 48, dtype=torch.float64)
     streams = mixer.project(x).detach().requires_grad_()
     g = torch.randn(2, 17, 6, 8, dtype=torch.float64)
@@ -89,3 +91,34 @@ def test_conv_mixer_slides_over_heads_not_time(seed):
     changed = (diff > 0).nonzero().tolist()
     assert changed and all(t == 4 for t, _ in changed)
     assert {h for _, h in changed} <= {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_fused_kernel_equals_reference(seed, name):
+    # Same weights, both kernels: outputs, states and every gradient (input, incoming
+    # state, all parameters) agree; the state (a running max) is bit-identical.
+    fast = _mixer(name, "fused").double()
+    ref = _mixer(name, "reference").double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 21, 48, dtype=torch.float64)
+    state = torch.randn(2, 6, 8, dtype=torch.float64)
+    g = torch.randn(2, 21, 48, dtype=torch.float64)
+    results = []
+    for mixer in (fast, ref):
+        xs, ss = x.clone().requires_grad_(), state.clone().requires_grad_()
+        y, new_state = mixer(xs, ss)
+        params = list(mixer.parameters())
+        grads = torch.autograd.grad((y * g).sum() + new_state.sum(), [xs, ss] + params)
+        results.append((y, new_state, grads))
+    (y, s, grads), (y_ref, s_ref, grads_ref) = results
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_unknown_kernel_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown kernel 'triton': choose one of fused, reference"):
+        SamOutConfig(kernel="triton")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        _mixer("gen4").set_kernel("nope")

@@ -1,0 +1,149 @@
+"""The fused mixer kernels against the eager reference: outputs, states and gradients
+(streams, incoming state, alphas, head-mix weight), ties included."""
+
+import pytest
+import torch
+
+from samout.ops.fused_mix import fused_mix, mix_ref
+from samout.ops.running_max import running_max, running_max_cummax, running_max_ref
+
+KINDS = {"gen3": (3, 5), "gen4": (4, 3), "openash": (4, 3)}
+
+
+def _inputs(kind, b=2, t=13, h=3, dh=4, dtype=torch.float64, ties=False):
+    k, n_alpha = KINDS[kind]
+    streams = torch.randn(b, t, k, h, dh, dtype=dtype)
+    state = torch.randn(b, h, dh, dtype=dtype)
+    if ties:  # small integers in the max stream and state: many ties, with the state too
+        streams[:, :, 2] = torch.randint(0, 3, (b, t, h, dh)).to(dtype)
+        state = torch.randint(0, 3, (b, h, dh)).to(dtype)
+    alpha = 0.5 + 0.3 * torch.randn(n_alpha, dtype=dtype)
+    weight = torch.randn(h, 5 * h, dtype=dtype) / 4 if kind == "openash" else None
+    return streams, state, alpha, weight
+
+
+def _grads(fn, kind, streams, state, alpha, weight, gy, gs):
+    leaves = [v.detach().clone().requires_grad_() for v in (streams, state, alpha)]
+    w = weight.detach().clone().requires_grad_() if weight is not None else None
+    y, new_state = fn(kind, leaves[0], leaves[1], leaves[2], w)
+    loss = (y * gy).sum() + (new_state * gs).sum()
+    grads = torch.autograd.grad(loss, leaves + ([w] if w is not None else []))
+    return y.detach(), new_state.detach(), grads
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_equals_reference(seed, kind, ties):
+    t = int(torch.randint(1, 40, ()).item())
+    streams, state, alpha, weight = _inputs(kind, t=t, ties=ties)
+    gy = torch.randn(2, t, 3, 4, dtype=torch.float64)
+    gs = torch.randn(2, 3, 4, dtype=torch.float64)
+    y, s, grads = _grads(fused_mix, kind, streams, state, alpha, weight, gy, gs)
+    y_ref, s_ref, grads_ref = _grads(mix_ref, kind, streams, state, alpha, weight, gy, gs)
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(["streams", "state", "alpha", "weight"], grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+    assert grads[1].abs().sum() > 0  # the incoming state really received gradient
+
+
+def test_openash_head_mix_in_chunks(seed, monkeypatch):
+    # The head mixing works through chunks of positions; force several, uneven ones.
+    import samout.ops.fused_mix as fm
+
+    monkeypatch.setattr(fm, "HEAD_MIX_CHUNK", 4 * 7)  # 7 positions of dh = 4 per chunk
+    streams, state, alpha, weight = _inputs("openash", t=13)  # 26 positions: 7+7+7+5
+    gy = torch.randn(2, 13, 3, 4, dtype=torch.float64)
+    gs = torch.randn(2, 3, 4, dtype=torch.float64)
+    y, s, grads = _grads(fused_mix, "openash", streams, state, alpha, weight, gy, gs)
+    y_ref, s_ref, grads_ref = _grads(mix_ref, "openash", streams, state, alpha, weight, gy, gs)
+    assert len(fm._row_chunks(26, 4)) == 4
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fused_without_state_and_float32(seed, kind):
+    streams, _, alpha, weight = _inputs(kind, t=33, dtype=torch.float32)
+    with torch.no_grad():
+        y, s = fused_mix(kind, streams, None, alpha, weight)
+        y_ref, s_ref = mix_ref(kind, streams, None, alpha, weight)
+    assert torch.equal(s, s_ref)  # the running max is exact
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    # The autograd path returns the same values as the no-grad path.
+    y2, s2 = fused_mix(kind, streams.requires_grad_(), None, alpha, weight)
+    assert torch.equal(y2.detach(), y) and torch.equal(s2.detach(), s)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fused_gradcheck(seed, kind):
+    streams, state, alpha, weight = _inputs(kind, b=1, t=6, h=2, dh=2)
+    # Distinct values in the max stream and state: the max is differentiable there.
+    distinct = (torch.randperm(28).double() / 28 - 0.5).reshape(1, 7, 2, 2)
+    streams[:, :, 2] = distinct[:, :6]
+    state = distinct[:, 6].clone()
+    args = [streams.requires_grad_(), state.requires_grad_(), alpha.requires_grad_()]
+    if weight is not None:
+        args.append(weight.requires_grad_())
+
+    def fn(*a):
+        return fused_mix(kind, a[0], a[1], a[2], a[3] if len(a) > 3 else None)
+
+    assert torch.autograd.gradcheck(fn, tuple(args))
+
+
+def test_fused_tie_rule_state_is_oldest():
+    # gen4 with a = b = d = 0 gives y = c * e: dy/dc = e directly, dy/de = c.
+    streams = torch.zeros(1, 3, 4, 1, 1, dtype=torch.float64)
+    streams[0, :, 2, 0, 0] = torch.tensor([2.0, 3.0, 1.0])
+    state = torch.full((1, 1, 1), 3.0, dtype=torch.float64, requires_grad=True)
+    streams.requires_grad_()
+    y, _ = fused_mix("gen4", streams, state, torch.full((3,), 0.5, dtype=torch.float64))
+    gx, gstate = torch.autograd.grad(y.sum(), [streams, state])
+    # e = [3, 3, 3]. Output 0 comes from the state (2 < 3); position 1 ties with the
+    # state and, being newer, takes the gradients of outputs 1 and 2 (c_1 + c_2 = 4).
+    assert gstate.item() == 2.0
+    assert gx[0, :, 2, 0, 0].tolist() == [3.0, 3.0 + 4.0, 3.0]
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 8, 15, 16, 17, 63, 64, 65])
+def test_running_max_block_edges(seed, t):
+    # The blocked scan splits time into sqrt(T) blocks plus a tail: probe every edge.
+    x = torch.randint(0, 6, (2, t, 5)).double().requires_grad_()
+    state = torch.randint(0, 6, (2, 5)).double().requires_grad_()
+    g = torch.randn(2, t, 5, dtype=torch.float64)
+    for s in (None, state):
+        out = running_max(x, s)
+        assert torch.equal(out, running_max_ref(x, s))
+        ins = [x] + ([s] if s is not None else [])
+        fast = torch.autograd.grad((out * g).sum(), ins)
+        ref = torch.autograd.grad((running_max_cummax(x, s) * g).sum(), ins)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            assert torch.equal(a != 0, b != 0)
+
+
+def test_running_max_keeps_no_integer_tensors_for_backward(seed):
+    x = torch.randn(2, 50, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        running_max(x, torch.randn(2, 8)).sum().backward()
+    assert saved and all(t.is_floating_point() for t in saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        running_max_cummax(x).sum()
+    assert any(t.dtype == torch.int64 for t in saved)  # what the reference keeps
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit.trace's deprecation and tracer warnings
+def test_traced_graphs_use_the_loop_free_form(seed):
+    # The blocked scan unrolls a Python loop over time; under tracing the kernels fall
+    # back to the cummax form, so a graph traced at one length works at another.
+    streams, state, alpha, _ = _inputs("gen4", t=5, dtype=torch.float32)
+    traced = torch.jit.trace(lambda s, st: fused_mix("gen4", s, st, alpha), (streams, state))
+    longer, _, _, _ = _inputs("gen4", t=11, dtype=torch.float32)
+    y, new_state = traced(longer, state)
+    y_ref, s_ref = mix_ref("gen4", longer, state, alpha)
+    assert torch.equal(new_state, s_ref)
+    torch.testing.assert_close(y, y_ref)
