@@ -123,13 +123,15 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits,
+                                        past_key_values=cache if use_cache else None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
 
-    def _run(self, input_ids: Tensor, state: State | None, attention_mask: Tensor | None) -> tuple[Tensor, State]:
-        t = input_ids.shape[1] if input_ids.dim() == 2 else 0
-        mask = None if attention_mask is None else attention_mask[:, -t:] if t else attention_mask
+    def _run(self, input_ids: Tensor, state: State | None,
+             attention_mask: Tensor | None) -> tuple[Tensor, State]:
+        # generate() passes the mask of the whole sequence; this call covers its last tokens.
+        mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[-1]:]
         if mask is None or bool(mask.all()):
             return self.samout(input_ids, state)
         if state is not None:

@@ -13,12 +13,13 @@ import torch
 
 pytest.importorskip("transformers")
 
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
+
 import samout  # noqa: E402  (registers with the Auto classes)
 from samout import SamOut, SamOutConfig  # noqa: E402
 from samout.hf import SamOutCache, SamOutForCausalLM, SamOutHFConfig, SamOutTokenizer  # noqa: E402
 from samout.hf.configuration_samout import SAMOUT_FIELDS  # noqa: E402
 from tests.tiny_run import PROMPT, make_run_dir, samout_greedy  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -167,9 +168,10 @@ def test_greedy_with_cache_equals_without_cache_and_samouts_own_decoding(seed):
     ids = torch.randint(2, 97, (2, 7))
     steps = 24
     rec = InputLengths(model)
-    with_cache = model.generate(ids, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    with_cache = model.generate(ids, **kw)
     cached_lengths, rec.lengths = rec.lengths, []
-    no_cache = model.generate(ids, max_new_tokens=steps, do_sample=False, use_cache=False, min_new_tokens=steps)
+    no_cache = model.generate(ids, use_cache=False, **kw)
     rec.close()
     # With the cache the prompt goes in once, then one token per step; without it the
     # whole prefix is recomputed every step.
