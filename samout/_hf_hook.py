@@ -50,8 +50,15 @@ class _TransformersFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    if "transformers" in sys.modules:
+    if sys.modules.get("transformers") is not None:
         _register()
-    elif importlib.util.find_spec("transformers") is not None:
+    elif _installed("transformers"):
         if not any(isinstance(f, _TransformersFinder) for f in sys.meta_path):
             sys.meta_path.insert(0, _TransformersFinder())
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
