@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                     "onnxruntime, and optionally quantize the weights to int8.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run or model directory (config.json + model.safetensors)")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="run or model directory (config.json + model.safetensors)")
     p.add_argument("--onnx", metavar="OUT_DIR", required=True, help="directory for the ONNX files")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="also write int8 dynamically quantized graphs and report size and accuracy")

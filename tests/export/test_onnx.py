@@ -20,8 +20,8 @@ from samout.config import MIXERS  # noqa: E402
 from samout.export.onnx import (  # noqa: E402
     OnnxSamOut,
     check_onnx,
-    exportable_cummax,
     export_onnx,
+    exportable_cummax,
     greedy_tokens,
     scan_max,
     torch_step,
