@@ -124,15 +124,15 @@ def main() -> int:
             model(torch.from_numpy(text_ids[None, :-1]))[0][0], torch.from_numpy(text_ids[1:])).item()))
         print(f"int8 vs float32: max|logit diff| {acc['max_abs_logit_diff']:.3g}, greedy agreement "
               f"{acc['greedy_token_agreement']:.1%} (64 steps, 2 prompts)")
-        print(f"held-out perplexity ({acc['perplexity_tokens']} tokens): pytorch {torch_ppl:.3f}, onnx float32 "
-              f"{acc['perplexity_reference']:.3f}, onnx int8 {acc['perplexity_candidate']:.3f}")
+        print(f"held-out perplexity ({acc['perplexity_tokens']} tokens): pytorch {torch_ppl:.3f}, "
+              f"onnx float32 {acc['perplexity_reference']:.3f}, onnx int8 {acc['perplexity_candidate']:.3f}")
         state = fp32.init_state(1)
         t_ort = decode_latency(fp32, state, args.repeats, 200)
         t_int8 = decode_latency(int8, state, args.repeats, 200)
         t_torch = decode_latency(torch_step(model), state, args.repeats, 200)
-        print(f"decode latency per token (batch 1, median of {args.repeats}): pytorch {t_torch * 1e3:.3f} ms, "
-              f"onnxruntime float32 {t_ort * 1e3:.3f} ms ({t_torch / t_ort:.2f}x), "
-              f"int8 {t_int8 * 1e3:.3f} ms ({t_torch / t_int8:.2f}x)")
+        print(f"decode latency per token (batch 1, median of {args.repeats}): "
+              f"pytorch {t_torch * 1e3:.3f} ms, onnxruntime float32 {t_ort * 1e3:.3f} ms "
+              f"({t_torch / t_ort:.2f}x), int8 {t_int8 * 1e3:.3f} ms ({t_torch / t_int8:.2f}x)")
     return 0
 
 
