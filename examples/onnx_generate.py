@@ -55,7 +55,7 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("onnx_dir", type=Path, help="directory written by `samout export --onnx`")
-    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50)
@@ -71,15 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                                              providers=["CPUExecutionProvider"])
     tokenizer = Tokenizer.from_file(str(args.onnx_dir / "tokenizer.json"))
     rng = np.random.default_rng(args.seed)
-    ids = np.array([tokenizer.encode(args.prompt).ids], dtype=np.int64)
-    if ids.size == 0:
-        print("the prompt encodes to no tokens", file=sys.stderr)
-        return 1
+    # As in `samout generate`: the prompt follows <|endoftext|>, where documents start.
+    eot = model.manifest["eos_token_id"]
+    ids = np.array([[eot] + tokenizer.encode(args.prompt, add_special_tokens=False).ids], dtype=np.int64)
     logits, state = model(ids, model.empty_state(1))
     out: list[int] = []
     for _ in range(args.max_new_tokens):
         token = sample(logits[0], args.temperature, args.top_k, rng)
-        if token == model.manifest["eos_token_id"]:
+        if token == eot:
             break
         out.append(token)
         logits, state = model(np.array([[token]], dtype=np.int64), state)

@@ -163,7 +163,7 @@ def test_example_generates_with_onnxruntime_and_tokenizers_only(run_dir, exporte
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-    ids = np.array([tokenizer.encode(PROMPT).ids])
+    ids = np.array([[1] + tokenizer.encode(PROMPT).ids])  # the example starts after <|endoftext|>
     tokens = greedy_tokens(torch_step(SamOut.from_pretrained(run_dir).eval()), ids, 20)[0].tolist()
     if 1 in tokens:
         tokens = tokens[: tokens.index(1)]

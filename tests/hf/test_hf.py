@@ -186,6 +186,22 @@ def test_greedy_with_cache_equals_without_cache_and_samouts_own_decoding(seed):
     assert torch.equal(with_cache[:, 7:][keep], ref[:, 7:][keep])
 
 
+def test_greedy_text_matches_samouts_generator(hf_model, hf_tokenizer):
+    generation = pytest.importorskip("samout.generation",
+                                     reason="samout's generator (pipeline) not merged yet")
+    from tokenizers import Tokenizer
+
+    for prompt in (PROMPT, "Thou art"):
+        ids = hf_tokenizer(prompt, return_tensors="pt").input_ids
+        raw = Tokenizer.from_file(str(Path(hf_tokenizer.name_or_path) / "tokenizer.json"))
+        assert ids[0].tolist() == generation.encode_prompt(raw, prompt)
+        out = hf_model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
+        own = list(generation.stream_ids(hf_model.samout, ids[0].tolist(), max_new_tokens=40,
+                                         temperature=0.0))
+        assert out[: len(own)] == own
+        assert out[len(own):] in ([], [1])  # HF keeps the end-of-text token it stopped at
+
+
 def test_greedy_matches_samout_without_any_token_ban(seed):
     model = tiny_hf()
     model.generation_config.eos_token_id = None  # run the full length
@@ -290,8 +306,11 @@ def test_tokenizer_matches_the_run_dirs_tokenizer_json(run_dir, hf_tokenizer):
     raw = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     assert isinstance(hf_tokenizer, SamOutTokenizer)
     text = PROMPT + "\nThou art more lovely and more temperate: é 🙂"
-    assert hf_tokenizer(text).input_ids == raw.encode(text).ids
+    # Like samout's own generator, a prompt starts after <|endoftext|>.
+    assert hf_tokenizer(text).input_ids == [1] + raw.encode(text).ids
+    assert hf_tokenizer(text, add_special_tokens=False).input_ids == raw.encode(text).ids
     assert hf_tokenizer.decode(raw.encode(text).ids) == text
+    assert hf_tokenizer.decode(hf_tokenizer(text).input_ids, skip_special_tokens=True) == text
     assert (hf_tokenizer.pad_token_id, hf_tokenizer.eos_token_id) == (0, 1)
     assert hf_tokenizer.padding_side == "left"
 
@@ -306,6 +325,11 @@ def test_save_pretrained_writes_a_samout_run_dir(hf_model, hf_tokenizer, tmp_pat
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(again(ids).logits, hf_model(ids).logits, rtol=0, atol=0)
     assert AutoTokenizer.from_pretrained(tmp_path)(PROMPT).input_ids == hf_tokenizer(PROMPT).input_ids
+    # The saved tokenizer.json is still samout's: bare ids through `tokenizers`.
+    from tokenizers import Tokenizer
+
+    bare = hf_tokenizer(PROMPT, add_special_tokens=False).input_ids
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(PROMPT).ids == bare
 
 
 def test_tied_head_saves_once_and_loads_both_ways(tmp_path, seed):
