@@ -183,6 +183,15 @@ def test_bad_options_give_one_line_errors(run_dir, tmp_path, capsys, extra, mess
     assert len(err) == 1 and message in err[0]
 
 
+def test_text_without_a_tokenizer_is_a_clear_error(tmp_path, capsys, shakespeare_dir):
+    SamOut(SamOutConfig.from_preset("tiny")).save_pretrained(tmp_path / "run")  # no tokenizer.json
+    code = main(["export", str(tmp_path / "run"), "--onnx", str(tmp_path / "o"), "--quantize", "int8",
+                 "--text", str(shakespeare_dir / "sonnets_gut.txt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "needs a tokenizer" in err[0]
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
 def test_missing_run_dir_exits_1_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "samout", "export", str(tmp_path / "nope"), "--onnx",
                            str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -139,6 +139,16 @@ def test_labels_give_the_shifted_cross_entropy(seed):
     torch.testing.assert_close(out.loss, want)
 
 
+def test_unsupported_inputs_are_refused_with_clear_errors(seed):
+    model = tiny_hf()
+    with pytest.raises(ValueError, match="inputs_embeds are not supported"):
+        model(inputs_embeds=torch.randn(1, 3, 32))
+    with pytest.raises(ValueError, match="no attentions"):
+        model(torch.randint(0, 97, (1, 3)), output_attentions=True)
+    with pytest.raises(ValueError, match="out of range"):
+        model(torch.tensor([[5, 97]]))
+
+
 def test_a_kv_cache_is_refused_with_a_clear_error(seed):
     from transformers import DynamicCache
 
