@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 test: venv
 	$(BIN)/python -m pytest -q
 
+demo: venv
+	scripts/demo.sh
+
 lint: venv
 	$(BIN)/ruff check --output-format concise samout tests
 

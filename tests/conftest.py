@@ -35,3 +35,6 @@ def seed() -> int:
     torch.manual_seed(s)
     print(f"torch seed: {s}")
     return s
+
+# Prepared data and a briefly trained run, shared by the pipeline tests.
+from tests.fixtures_pipeline import play_files, prepared_data, trained_run  # noqa: E402, F401

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from samout.checkpoint import CheckpointError, read_config_dict
 from samout.models.samout import SamOut
+from samout.models.transformer import Transformer, TransformerConfig, match_transformer_to
 
 # config.json's "model_type" -> model class. Every architecture registers here.
-MODEL_CLASSES: dict[str, type] = {"samout": SamOut}
+MODEL_CLASSES: dict[str, type] = {"samout": SamOut, "transformer": Transformer}
 
 
 def load_pretrained(directory: str | Path, map_location: str = "cpu"):
@@ -21,4 +22,6 @@ def load_pretrained(directory: str | Path, map_location: str = "cpu"):
     return MODEL_CLASSES[model_type].from_pretrained(directory, map_location=map_location)
 
 
-__all__ = ["MODEL_CLASSES", "SamOut", "load_pretrained"]
+__all__ = [
+    "MODEL_CLASSES", "SamOut", "Transformer", "TransformerConfig", "load_pretrained", "match_transformer_to",
+]

@@ -1,0 +1,41 @@
+"""`samout prepare [INPUT ...] --out DATA_DIR`: tokenizer + train/val token files."""
+
+from __future__ import annotations
+
+import argparse
+
+from samout.data.prepare import prepare
+from samout.data.sources import BUILTIN_CORPORA, DEFAULT_CORPUS
+from samout.tokenizer import DEFAULT_VOCAB_SIZE
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="tokenize a corpus into a data directory",
+        description="Train (or reuse) a byte-level BPE tokenizer and write memory-mappable train and "
+                    "validation token files plus meta.json. Inputs: text files, directories (recursive), "
+                    f"globs, .jsonl files with a \"text\" field, or a built-in corpus "
+                    f"({', '.join(BUILTIN_CORPORA)}; default {DEFAULT_CORPUS}).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help=f"inputs (default: {DEFAULT_CORPUS})")
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="output data directory")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help="tokenizer vocabulary size, special tokens included")
+    p.add_argument("--tokenizer", metavar="tokenizer.json", help="use this tokenizer instead of training one")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    meta = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                   val_fraction=args.val_fraction, seed=args.seed, quiet=args.quiet)
+    s = meta["splits"]
+    print(f"wrote {args.out}: vocab {meta['vocab_size']} ({meta['dtype']}), "
+          f"train {s['train']['tokens']:,} tokens / {s['train']['documents']} docs, "
+          f"val {s['val']['tokens']:,} tokens / {s['val']['documents']} docs")
+    return 0

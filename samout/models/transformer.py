@@ -1,0 +1,216 @@
+"""The softmax baseline (SPEC.md, "seed 004"): a standard decoder-only Transformer with
+the same call signature and state contract as SamOut, so every tool that runs SamOut
+(training, generation, benchmarks) runs it unchanged.
+
+    x = Embedding(ids) (+ sinusoidal position)          # or rotary inside attention
+    pre-norm (default):  x = x + Attn(LN(x));  x = x + FFN(LN(x));  final LN
+    post-norm:           x = LN(x + Attn(x));  x = LN(x + FFN(x))
+    Attn = causal softmax attention via F.scaled_dot_product_attention
+    FFN  = Linear(D, F) -> ReLU -> Linear(F, D)
+    logits = Linear(D, V, bias=False)(x)
+
+Its state is the KV cache: layers[i] = {"key": [B, H, T, dh], "value": [B, H, T, dh]},
+keys stored after rotary rotation. A call with a state appends to it by concatenation
+(as Hugging Face's default dynamic cache does), so the state grows with every token.
+Initialisation is PyTorch's default, the same as SamOut's, so neither side gets a
+tuned init the other lacks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from samout.checkpoint import load_model_weights, save_model_weights
+from samout.models.samout import check_input_ids
+from samout.models.transformer_config import TransformerConfig, match_transformer_to
+from samout.state import State
+
+
+def sinusoidal_positions(start: int, length: int, dim: int, device=None, dtype=None) -> Tensor:
+    """[length, dim] table for positions start..start+length-1 (Vaswani et al.), computed
+    on the fly: pe[p, 2i] = sin(p / 10000^(2i/dim)), pe[p, 2i+1] = cos(same)."""
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float64)[:, None]
+    inv = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    angles = pos * inv
+    pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+    return pe.to(dtype or torch.get_default_dtype())
+
+
+def rotary_angles(start: int, length: int, head_dim: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [length, head_dim] for the rotate-half form of RoPE."""
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float64)
+    inv = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    angles = torch.outer(pos, inv).repeat(1, 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, dh] rotated by position (cos, sin [T, dh])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, x: Tensor, cache: dict[str, Tensor] | None, rotary: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        past = 0
+        if cache is not None and cache["key"].shape[2]:
+            past = cache["key"].shape[2]
+            k = torch.cat((cache["key"], k), dim=2)
+            v = torch.cat((cache["value"], v), dim=2)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif t == 1:  # one new token sees the whole cache
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # a chunk after a cache: query i sees keys 0..past+i (bottom-right causal)
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, t, d)), {"key": k, "value": v}
+
+
+class TransformerFeedForward(nn.Module):
+    """Two Linear layers with an activation between them (ReLU in seed 004)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.ffn_hidden_size)
+        self.fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size)
+        self.act = nn.ReLU() if config.activation == "relu" else nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.norm == "pre"
+        self.attn_norm = nn.LayerNorm(config.hidden_size)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size)
+        self.ffn = TransformerFeedForward(config)
+
+    def forward(self, x: Tensor, cache, rotary) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.pre_norm:
+            h, cache = self.attn(self.attn_norm(x), cache, rotary)
+            x = x + h
+            return x + self.ffn(self.ffn_norm(x)), cache
+        h, cache = self.attn(x, cache, rotary)
+        x = self.attn_norm(x + h)
+        return self.ffn_norm(x + self.ffn(x)), cache
+
+
+class Transformer(nn.Module):
+    """`logits, state = model(input_ids, state=None)`, exactly like `SamOut`.
+
+    input_ids: LongTensor [B, T] with ids in [0, vocab_size).
+    logits:    [B, T, vocab_size].
+    state:     `State` (the KV cache), layers[i] = {"key", "value": [B, H, T_seen, dh]};
+               pass it back to continue; chunked calls equal one call to float rounding.
+    """
+
+    config_class = TransformerConfig
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_idx)
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden_size) if config.norm == "pre" else None
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, input_ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        check_input_ids(input_ids, self.config.vocab_size)
+        b, t = input_ids.shape
+        caches = self._check_state(state, b)
+        past = 0 if caches[0] is None else caches[0]["key"].shape[2]
+        limit = self.config.max_position_embeddings
+        if past + t > limit:
+            raise ValueError(
+                f"context of {past + t} tokens ({past} cached + {t} new) exceeds "
+                f"max_position_embeddings={limit}: start a new state, or use a model "
+                f"configured with a larger max_position_embeddings"
+            )
+        x = self.embed(input_ids)
+        rotary = None
+        if self.config.positional == "sinusoidal":
+            x = x + sinusoidal_positions(past, t, self.config.hidden_size, x.device, x.dtype)
+        else:
+            rotary = rotary_angles(past, t, self.config.head_dim, self.config.rope_theta, x.device)
+        new_caches = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer(x, cache, rotary)
+            new_caches.append(cache)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.head(x), State(new_caches)
+
+    def _check_state(self, state: State | None, batch_size: int) -> list[dict[str, Tensor] | None]:
+        if state is None:
+            return [None] * len(self.layers)
+        if not isinstance(state, State) or len(state) != len(self.layers):
+            raise ValueError(
+                f"state must be a samout State with {len(self.layers)} layers, got "
+                f"{type(state).__name__} with {len(state) if isinstance(state, State) else '?'}"
+            )
+        h, dh = self.config.num_heads, self.config.head_dim
+        seen = None
+        for i, layer in enumerate(state):
+            for name in ("key", "value"):
+                t = layer.get(name)
+                ok = t is not None and t.dim() == 4 and tuple(t.shape[:2]) == (batch_size, h)
+                if not ok or t.shape[3] != dh or (seen is not None and t.shape[2] != seen):
+                    got = None if t is None else tuple(t.shape)
+                    raise ValueError(
+                        f"state layer {i}: {name} must have shape ({batch_size}, {h}, T, {dh}) with the "
+                        f"same T in every layer, got {got} (is this a Transformer KV cache?)"
+                    )
+                seen = t.shape[2]
+        return list(state.layers)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """An explicit empty KV cache (T = 0)."""
+        p = self.head.weight
+        shape = (batch_size, self.config.num_heads, 0, self.config.head_dim)
+        empty = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
+        return State([{"key": empty.clone(), "value": empty.clone()} for _ in self.layers])
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the
+        embedding and output head, the figure compared across architectures."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            params.pop(id(self.embed.weight), None)
+            params.pop(id(self.head.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` (model_type "transformer") and `model.safetensors`."""
+        save_model_weights(self, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> Transformer:
+        return load_model_weights(cls, directory, map_location)
+
+
+__all__ = ["Transformer", "TransformerConfig", "match_transformer_to"]

@@ -1,0 +1,110 @@
+"""Byte-level BPE tokenizers (Hugging Face `tokenizers`), saved as `tokenizer.json`.
+
+Fixed special tokens for every samout tokenizer: `<|pad|>` = 0, `<|endoftext|>` = 1.
+Byte-level means every string round-trips exactly and every token stands for a whole
+number of bytes, which is what makes bits per byte exact (see `token_byte_lengths`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from samout.errors import SamoutError
+
+PAD_TOKEN, EOT_TOKEN = "<|pad|>", "<|endoftext|>"
+SPECIAL_TOKENS = [PAD_TOKEN, EOT_TOKEN]
+PAD_ID, EOT_ID = 0, 1
+TOKENIZER_NAME = "tokenizer.json"
+DEFAULT_VOCAB_SIZE = 8192
+# Special tokens plus the 256 byte symbols every byte-level BPE starts from.
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
+                    show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` entries (special tokens included)."""
+    check_vocab_size(vocab_size)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,  # ids 0 and 1, in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    check_special_tokens(tokenizer, "the trained tokenizer")
+    return tokenizer
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise SamoutError(
+            f"vocab size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
+            f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes); use --vocab-size {MIN_VOCAB_SIZE} or more"
+        )
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a `tokenizer.json` (a file, or a directory holding one) and check its special tokens."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_NAME
+    if not path.is_file():
+        raise SamoutError(f"tokenizer not found: {path}")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises a bare Exception
+        raise SamoutError(f"{path} is not a valid tokenizer.json: {err}") from None
+    check_special_tokens(tokenizer, str(path))
+    return tokenizer
+
+
+def check_special_tokens(tokenizer: Tokenizer, where: str) -> None:
+    for token, want in ((PAD_TOKEN, PAD_ID), (EOT_TOKEN, EOT_ID)):
+        got = tokenizer.token_to_id(token)
+        if got != want:
+            raise SamoutError(
+                f"{where}: special token {token} must have id {want}, got {got}; "
+                "let `samout prepare` train a tokenizer, or add the special tokens first"
+            )
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes->printable-characters map used by ByteLevel."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens).
+
+    Exact for byte-level tokenizers, so the bytes of any evaluated stretch of tokens
+    are known exactly; for other tokenizers, the UTF-8 length of the token's text.
+    """
+    decoder = _byte_decoder()
+    special = set(SPECIAL_TOKENS)
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, idx in tokenizer.get_vocab().items():
+        if token in special or idx >= len(lengths):
+            continue
+        if all(ch in decoder for ch in token):
+            lengths[idx] = len(token)
+        else:
+            lengths[idx] = len(token.encode("utf-8"))
+    return lengths

@@ -1,0 +1,230 @@
+import random
+
+import pytest
+import torch
+
+from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, load_pretrained
+from samout.config import MIXERS, PRESETS
+from samout.models import MODEL_CLASSES
+from samout.models.transformer_config import MATCH_TOLERANCE, match_transformer_to
+
+VOCAB = 97
+
+
+def _tiny(**kw) -> Transformer:
+    config = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=48)
+    return Transformer(TransformerConfig(**{**config, **kw})).eval()
+
+
+VARIANTS = [dict(), dict(positional="rotary"), dict(norm="post"), dict(activation="gelu")]
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_causal_exactly(seed, kw):
+    model = _tiny(**kw)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    t = random.Random(seed).randrange(1, 24)
+    other = ids.clone()
+    other[:, t] = (ids[:, t] + 1 + torch.randint(0, VOCAB - 2, (2,))) % VOCAB
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(other)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.equal(a[:, t], b[:, t])
+
+
+def _random_chunks(total, rng):
+    cuts = sorted(rng.sample(range(1, total), k=rng.randint(1, 8)))
+    return [b - a for a, b in zip([0] + cuts, cuts + [total])]
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_chunked_equals_full(seed, kw):
+    rng = random.Random(seed)
+    model = _tiny(**kw)
+    ids = torch.randint(0, VOCAB, (3, 40))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        scale = full.abs().max()
+        for chunking in ([1] * 40, _random_chunks(40, rng), _random_chunks(40, rng), [40]):
+            outs, state, t = [], None, 0
+            for n in chunking:
+                out, state = model(ids[:, t : t + n], state=state)
+                outs.append(out)
+                t += n
+            assert (torch.cat(outs, 1) - full).abs().max() <= 1e-5 * scale, chunking
+            for a, b in zip(state, full_state):
+                for name in ("key", "value"):
+                    assert a[name].shape == b[name].shape
+                    assert (a[name] - b[name]).abs().max() <= 1e-5 * b[name].abs().max()
+
+
+def test_kv_cache_grows_with_tokens():
+    model = _tiny()
+    with torch.no_grad():
+        _, s1 = model(torch.randint(0, VOCAB, (2, 3)))
+        _, s2 = model(torch.randint(0, VOCAB, (2, 5)), state=s1)
+        _, s3 = model(torch.randint(0, VOCAB, (2, 1)), state=s2)
+    per_token = 2 * 2 * 4 * 8 * 2 * 4  # layers * (k, v) * heads * dh * batch * float32
+    assert [s.nbytes for s in (s1, s2, s3)] == [3 * per_token, 8 * per_token, 9 * per_token]
+    assert s3[1]["key"].shape == (2, 4, 9, 8)
+
+
+def test_init_state_is_the_same_as_no_state(seed):
+    model = _tiny(positional="rotary")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        a, sa = model(ids)
+        b, sb = model(ids, state=model.init_state(2))
+    assert torch.equal(a, b) and sa.equal(sb)
+
+
+def test_state_reorders_for_beam_search(seed):
+    model = _tiny()
+    ids = torch.randint(0, VOCAB, (3, 6))
+    nxt = torch.randint(0, VOCAB, (3, 1))
+    with torch.no_grad():
+        _, state = model(ids)
+        picked = State.from_tensors(state.to_tensors()).index_select(torch.tensor([2, 0]))
+        a, _ = model(nxt[[2, 0]], state=picked)
+        b, _ = model(torch.cat((ids, nxt), 1)[[2, 0]])
+    assert (a[:, 0] - b[:, -1]).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
+def test_context_limit_is_a_clear_error(positional):
+    model = _tiny(max_position_embeddings=16, positional=positional)
+    with torch.no_grad():
+        model(torch.zeros(1, 16, dtype=torch.long))
+        with pytest.raises(ValueError, match="17 tokens .* exceeds max_position_embeddings=16"):
+            model(torch.zeros(1, 17, dtype=torch.long))
+        _, state = model(torch.zeros(1, 10, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"\(10 cached \+ 7 new\)"):
+            model(torch.zeros(1, 7, dtype=torch.long), state=state)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(norm="post"), dict(tie_word_embeddings=True)])
+def test_parameter_formula_is_exact(kw):
+    model = _tiny(**kw)
+    assert model.num_parameters(exclude_embeddings=True) == model.config.non_embedding_parameters()
+    embeddings = VOCAB * 32 * (1 if kw.get("tie_word_embeddings") else 2)
+    assert model.num_parameters() == model.config.non_embedding_parameters() + embeddings
+
+
+def _samout_non_embedding(config: SamOutConfig) -> int:
+    return SamOut(config).num_parameters(exclude_embeddings=True)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_matched_within_two_percent_for_every_preset(preset):
+    config = SamOutConfig.from_preset(preset)
+    with torch.device("meta"):
+        target = _samout_non_embedding(config)
+        matched = match_transformer_to(config)
+        got = Transformer(matched).num_parameters(exclude_embeddings=True)
+    assert abs(got - target) <= MATCH_TOLERANCE * target, (got, target)
+    assert (matched.vocab_size, matched.hidden_size, matched.num_layers, matched.num_heads) == (
+        config.vocab_size, config.hidden_size, config.num_layers, config.num_heads)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("preset", ["tiny", "seed-003"])
+def test_matched_within_two_percent_for_every_mixer(preset, mixer):
+    config = SamOutConfig.from_preset(preset, mixer=mixer)
+    with torch.device("meta"):
+        target = _samout_non_embedding(config)
+        got = Transformer(match_transformer_to(config, positional="rotary")).num_parameters(True)
+    assert abs(got - target) <= MATCH_TOLERANCE * target, (got, target)
+
+
+def test_match_refuses_what_cannot_match():
+    with pytest.raises(ValueError, match="chooses ffn_hidden_size itself"):
+        match_transformer_to(SamOutConfig.from_preset("tiny"), ffn_hidden_size=10)
+    with pytest.raises(ValueError, match="attention alone is larger"):
+        match_transformer_to(SamOutConfig.from_preset("tiny"), num_layers=8)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(positional="rotary", tie_word_embeddings=True)])
+def test_save_and_load(tmp_path, seed, kw):
+    model = _tiny(**kw)
+    model.save_pretrained(tmp_path)
+    assert '"model_type": "transformer"' in (tmp_path / "config.json").read_text()
+    assert '"format_version"' in (tmp_path / "config.json").read_text()
+    for loaded in (Transformer.from_pretrained(tmp_path), load_pretrained(tmp_path)):
+        assert isinstance(loaded, Transformer) and loaded.config == model.config
+        ids = torch.randint(0, VOCAB, (2, 7))
+        with torch.no_grad():
+            assert torch.equal(model(ids)[0], loaded.eval()(ids)[0])
+    assert MODEL_CLASSES["transformer"] is Transformer
+
+
+def test_a_samout_checkpoint_is_not_a_transformer(tmp_path):
+    from samout.checkpoint import CheckpointError
+
+    SamOut(SamOutConfig.from_preset("tiny")).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="model_type must be 'transformer'"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([[0, VOCAB]]), f"token id {VOCAB} is out of range for vocab_size {VOCAB}"),
+    (torch.tensor([[-3, 1]]), "token id -3 is out of range"),
+    (torch.tensor([1, 2]), r"shape \[batch, time\]"),
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+])
+def test_bad_input_ids_raise_value_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _tiny()(bad)
+
+
+def test_float_input_ids_raise_type_error():
+    with pytest.raises(TypeError, match="integer tensor"):
+        _tiny()(torch.zeros(1, 3))
+
+
+def test_wrong_states_are_rejected():
+    model = _tiny()
+    with torch.no_grad():
+        _, state = model(torch.zeros(2, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"key must have shape \(3, 4, T, 8\)"):
+            model(torch.zeros(3, 1, dtype=torch.long), state=state)
+        samout_state = SamOut(SamOutConfig.from_preset("tiny", vocab_size=VOCAB)).init_state(2)
+        with pytest.raises(ValueError, match="state must be a samout State with 2 layers"):
+            model(torch.zeros(2, 1, dtype=torch.long), state=State(samout_state.layers[:1]))
+        with pytest.raises(ValueError, match="is this a Transformer KV cache"):
+            model(torch.zeros(2, 1, dtype=torch.long), state=samout_state)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(hidden_size=30, num_heads=4), "divisible by num_heads"),
+    (dict(positional="alibi"), "unknown positional 'alibi'"),
+    (dict(norm="sandwich"), "unknown norm"),
+    (dict(ffn_hidden_size=0), "ffn_hidden_size must be a positive integer"),
+    (dict(max_position_embeddings=-1), "max_position_embeddings must be a positive integer"),
+    (dict(padding_idx=500, vocab_size=100), "padding_idx"),
+])
+def test_impossible_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**kwargs)
+
+
+def test_config_json_round_trip(tmp_path):
+    config = TransformerConfig(positional="rotary", norm="post", ffn_hidden_size=100)
+    assert TransformerConfig.from_json(config.to_json()) == config
+
+
+def test_overfits_a_small_batch_of_real_text(shakespeare_text):
+    torch.manual_seed(0)
+    data = torch.tensor(list(shakespeare_text[5000:7000].encode("utf-8")), dtype=torch.long)
+    batch = data[: 4 * 65].view(4, 65)
+    model = Transformer(match_transformer_to(SamOutConfig.from_preset("tiny", vocab_size=256)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):  # converges in ~50 steps
+        logits, _ = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::15]
