@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from samout import SamOut, SamOutConfig
 from samout.export.onnx import (
@@ -33,6 +33,7 @@ from samout.export.onnx import (
     quantize_int8,
     torch_step,
 )
+from samout.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpora" / "shakespeare"
@@ -42,12 +43,7 @@ def train_small(out: Path, steps: int, preset: str) -> tuple[SamOut, Tokenizer, 
     files = sorted(CORPUS.glob("*.txt"))
     text = "\n".join(p.read_text(encoding="utf-8") for p in files[:6])
     held_out = files[6].read_text(encoding="utf-8")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=2048, special_tokens=["<|pad|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = train_tokenizer([text], vocab_size=2048)
     ids = torch.tensor(tokenizer.encode(text).ids)
     torch.manual_seed(0)
     model = SamOut(SamOutConfig.from_preset(preset, vocab_size=tokenizer.get_vocab_size()))

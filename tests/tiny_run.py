@@ -6,26 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from samout import SamOut, SamOutConfig
+from samout.tokenizer import train_tokenizer
 
 PROMPT = "Shall I compare thee to a summer's day?"
 
 
-def train_tiny_tokenizer(text: str, vocab_size: int = 400) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([text], trainer=trainer)
-    return tokenizer
-
-
 def make_run_dir(directory: Path, text: str, **overrides) -> tuple[SamOut, Tokenizer]:
     """Write config.json, model.safetensors and tokenizer.json into `directory`."""
-    tokenizer = train_tiny_tokenizer(text[:100_000])
+    tokenizer = train_tokenizer([text[:100_000]], vocab_size=400)
     config = SamOutConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size(), **overrides)
     model = SamOut(config).eval()
     _spread_weights(model)
