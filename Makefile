@@ -25,5 +25,15 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check --output-format concise samout tests
 
+# Quick benchmarks (about 15 minutes on 2 busy cores); figures and JSON go to docs/figures.
+# Full-size runs: see docs/benchmarks.md. BENCH_FLAGS="--threads 1" steadies timings on a busy machine.
+BENCH_OUT ?= docs/figures
+BENCH_FLAGS ?=
+bench: venv
+	$(BIN)/samout bench params --out $(BENCH_OUT)
+	$(BIN)/samout bench speed --quick --out $(BENCH_OUT) $(BENCH_FLAGS)
+	$(BIN)/samout bench recall --quick --out $(BENCH_OUT) $(BENCH_FLAGS)
+	$(BIN)/samout bench quality --quick --corpus ../shared/corpora/shakespeare --work-dir build/bench-quality --out $(BENCH_OUT) $(BENCH_FLAGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

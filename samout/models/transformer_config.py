@@ -24,6 +24,9 @@ POSITIONALS = ("sinusoidal", "rotary")
 NORMS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu")
 
+# Fields a Transformer takes over from the SamOut config it is compared with.
+SHARED_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "padding_idx", "tie_word_embeddings")
+
 # How close `match_transformer_to` must get (the issue's 2% bound).
 MATCH_TOLERANCE = 0.02
 
@@ -91,6 +94,20 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TransformerConfig:
+        """The Transformer matched to SamOut preset `name` (see `match_transformer_to`), so
+        `samout train --arch transformer --preset small` trains the comparison model.
+        Overrides of the fields both share (vocab_size, hidden_size, num_layers, num_heads,
+        padding_idx, tie_word_embeddings) resize the SamOut first; the rest (positional,
+        norm, ...) are Transformer options. An explicit ffn_hidden_size skips matching."""
+        shared = {k: v for k, v in overrides.items() if k in SHARED_FIELDS}
+        rest = {k: v for k, v in overrides.items() if k not in SHARED_FIELDS}
+        samout_config = SamOutConfig.from_preset(name, **shared)
+        if "ffn_hidden_size" in rest:
+            return cls(**{k: getattr(samout_config, k) for k in SHARED_FIELDS}, **rest)
+        return match_transformer_to(samout_config, **rest)
 
     def non_embedding_parameters(self) -> int:
         """Exact count of everything but the embedding and the output head."""

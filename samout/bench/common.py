@@ -1,0 +1,243 @@
+"""What every benchmark shares: the run header, model pairs, timing and memory helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import samout
+from samout.config import MIXERS, SamOutConfig
+from samout.errors import SamoutError
+from samout.models.samout import SamOut
+from samout.models.transformer import Transformer
+from samout.models.transformer_config import match_transformer_to
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """HEAD of the checkout samout runs from, with "-dirty" for uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+
+
+def run_header(device: torch.device, command: str) -> dict[str, Any]:
+    """Machine, versions and commit, printed and stored with every figure."""
+    header = {
+        "command": command,
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "samout": samout.__version__,
+        "git_commit": git_commit(),
+    }
+    if device.type == "cuda":
+        header["gpu"] = torch.cuda.get_device_name(device)
+    return header
+
+
+def header_line(header: dict[str, Any]) -> str:
+    where = header.get("gpu") or f"{header['machine']}, {header['cpu_cores']} cores"
+    return (f"{where}, torch {header['torch']} ({header['torch_threads']} threads), "
+            f"commit {header['git_commit'][:12]}")
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SamoutError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def check_mixers(mixers: list[str]) -> list[str]:
+    for m in mixers:
+        if m not in MIXERS:
+            raise SamoutError(f"unknown mixer {m!r}: choose from {', '.join(MIXERS)}")
+    return list(dict.fromkeys(mixers))
+
+
+def positive_ints(name: str, values: list[int]) -> list[int]:
+    if not values or any(v <= 0 for v in values):
+        raise SamoutError(f"{name} must be positive integers, got {values}")
+    return sorted(set(values))
+
+
+def model_specs(base: SamOutConfig, mixers: list[str], match_mixer: str,
+                **transformer_overrides: Any) -> dict[str, Any]:
+    """The configs compared: SamOut with each mixer, and one Transformer matched to
+    SamOut with `match_mixer` (mixers differ in size by up to ~30%, so the matched
+    figure is for that one; every model's count is reported)."""
+    specs: dict[str, Any] = {f"samout-{m}": SamOutConfig.from_dict({**base.to_dict(), "mixer": m})
+                             for m in mixers}
+    match_to = SamOutConfig.from_dict({**base.to_dict(), "mixer": match_mixer})
+    specs["transformer"] = match_transformer_to(match_to, **transformer_overrides)
+    return specs
+
+
+def matched_target(base: SamOutConfig, match_mixer: str) -> dict[str, Any]:
+    """Which SamOut the Transformer was sized against, and its non-embedding count (it
+    need not be among the models run)."""
+    from samout.models.transformer_config import samout_non_embedding_parameters
+
+    config = SamOutConfig.from_dict({**base.to_dict(), "mixer": match_mixer})
+    return {"mixer": match_mixer, "non_embedding_parameters": samout_non_embedding_parameters(config)}
+
+
+def build_model(config, device: torch.device, seed: int = 0) -> nn.Module:
+    cls = Transformer if config.model_type == "transformer" else SamOut
+    if device.type == "meta":  # sizes only, nothing allocated
+        with torch.device("meta"):
+            return cls(config)
+    torch.manual_seed(seed)
+    return cls(config).to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def peak_allocated_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes of tensors allocated *during* `fn` above what was live before it.
+
+    On CUDA this is `torch.cuda.max_memory_allocated` (minus the bytes allocated at the
+    start). On CPU there is no allocator counter, so the allocation and free events that
+    the torch profiler records (`profile_memory=True`) are replayed in time order and the
+    running total's maximum is taken: the same quantity, allocator caching excluded.
+    (The profiler does not see frees of tensors allocated before it started, so if such a
+    tensor died mid-step the figure would err high, never low.)
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side logs start/stop lines to fd 2; keep the user's terminal clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    from samout.checkpoint import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+def prepare_out_dir(out: str | Path) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SamoutError(f"cannot create output directory {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise SamoutError(f"output directory {out} is not writable")
+    return out
+
+
+def plot_lines(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
+               footer: str, logy: bool = False, logx: bool = True) -> None:
+    """One PNG: a line per model, log2 x axis (lengths double), the run header as footer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        points = [(x, y) for x, y in points if y is not None]
+        if points:
+            xs, ys = zip(*points)
+            style = dict(color="black", linestyle="--", linewidth=2) if name == "transformer" else {}
+            ax.plot(xs, ys, marker="o", label=name, **style)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.01, footer, fontsize=6, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

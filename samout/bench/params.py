@@ -1,0 +1,67 @@
+"""`samout bench params`: parameter counts of SamOut and softmax Transformers (no
+training, nothing allocated: models are built on the meta device).
+
+For each SamOut preset, two Transformers of the same vocabulary, width and depth:
+  standard  the textbook FFN of 4 x hidden_size (what the seeds' "comparable
+            Transformer" most plausibly means), and
+  matched   the FFN width `match_transformer_to` solves for (non-embedding counts
+            within 2%), the model every other benchmark compares against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from samout.config import PRESETS, SamOutConfig
+from samout.models.samout import SamOut
+from samout.models.transformer import Transformer
+from samout.models.transformer_config import TransformerConfig, match_transformer_to
+
+SEED_PRESETS = [p for p in PRESETS if p.startswith("seed-")] + ["openash-85m"]
+
+
+def _counts(model) -> dict[str, int]:
+    return {"parameters": model.num_parameters(),
+            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True)}
+
+
+def parameter_table(presets: list[str] | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for name in presets or SEED_PRESETS:
+        config = SamOutConfig.from_preset(name)
+        standard = TransformerConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_layers,
+            num_heads=config.num_heads, ffn_hidden_size=4 * config.hidden_size,
+            padding_idx=config.padding_idx,
+        )
+        matched = match_transformer_to(config)
+        with torch.device("meta"):
+            s, t, m = SamOut(config), Transformer(standard), Transformer(matched)
+        rows.append({
+            "preset": name, "mixer": config.mixer, "samout": _counts(s),
+            "transformer_4d_ffn": _counts(t), "transformer_matched": _counts(m),
+            "matched_ffn_hidden_size": matched.ffn_hidden_size,
+            "fewer_than_4d_ffn": 1 - s.num_parameters() / t.num_parameters(),
+            "fewer_than_4d_ffn_non_embedding": 1 - _counts(s)["non_embedding_parameters"]
+            / _counts(t)["non_embedding_parameters"],
+        })
+    return rows
+
+
+def format_params(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| preset | mixer | SamOut params (non-emb.) | Transformer, FFN 4D (non-emb.) | SamOut fewer by"
+        " (non-emb.) | matched Transformer FFN width (non-emb. params) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s, t, m = r["samout"], r["transformer_4d_ffn"], r["transformer_matched"]
+        lines.append(
+            f"| {r['preset']} | {r['mixer']} | {s['parameters']:,} ({s['non_embedding_parameters']:,}) | "
+            f"{t['parameters']:,} ({t['non_embedding_parameters']:,}) | {r['fewer_than_4d_ffn']:.1%} "
+            f"({r['fewer_than_4d_ffn_non_embedding']:.1%}) | {r['matched_ffn_hidden_size']} "
+            f"({m['non_embedding_parameters']:,}) |"
+        )
+    return "\n".join(lines)

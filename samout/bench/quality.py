@@ -1,0 +1,176 @@
+"""`samout bench quality`: validation bits per byte of SamOut (the default mixer and each
+seed mixer) and the matched Transformer, trained on the same data the same way.
+
+Everything goes through the training pipeline users run: `samout.data.prepare.prepare`
+builds the data directory (one tokenizer for all models), `samout.training.trainer.train`
+trains each model (same TrainConfig: batch, length, schedule, token budget, seed), and
+`samout.evaluation.evaluate` measures the loss at 1x, 2x and 4x the training context
+(a state that only ever grows, like a running max, may degrade beyond what it saw).
+
+The corpus is split by whole documents (one per input file, e.g. one per play) with
+the pipeline's own deterministic split; the validation files are written down in the
+JSON and the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samout.bench.common import (
+    header_line,
+    plot_lines,
+    prepare_out_dir,
+    resolve_device,
+    run_header,
+    write_json,
+)
+from samout.config import MIXERS, SamOutConfig
+from samout.errors import SamoutError
+
+
+@dataclass
+class QualitySettings:
+    corpus: str | None = None  # a directory of text files (one document each) or a glob
+    preset: str = "small"
+    mixers: list[str] = field(default_factory=lambda: ["openash", "gen3", "dual", "gen4", "conv"])
+    vocab_size: int = 4096
+    val_fraction: float = 0.1
+    seq_len: int = 256
+    batch_size: int = 16
+    max_steps: int = 2000
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    eval_every: int = 200
+    eval_windows: int = 32
+    final_eval_windows: int = 64
+    context_multiples: list[int] = field(default_factory=lambda: [1, 2, 4])
+    device: str = "cpu"
+    seed: int = 0
+    work_dir: str | None = None  # data and runs; default <out>/quality-work
+
+
+QUICK = dict(preset="tiny", vocab_size=1024, seq_len=128, batch_size=16, max_steps=200, warmup_steps=20,
+             eval_every=50, eval_windows=16, final_eval_windows=32)
+
+
+def corpus_files(corpus: str) -> list[str]:
+    path = Path(corpus)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix == ".txt"
+                       and not p.name.isupper() and p.name != "COPYING.txt")
+    else:
+        import glob
+
+        files = sorted(glob.glob(corpus))
+    if len(files) < 2:
+        raise SamoutError(f"--corpus {corpus}: need a directory or glob with at least 2 .txt files")
+    return files
+
+
+def _curve(run_dir: Path) -> list[dict[str, Any]]:
+    """Eval records of a run's log, each with the training seconds at that step."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    elapsed = {r["step"]: r["elapsed"] for r in records if r["type"] == "train"}
+    return [{"step": r["step"], "tokens": r["tokens"], "elapsed": elapsed.get(r["step"]),
+             "val_bpb": r["val_bpb"], "val_loss": r["val_loss"]} for r in records if r["type"] == "eval"]
+
+
+def run_quality(s: QualitySettings, out: str | Path, command: str = "samout bench quality",
+                progress: bool = True) -> dict[str, Any]:
+    from samout.data.dataset import TokenData
+    from samout.data.prepare import MIN_SPLIT_UNITS, prepare, split_documents
+    from samout.data.sources import load_documents
+    from samout.evaluation import evaluate
+    from samout.models import load_pretrained
+    from samout.tokenizer import load_tokenizer, token_byte_lengths
+    from samout.training.trainer import train
+
+    if not s.corpus:
+        raise SamoutError("give the text to train on with --corpus DIR (one document per file)")
+    for m in s.mixers:
+        if m not in MIXERS:
+            raise SamoutError(f"unknown mixer {m!r}: choose from {', '.join(MIXERS)}")
+    out = prepare_out_dir(out)
+    device = resolve_device(s.device)
+    files = corpus_files(s.corpus)
+    docs, _ = load_documents(files)
+    if len(docs) < MIN_SPLIT_UNITS:  # prepare() would cut documents into pieces instead
+        raise SamoutError(f"--corpus {s.corpus}: {len(docs)} documents; a split by whole documents needs "
+                          f"at least {MIN_SPLIT_UNITS} files")
+    _, val_idx = split_documents(docs, s.val_fraction, s.seed)  # the split prepare() makes
+    val_files = [Path(docs[i].source).name for i in val_idx]
+    work = Path(s.work_dir) if s.work_dir else out / "quality-work"
+    data_dir = work / "data"
+    prepare(files, data_dir, vocab_size=s.vocab_size, val_fraction=s.val_fraction, seed=s.seed, quiet=True)
+    data = TokenData(data_dir)
+    token_bytes = token_byte_lengths(load_tokenizer(data.tokenizer_path))
+    longest = s.seq_len * max(s.context_multiples)
+    data.check_seq_len(longest, split="val")
+    train_settings = dict(seq_len=s.seq_len, batch_size=s.batch_size, max_steps=s.max_steps, lr=s.lr,
+                          warmup_steps=s.warmup_steps, eval_every=s.eval_every, eval_windows=s.eval_windows,
+                          save_every=s.max_steps, keep_checkpoints=1, log_every=s.eval_every,
+                          device=str(device), seed=s.seed)
+    runs = {f"samout-{m}": {"mixer": m} for m in s.mixers}
+    runs["transformer"] = {"model_type": "transformer",
+                           "max_position_embeddings": max(4096, longest)}
+    results: dict[str, Any] = {
+        "benchmark": "quality", "work_dir": str(work), "header": run_header(device, command),
+        "settings": asdict(s),
+        "split": {"unit": "document (one per file)", "validation_files": val_files,
+                  "training_files": len(files) - len(val_files), "seed": s.seed,
+                  "val_fraction": s.val_fraction},
+        "train_config": train_settings, "models": {},
+    }
+    base = SamOutConfig.from_preset(s.preset, vocab_size=data.vocab_size)
+    for name, model_fields in runs.items():
+        run_dir = work / "runs" / name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh run each time: the benchmark owns this directory
+        result = train(data_dir, run_dir, preset=s.preset, overrides=train_settings,
+                       model_overrides=model_fields, quiet=not progress)
+        model = load_pretrained(run_dir)
+        contexts = {}
+        for k in s.context_multiples:
+            ev = evaluate(model, data, token_bytes, s.seq_len * k, max_windows=s.final_eval_windows,
+                          batch_size=max(1, s.batch_size // k), device=device)
+            contexts[str(k)] = {"seq_len": s.seq_len * k, "loss": ev.loss, "bits_per_byte": ev.bits_per_byte}
+        results["models"][name] = {
+            "parameters": model.num_parameters(),
+            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+            "tokens": result["tokens"], "train_seconds": result["elapsed"],
+            "curve": _curve(run_dir), "contexts": contexts,
+        }
+    results["matched_to"] = f"samout-{base.mixer}"
+    results["plots"] = plot_quality(results, out)
+    write_json(out / "quality.json", results)
+    return results
+
+
+def plot_quality(results: dict[str, Any], out: Path) -> list[str]:
+    footer = header_line(results["header"])
+    by_tokens = {n: [(c["tokens"], c["val_bpb"]) for c in m["curve"]] for n, m in results["models"].items()}
+    by_time = {n: [(c["elapsed"], c["val_bpb"]) for c in m["curve"] if c["elapsed"]]
+               for n, m in results["models"].items()}
+    plot_lines(out / "quality_bpb_vs_tokens.png", "Validation bits per byte against tokens seen",
+               "training tokens", "bits per byte", by_tokens, footer, logx=False)
+    plot_lines(out / "quality_bpb_vs_time.png", "Validation bits per byte against training time",
+               "training seconds", "bits per byte", by_time, footer, logx=False)
+    return ["quality_bpb_vs_tokens.png", "quality_bpb_vs_time.png"]
+
+
+def format_quality(results: dict[str, Any]) -> str:
+    h = results["header"]
+    mult = results["settings"]["context_multiples"]
+    lines = [f"# samout bench quality — {header_line(h)}", f"# {h['command']}",
+             f"validation files: {', '.join(results['split']['validation_files'])}", "",
+             f"{'model':>16} {'non-emb. params':>16} {'tokens':>10} {'seconds':>8} "
+             + " ".join(f"{f'bpb@{k}x':>9}" for k in mult)]
+    for name, m in results["models"].items():
+        bpb = " ".join(f"{m['contexts'][str(k)]['bits_per_byte']:>9.4f}" for k in mult)
+        lines.append(f"{name:>16} {m['non_embedding_parameters']:>16,} {m['tokens']:>10,} "
+                     f"{m['train_seconds']:>8.0f} {bpb}")
+    return "\n".join(lines)

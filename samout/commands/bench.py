@@ -1,0 +1,201 @@
+"""`samout bench speed|recall`: benchmarks of SamOut against the matched Transformer.
+
+Both write JSON and PNG plots into --out and print a summary with the machine, torch
+version and git commit. `--quick` runs a small version in a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+import torch
+
+from samout.bench import params as params_bench
+from samout.bench import quality as quality_bench
+from samout.bench import recall as recall_bench
+from samout.bench import speed as speed_bench
+from samout.bench.common import prepare_out_dir, write_json
+from samout.checkpoint import atomic_write
+from samout.config import MIXERS, PRESETS
+from samout.errors import SamoutError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _mixers(text: str) -> list[str]:
+    return [m for m in text.replace(",", " ").split() if m]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (SamOut preset; the Transformer is matched to it)")
+    g.add_argument("--preset", choices=list(PRESETS), help="SamOut preset to start from")
+    g.add_argument("--vocab-size", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--num-heads", type=int)
+    g.add_argument("--mixers", type=_mixers, help=f"comma-separated SamOut mixers ({','.join(MIXERS)})")
+    g.add_argument("--match-mixer", choices=MIXERS,
+                   help="mixer whose SamOut the Transformer is sized against (default: the preset's)")
+    g.add_argument("--positional", choices=["sinusoidal", "rotary"], help="Transformer positions")
+
+
+def _add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--quick", action="store_true", help="small, fast settings (a few minutes on 2 cores)")
+    p.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmark SamOut against a matched softmax Transformer",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
+
+    speed = sub.add_parser("speed", help="training tokens/s and memory vs length; decode latency and memory"
+                           " vs context", description=speed_bench.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(speed)
+    g = speed.add_argument_group("what to measure")
+    g.add_argument("--lengths", type=_ints, help="training sequence lengths (default 256..8192)")
+    g.add_argument("--tokens-per-step", type=int, help="tokens per training step; batch = this / length")
+    g.add_argument("--contexts", type=_ints, help="decode context lengths (default 128..32768)")
+    g.add_argument("--decode-steps", type=int, help="timed single-token steps per context")
+    g.add_argument("--prefill-chunk", type=int, help="tokens per call when building the context state")
+    g.add_argument("--repeats", type=int, help="timed training steps per point (median reported)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    _add_run_args(speed, "bench-results")
+    speed.set_defaults(func=run_speed_command)
+
+    recall = sub.add_parser("recall", help="multi-query associative recall (MQAR) accuracy",
+                            description=recall_bench.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(recall)
+    g = recall.add_argument_group("task and training")
+    g.add_argument("--tasks", help="comma-separated LENGTHxPAIRS, e.g. 64x4,128x16")
+    g.add_argument("--steps", type=int, help="training steps per model and task")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--eval-examples", type=int, help="held-out examples per task")
+    _add_run_args(recall, "bench-results")
+    recall.set_defaults(func=run_recall_command)
+
+    quality = sub.add_parser("quality", help="validation bits per byte: SamOut mixers vs the matched"
+                             " Transformer, trained alike", description=quality_bench.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    quality.add_argument("--corpus", help="directory of .txt files, one document each (e.g. the plays)")
+    quality.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small)")
+    quality.add_argument("--mixers", type=_mixers, help="SamOut mixers to train (default: all)")
+    for name, kind in (("vocab_size", int), ("seq_len", int), ("batch_size", int), ("max_steps", int),
+                       ("lr", float), ("warmup_steps", int), ("eval_every", int)):
+        quality.add_argument("--" + name.replace("_", "-"), type=kind)
+    quality.add_argument("--work-dir", help="where the data and trained runs go (default OUT/quality-work)")
+    _add_run_args(quality, "bench-results")
+    quality.set_defaults(func=run_quality_command)
+
+    params = sub.add_parser("params", help="parameter counts: SamOut presets vs standard and matched"
+                            " Transformers", description=params_bench.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    params.add_argument("--out", help="also write params.json (and params.md) into this directory")
+    params.set_defaults(func=run_params_command)
+
+
+def _common(args, settings_cls, quick: dict) -> object:
+    settings = settings_cls(**quick) if args.quick else settings_cls()
+    overrides = dict(settings.overrides)
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    settings.overrides = overrides
+    for name in ("preset", "mixers", "match_mixer", "positional", "device", "seed"):
+        if getattr(args, name, None) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise SamoutError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return settings
+
+
+def _command_line(args) -> str:
+    """The command as it would be typed (recorded with every figure)."""
+    parts = ["samout", "bench", args.bench]
+    for name, value in vars(args).items():
+        if name in ("func", "command", "bench") or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts += [flag, shlex.quote(text)]
+    return " ".join(parts)
+
+
+def run_quality_command(args) -> int:
+    settings = quality_bench.QualitySettings
+    s = settings(**quality_bench.QUICK) if args.quick else settings()
+    for name in ("corpus", "preset", "mixers", "vocab_size", "seq_len", "batch_size", "max_steps", "lr",
+                 "warmup_steps", "eval_every", "device", "seed", "work_dir"):
+        if getattr(args, name, None) is not None:
+            setattr(s, name, getattr(args, name))
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise SamoutError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    results = quality_bench.run_quality(s, args.out, command=_command_line(args),
+                                        progress=not args.no_progress)
+    summary = quality_bench.format_quality(results)
+    atomic_write(f"{args.out}/quality.txt", summary + "\n")
+    print(summary)
+    print(f"\nwrote {args.out}/quality.json, quality.txt and {', '.join(results['plots'])}")
+    return 0
+
+
+def run_params_command(args) -> int:
+    rows = params_bench.parameter_table()
+    table = params_bench.format_params(rows)
+    print(table)
+    if args.out:
+        out = prepare_out_dir(args.out)
+        write_json(out / "params.json", {"benchmark": "params", "rows": rows})
+        atomic_write(out / "params.md", table + "\n")
+    return 0
+
+
+def run_speed_command(args) -> int:
+    s = _common(args, speed_bench.SpeedSettings, speed_bench.QUICK)
+    for name in ("lengths", "tokens_per_step", "contexts", "decode_steps", "prefill_chunk", "repeats", "lr"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    command = _command_line(args)
+    results = speed_bench.run_speed(s, args.out, command=command, progress=not args.no_progress)
+    summary = speed_bench.format_speed(results)
+    atomic_write(f"{args.out}/speed.txt", summary + "\n")
+    print(summary)
+    print(f"\nwrote {args.out}/speed.json, speed.txt and {', '.join(results['plots'])}")
+    return 0
+
+
+def run_recall_command(args) -> int:
+    s = _common(args, recall_bench.RecallSettings, recall_bench.QUICK)
+    if args.tasks is not None:
+        s.tasks = recall_bench.parse_tasks(args.tasks)
+    for name in ("steps", "batch_size", "lr", "eval_examples"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    command = _command_line(args)
+    results = recall_bench.run_recall(s, args.out, command=command, progress=not args.no_progress)
+    summary = recall_bench.format_recall(results)
+    atomic_write(f"{args.out}/recall.txt", summary + "\n")
+    print(summary)
+    print(f"\nwrote {args.out}/recall.json, recall.txt and {', '.join(results['plots'])}")
+    return 0

@@ -1,0 +1,41 @@
+import json
+
+from samout.bench.quality import QualitySettings, run_quality
+from samout.cli import main
+from samout.models import load_pretrained
+
+
+def test_tiny_quality_run(tmp_path, shakespeare_dir):
+    corpus = tmp_path / "plays"
+    corpus.mkdir()
+    plays = sorted(p for p in shakespeare_dir.glob("*_gut.txt"))[:20]  # a split needs 20 documents
+    for play in plays:
+        (corpus / play.name).write_text(play.read_text(encoding="utf-8")[5000:8000])
+    s = QualitySettings(corpus=str(corpus), preset="tiny", mixers=["gen3"], vocab_size=300, val_fraction=0.1,
+                        seq_len=16, batch_size=2, max_steps=4, warmup_steps=1, eval_every=2, eval_windows=2,
+                        final_eval_windows=2)
+    out = tmp_path / "out"
+    results = run_quality(s, out, progress=False)
+    data = json.loads((out / "quality.json").read_text())
+    assert list(data["models"]) == ["samout-gen3", "transformer"]
+    # The validation plays written down are the ones prepare() held out.
+    meta = json.loads((out / "quality-work" / "data" / "meta.json").read_text())
+    assert len(data["split"]["validation_files"]) == meta["splits"]["val"]["documents"] == 2
+    assert data["split"]["validation_files"][0] in {p.name for p in corpus.iterdir()}
+    for m in data["models"].values():
+        assert [c["step"] for c in m["curve"]] == [2, 4] and all(c["elapsed"] > 0 for c in m["curve"])
+        assert m["tokens"] == 4 * 2 * 16
+        assert [v["seq_len"] for v in m["contexts"].values()] == [16, 32, 64]
+        assert all(v["bits_per_byte"] > 0 for v in m["contexts"].values())
+    assert type(load_pretrained(out / "quality-work" / "runs" / "transformer")).__name__ == "Transformer"
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in results["plots"])
+
+
+def test_quality_needs_a_corpus_of_whole_documents(tmp_path, capsys):
+    assert main(["bench", "quality", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--corpus" in err and len(err.strip().splitlines()) == 1
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text("some text\n" * 50)
+    assert main(["bench", "quality", "--corpus", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "needs at least 20 files" in capsys.readouterr().err
