@@ -1,5 +1,6 @@
 """samout: softmax-free, linear-time SamOut language models with a fixed-size state."""
 
+from samout import _hf_hook  # noqa: F401  (transformers' Auto classes learn "samout", see there)
 from samout.config import PRESETS, SamOutConfig
 from samout.models import load_pretrained
 from samout.models.samout import SamOut

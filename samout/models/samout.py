@@ -149,6 +149,8 @@ def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
         )
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    if torch.compiler.is_compiling():
+        return  # a traced graph (torch.compile, ONNX export) cannot branch on values
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi

@@ -1,0 +1,136 @@
+"""ONNX export figures: accuracy of the graphs, int8 size and accuracy, decode latency.
+
+    .venv/bin/python benchmarks/bench_onnx.py                 # trains a small model briefly first
+    .venv/bin/python benchmarks/bench_onnx.py --run-dir RUN   # or uses a trained run directory
+
+Untrained weights make int8 look worse than it is (flat, random logits), so without
+--run-dir a model is trained for a few hundred steps on Shakespeare. Latencies are
+medians of several repeats, ratios within this run; machine, versions and commit printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from tokenizers import Tokenizer
+
+from samout import SamOut, SamOutConfig
+from samout.export.onnx import (
+    OnnxSamOut,
+    check_onnx,
+    compare_models,
+    export_onnx,
+    quantize_int8,
+    torch_step,
+)
+from samout.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpora" / "shakespeare"
+
+
+def train_small(out: Path, steps: int, preset: str) -> tuple[SamOut, Tokenizer, str]:
+    files = sorted(CORPUS.glob("*.txt"))
+    text = "\n".join(p.read_text(encoding="utf-8") for p in files[:6])
+    held_out = files[6].read_text(encoding="utf-8")
+    tokenizer = train_tokenizer([text], vocab_size=2048)
+    ids = torch.tensor(tokenizer.encode(text).ids)
+    torch.manual_seed(0)
+    model = SamOut(SamOutConfig.from_preset(preset, vocab_size=tokenizer.get_vocab_size()))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    seq, batch = 128, 16
+    start = time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,))
+        x = torch.stack([ids[s : s + seq + 1] for s in starts])
+        logits, _ = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  train step {step:4d}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save(str(out / "tokenizer.json"))
+    return model, tokenizer, held_out
+
+
+def decode_latency(step, state, repeats: int, tokens: int) -> float:
+    """Median seconds per decode step (one token, batch 1)."""
+    times = []
+    ids = np.array([[5]], dtype=np.int64)
+    for _ in range(repeats):
+        s = state
+        t = time.perf_counter()
+        for _ in range(tokens):
+            _, s = step(ids, s)
+        times.append((time.perf_counter() - t) / tokens)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    print(f"machine {platform.machine()} {platform.processor() or ''} python {sys.version.split()[0]} "
+          f"torch {torch.__version__} onnxruntime {onnxruntime.__version__} commit {commit}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.run_dir:
+            run_dir = args.run_dir
+            model = SamOut.from_pretrained(run_dir).eval()
+            tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+            held_out = (CORPUS / "sonnets_gut.txt").read_text(encoding="utf-8")
+        else:
+            run_dir = tmp / "run"
+            print(f"training {args.preset} for {args.steps} steps ...")
+            model, tokenizer, held_out = train_small(run_dir, args.steps, args.preset)
+        out = tmp / "onnx"
+        result = export_onnx(model, out, log=lambda s: None)
+        print(f"export: {result.seconds:.1f} s")
+        fp32 = OnnxSamOut(out)
+        checks = check_onnx(model, fp32, steps=64)
+        print(f"onnx vs pytorch: prefill max|diff| {checks['prefill_max_abs_diff']:.2e}, decode "
+              f"{checks['decode_max_abs_diff']:.2e}, greedy equal {checks['greedy_steps_equal']}/64")
+        files = quantize_int8(out)
+        int8 = OnnxSamOut(out, files["decode.onnx"].name, files["prefill.onnx"].name)
+        for name, path in files.items():
+            a, b = (out / name).stat().st_size, path.stat().st_size
+            print(f"size {name}: float32 {a / 1e6:.2f} MB, int8 {b / 1e6:.2f} MB ({b / a:.0%})")
+        text_ids = np.array(tokenizer.encode(held_out).ids[:4096], dtype=np.int64)
+        acc = compare_models(fp32, int8, model.config.vocab_size, steps=64, text_ids=text_ids)
+        torch_ppl = float(np.exp(torch.nn.functional.cross_entropy(
+            model(torch.from_numpy(text_ids[None, :-1]))[0][0], torch.from_numpy(text_ids[1:])).item()))
+        print(f"int8 vs float32: max|logit diff| {acc['max_abs_logit_diff']:.3g}, greedy agreement "
+              f"{acc['greedy_token_agreement']:.1%} (64 steps, 2 prompts)")
+        print(f"held-out perplexity ({acc['perplexity_tokens']} tokens): pytorch {torch_ppl:.3f}, "
+              f"onnx float32 {acc['perplexity_reference']:.3f}, onnx int8 {acc['perplexity_candidate']:.3f}")
+        state = fp32.init_state(1)
+        t_ort = decode_latency(fp32, state, args.repeats, 200)
+        t_int8 = decode_latency(int8, state, args.repeats, 200)
+        t_torch = decode_latency(torch_step(model), state, args.repeats, 200)
+        print(f"decode latency per token (batch 1, median of {args.repeats}): "
+              f"pytorch {t_torch * 1e3:.3f} ms, onnxruntime float32 {t_ort * 1e3:.3f} ms "
+              f"({t_torch / t_ort:.2f}x), int8 {t_int8 * 1e3:.3f} ms ({t_torch / t_int8:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Export SamOut models for other runtimes (ONNX; see samout/export/onnx.py)."""

@@ -1,0 +1,178 @@
+"""`SamOutForCausalLM`: a `transformers` causal LM around `samout.models.samout.SamOut`.
+
+There is no second implementation: the wrapper builds a `SamOut` and registers that
+model's own submodules (`embed`, `layers`, `norm`, `head`) as its children, so the
+parameter names are samout's (`layers.0.mixer.proj.weight`, ...) and a samout run
+directory's `model.safetensors` loads without any key mapping, and a directory written
+by `save_pretrained` is a samout checkpoint.
+
+The recurrent state travels as `past_key_values`, a `SamOutCache`; `generate()` then
+feeds one token per step (greedy, sampling and beam search, which reorders the cache).
+
+SamOut has no attention mask: every token enters the running max. Left padding is
+handled exactly by running each padded prompt on its real tokens only (the state starts
+empty, so padding at the left is the same as no padding); padding anywhere else is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from samout.hf.cache import SamOutCache
+from samout.hf.configuration_samout import SamOutHFConfig
+from samout.layers.mixers import MaxStateSuper
+from samout.models.samout import DecoderLayer, SamOut
+from samout.state import State
+
+
+class SamOutPreTrainedModel(PreTrainedModel):
+    config_class = SamOutHFConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _no_split_modules = ["DecoderLayer"]
+    # A running max cannot roll back tokens (assisted generation needs that).
+    _is_stateful = True
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # SamOut's own initialisation (torch defaults, every alpha 0.5), so a fresh
+        # SamOutForCausalLM starts exactly like a fresh SamOut. `init` skips loaded tensors.
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Conv2d)):
+            module.reset_parameters()
+        elif isinstance(module, DecoderLayer):
+            init.constant_(module.alpha, 0.5)
+        elif isinstance(module, MaxStateSuper) and module.alpha is not None:
+            init.constant_(module.alpha, 0.5)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a KV cache: forward() creates a SamOutCache itself.
+        return False
+
+
+class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"head.weight": "embed.weight"}
+
+    def __init__(self, config: SamOutHFConfig) -> None:
+        super().__init__(config)
+        core = SamOut(config.to_samout_config())
+        # Share the submodules, so that parameter names match samout's checkpoints; the
+        # core itself is kept out of the module tree (it would add a name prefix).
+        self.embed, self.layers, self.norm, self.head = core.embed, core.layers, core.norm, core.head
+        self.__dict__["samout"] = core
+        self.post_init()
+
+    # -- embeddings (kept in step with the core) -----------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = self.samout.embed = value
+        self.samout.config.vocab_size = self.config.vocab_size = value.num_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.head = self.samout.head = value
+
+    def adjust_generation_fn(self, *args, **kwargs) -> None:
+        # A samout run directory has no generation_config.json and its config.json no
+        # token ids, so transformers would generate without an end-of-text token.
+        super().adjust_generation_fn(*args, **kwargs)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, name) is None:
+                setattr(self.generation_config, name, getattr(self.config, name))
+
+    # -- forward -------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        past_key_values: SamOutCache | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        position_ids: Tensor | None = None,  # accepted and unused: SamOut has no positions
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("SamOutForCausalLM takes input_ids (inputs_embeds are not supported)")
+        if output_attentions or output_hidden_states:
+            raise ValueError("SamOut has no attentions, and hidden states are not returned")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = as_samout_cache(past_key_values) if (use_cache or past_key_values is not None) else None
+
+        logits, state = self._run(input_ids, None if cache is None else cache.state, attention_mask)
+        if cache is not None:
+            cache.update_state(state, input_ids.shape[1])
+
+        loss = None
+        if labels is not None:
+            # Standard causal LM loss: position t predicts token t+1; -100 is ignored.
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        output = CausalLMOutputWithPast(loss=loss, logits=logits,
+                                        past_key_values=cache if use_cache else None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    def _run(self, input_ids: Tensor, state: State | None,
+             attention_mask: Tensor | None) -> tuple[Tensor, State]:
+        # generate() passes the mask of the whole sequence; this call covers its last tokens.
+        mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[-1]:]
+        if mask is None or bool(mask.all()):
+            return self.samout(input_ids, state)
+        if state is not None:
+            raise ValueError(
+                "attention_mask has zeros after the first call: SamOut has no attention mask, "
+                "only left padding of the prompt is supported"
+            )
+        starts = left_padding_starts(mask)
+        logits = input_ids.new_zeros((*input_ids.shape, self.config.vocab_size), dtype=self.head.weight.dtype)
+        states = []
+        for row, start in enumerate(starts):
+            row_logits, row_state = self.samout(input_ids[row : row + 1, start:])
+            logits[row, start:] = row_logits[0]
+            states.append(row_state)
+        return logits, State([{k: torch.cat([s[i][k] for s in states]) for k in states[0][i]}
+                              for i in range(len(states[0]))])
+
+
+def left_padding_starts(mask: Tensor) -> list[int]:
+    """Per row, the index of the first real token of a left-padded mask (0...0 1...1)."""
+    mask = mask.bool()
+    starts = []
+    for row in mask:
+        n = int(row.sum())
+        if n == 0:
+            raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one token")
+        if not bool(row[row.numel() - n :].all()):
+            raise ValueError(
+                "SamOut supports left padding only (attention_mask 0...0 1...1 per row): "
+                "set tokenizer.padding_side = 'left'"
+            )
+        starts.append(row.numel() - n)
+    return starts
+
+
+def as_samout_cache(cache) -> SamOutCache:
+    if cache is None:
+        return SamOutCache()
+    if isinstance(cache, SamOutCache):
+        return cache
+    raise ValueError(
+        f"past_key_values must be a SamOutCache (SamOut carries a running-max state, not keys and "
+        f"values), got {type(cache).__name__}"
+    )
