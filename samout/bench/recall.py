@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -44,6 +43,10 @@ from samout.bench.common import (
 )
 from samout.config import SamOutConfig
 from samout.errors import SamoutError
+from samout.training.config import TrainConfig
+from samout.training.step import build_optimizer, clip_and_step, lm_loss
+
+GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
 
 IGNORE = -100
 
@@ -136,18 +139,16 @@ def train_and_evaluate(model, task: tuple[int, int], s: RecallSettings, device) 
     """Train on fresh examples every step; accuracy on a held-out set made from another seed."""
     seq_len, pairs = task
     vocab = model.config.vocab_size
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    optimizer = build_optimizer(model, lr=s.lr)
     train_gen = torch.Generator().manual_seed(s.seed)
     eval_gen = torch.Generator().manual_seed(s.seed + 1_000_003)
     losses = []
     model.train()
     for _ in range(s.steps):
         inputs, targets = make_mqar(s.batch_size, seq_len, pairs, vocab, train_gen)
-        logits, _ = model(inputs.to(device))
-        loss = F.cross_entropy(logits.reshape(-1, vocab), targets.to(device).reshape(-1), ignore_index=IGNORE)
+        loss = lm_loss(model, inputs.to(device), targets.to(device), ignore_index=IGNORE)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(model, optimizer, GRAD_CLIP)
         losses.append(loss.item())
     return {
         "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),

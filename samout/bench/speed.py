@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from samout.bench.common import (
@@ -50,6 +49,10 @@ from samout.bench.common import (
 )
 from samout.config import MIXERS, SamOutConfig
 from samout.errors import SamoutError
+from samout.training.config import TrainConfig
+from samout.training.step import build_optimizer, clip_and_step, lm_loss
+
+GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
 
 MEMORY_NOTE = (
     "Bytes of live tensors (allocator caching and the process's code excluded). "
@@ -105,16 +108,13 @@ def _validate(s: SpeedSettings) -> None:
 def training_step(model, config, length: int, s: SpeedSettings, device):
     """A training step on a fixed random batch, and the bytes live between steps."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    optimizer = build_optimizer(model, lr=s.lr)
     batch = max(1, s.tokens_per_step // length)
     ids = torch.randint(1, config.vocab_size, (batch, length + 1), device=device)
 
-    def step() -> None:
-        logits, _ = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step() -> None:  # the trainer's own step: loss, backward, clip, AdamW
+        lm_loss(model, ids[:, :-1], ids[:, 1:]).backward()
+        clip_and_step(model, optimizer, GRAD_CLIP)
 
     step()  # warm-up; creates the optimizer state
     resident = tensor_bytes(model.parameters()) + tensor_bytes(

@@ -1,0 +1,44 @@
+"""One training step's pieces, shared by `Trainer` and the benchmarks, so that a
+benchmark measures exactly the work a user's training run does.
+
+    loss = lm_loss(model, inputs, targets)      # forward + next-token cross-entropy
+    loss.backward()
+    grad_norm = clip_and_step(model, optimizer, grad_clip)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
+                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, norms, scalars or embeddings)."""
+    embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in embed]
+    no_decay = [p for p in params if p.dim() < 2 or id(p) in embed]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel (CPU and CUDA) is much faster than the per-parameter loop on CPU.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def lm_loss(model: torch.nn.Module, inputs: Tensor, targets: Tensor,
+            autocast_dtype: torch.dtype | None = None, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy of `model(inputs)` against `targets` ([B, T] each)."""
+    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits, _ = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> Tensor:
+    """Clip the gradient norm, take the optimizer step, clear the gradients; returns the
+    norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
