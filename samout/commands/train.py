@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from samout.models import MODEL_CLASSES
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         model_overrides["model_type"] = args.arch
     result = train(args.data, args.out, preset=args.preset, config_file=args.config, overrides=overrides,
                    model_overrides=model_overrides, resume=args.resume, quiet=args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 128 + result["signal"] if result.get("signal") else 0
     if result.get("signal"):
         print(f"samout train: {result['stop_reason']} at step {result['step']}: checkpoint saved in "
               f"{args.out}; continue with --resume", file=sys.stderr)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -35,6 +37,7 @@ from samout.models import MODEL_CLASSES, load_pretrained
 from samout.tokenizer import PAD_ID, TOKENIZER_NAME, load_tokenizer, token_byte_lengths
 from samout.training import distributed as dist_utils
 from samout.training.checkpointing import (
+    CHECKPOINTS_DIR,
     find_resumable,
     latest_checkpoint,
     list_checkpoints,
@@ -222,6 +225,15 @@ class Trainer:
             self.stop_requested = bool(stop)
             self.signal_received = int(sig) or None
 
+    def _check_replicas(self) -> None:
+        """DDP keeps the replicas identical by construction; check it (one hash per rank) and
+        record it in the log, since a silent divergence would make the saved model rank 0's alone."""
+        digests = dist_utils.gather_objects(parameter_digest(self.raw_model))
+        self.log({"type": "replicas", "step": self.step, "param_sha256": digests})
+        if len(set(digests)) != 1:
+            raise SamoutError(f"the ranks' weights diverged by step {self.step} (parameter hashes differ): "
+                              "this is a bug, please report it")
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_requested, self.signal_received = True, signum
         # A second signal acts as usual (e.g. Ctrl-C twice aborts at once).
@@ -324,10 +336,21 @@ class Trainer:
         bar.close()
         if last_saved != self.step:
             self.save()
+        if self.world_size > 1:
+            self._check_replicas()
         if self.is_main:
             plot_losses(self.run_dir / LOG_NAME, self.run_dir / PLOT_NAME)
         return {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed, "stop_reason": reason,
                 "signal": self.signal_received if self.stop_requested else None, **(self.last_eval or {})}
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of the model's state dict (names and bytes, in order)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _write_error(run_dir: Path, step: int, err: OSError, what: str = "checkpoint") -> str:
@@ -473,6 +496,9 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
     trainer = Trainer(model, data, cfg, run_dir, rank=env.rank, world_size=env.world_size, quiet=quiet)
     if resume:
         if env.is_main:
+            # Leftovers of a save cut short by a crash (never resumed from: not step-* names).
+            for partial in (run_dir / CHECKPOINTS_DIR).glob(".*-step-*"):
+                shutil.rmtree(partial, ignore_errors=True)
             for bad, why in skipped:
                 moved = set_aside(bad)
                 print(f"warning: skipped checkpoint {bad.name} ({why}); moved it to {moved.name}",

@@ -95,6 +95,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, prepare
     curve = train_curve(straight)
     assert [s for s, _, _ in curve] == list(range(1, max_steps + 1))
     assert train_curve(crashed) == curve  # every step's loss and lr, exactly
+    assert not list((crashed / "checkpoints").glob(".*"))  # a save cut short leaves nothing behind
 
 
 def test_sigint_and_sigterm_save_a_checkpoint_and_exit_cleanly(tmp_path, prepared_data):
