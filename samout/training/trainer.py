@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from samout.checkpoint import CheckpointError, atomic_write
+from samout.config import PRESETS
 from samout.data.dataset import TokenData
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
@@ -391,14 +392,22 @@ def build_model_config(model_fields: dict[str, Any], vocab_size: int, preset: st
     """The model's config: preset (if any) + fields, with the vocab taken from the tokenizer."""
     fields = dict(model_fields)
     model_type = fields.pop("model_type", "samout")
-    if model_type not in MODEL_CLASSES:
+    if not isinstance(model_type, str) or model_type not in MODEL_CLASSES:
         raise SamoutError(f"unknown model_type {model_type!r}: choose one of {', '.join(MODEL_CLASSES)}")
     config_class = MODEL_CLASSES[model_type].config_class
     known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(fields) - known)
+    unknown = sorted(str(k) for k in set(fields) - known)
     if unknown:
         raise SamoutError(f"unknown setting(s) {', '.join(unknown)}: not a training setting nor a field "
                           f"of the {model_type} model config")
+    if preset is not None and not isinstance(preset, str):
+        raise SamoutError(f"preset must be a name, got {preset!r}")
+    if preset is not None and not hasattr(config_class, "from_preset"):
+        # A class without presets (the Transformer) takes the preset's sizes it shares.
+        if preset not in PRESETS:
+            raise SamoutError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        fields = {**{k: v for k, v in PRESETS[preset].items() if k in known}, **fields}
+        preset = None
     fields.update(vocab_size=vocab_size, padding_idx=PAD_ID)
     try:
         if preset is not None:
@@ -406,6 +415,19 @@ def build_model_config(model_fields: dict[str, Any], vocab_size: int, preset: st
         return model_type, config_class.from_dict(fields)
     except TypeError as err:
         raise SamoutError(f"bad model setting: {err}") from None
+
+
+def resolve_settings(file_model: dict[str, Any], file_train: dict[str, Any], overrides: dict[str, Any],
+                     model_overrides: dict[str, Any] | None, preset: str | None, vocab_size: int,
+                     from_file: bool = False):
+    """(TrainConfig, model_type, model config) of a new run from a config file's model and
+    training fields, flags and a preset. Bad values raise SamoutError or ValueError only."""
+    cfg = TrainConfig.from_dict({**file_train, **overrides})
+    fields = {**file_model, **(model_overrides or {})}
+    preset = preset or fields.pop("preset", None) or (None if from_file else DEFAULT_PRESET)
+    fields.pop("preset", None)
+    model_type, model_config = build_model_config(fields, vocab_size, preset)
+    return cfg, model_type, model_config
 
 
 def _check_same_model(config, fields: dict[str, Any], preset: str | None) -> None:
@@ -473,12 +495,9 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
         if run_dir.exists() and not run_dir.is_dir():
             raise SamoutError(f"--out {run_dir} exists and is not a directory")
         file_model, file_train = load_config_file(config_file) if config_file else ({}, {})
-        cfg = TrainConfig.from_dict({**file_train, **overrides})
+        cfg, model_type, model_config = resolve_settings(file_model, file_train, overrides, model_overrides,
+                                                         preset, data.vocab_size, bool(config_file))
         data.check_seq_len(cfg.seq_len)
-        fields = {**file_model, **(model_overrides or {})}
-        preset = preset or fields.pop("preset", None) or (None if config_file else DEFAULT_PRESET)
-        fields.pop("preset", None)
-        model_type, model_config = build_model_config(fields, data.vocab_size, preset)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = MODEL_CLASSES[model_type](model_config)
 
