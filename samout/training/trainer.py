@@ -5,9 +5,9 @@ One optimizer step = `grad_accum` micro-batches. Batches are a pure function of
 scheduler and RNG states are checkpointed, so a resumed run continues exactly as an
 uninterrupted one would (see README "Crash safety and resume").
 
-Under `torchrun` each process trains a DistributedDataParallel replica on its slice of
-the global batch (`--batch-size` is per process); rank 0 alone evaluates, logs and
-writes checkpoints while the others wait. SIGINT/SIGTERM stop the run after the
+Under `torchrun` each process trains a DistributedDataParallel replica (or, with `--fsdp`,
+an FSDP2 shard) on its slice of the global batch (`--batch-size` is per process); rank 0
+alone evaluates, logs and writes checkpoints while the others wait. SIGINT/SIGTERM stop the run after the
 current step with a checkpoint; a step with a non-finite loss or gradient is skipped.
 """
 
@@ -37,6 +37,7 @@ from samout.evaluation import evaluate
 from samout.models import MODEL_CLASSES, load_pretrained
 from samout.tokenizer import PAD_ID, TOKENIZER_NAME, load_tokenizer, token_byte_lengths
 from samout.training import distributed as dist_utils
+from samout.training import fsdp
 from samout.training.checkpointing import (
     CHECKPOINTS_DIR,
     find_resumable,
@@ -62,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on biases, norms, scalars or embeddings)."""
     embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
@@ -71,7 +72,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (CPU and CUDA) is much faster than the per-parameter loop on CPU.
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -89,12 +90,17 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.raw_model = model.to(self.device)  # saved, evaluated; `self.model` runs the steps
         self.model = self.raw_model
-        if world_size > 1:
+        self.model_class = type(model)
+        self.fsdp = cfg.fsdp and world_size > 1
+        self.replicated: list[torch.nn.Parameter] = []  # FSDP: parameters it cannot shard
+        if self.fsdp:
+            self.replicated = fsdp.shard_model(self.raw_model)
+        elif world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(
                 self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = build_optimizer(self.raw_model, cfg)
+        self.optimizer = build_optimizer(self.raw_model, cfg, fused=not self.fsdp)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         self.token_bytes = token_byte_lengths(load_tokenizer(data.tokenizer_path))
@@ -115,7 +121,8 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "elapsed": self.elapsed,
             "bad_steps": self.bad_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": (fsdp.optimizer_state(self.raw_model, self.optimizer) if self.fsdp
+                          else self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "rng": rngs[0],
             "rng_per_rank": rngs,
@@ -128,7 +135,10 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         self.bad_steps = state.get("bad_steps", 0)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            fsdp.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         set_rng_state(per_rank[self.rank] if len(per_rank) == self.world_size else state["rng"])
@@ -137,10 +147,11 @@ class Trainer:
         """Checkpoint (rank 0 writes, the others wait). A write failure (full disk, read-only
         directory) becomes a SamoutError on every rank; earlier checkpoints stay intact."""
         state = self.state_dict()
+        model = self.full_model()
         path, error = None, None
         if self.is_main:
             try:
-                path = save_checkpoint(self.run_dir, self.step, self.raw_model, self.data.tokenizer_path,
+                path = save_checkpoint(self.run_dir, self.step, model, self.data.tokenizer_path,
                                        state, self.cfg.keep_checkpoints)
             except OSError as err:
                 error = _write_error(self.run_dir, self.step, err)
@@ -169,6 +180,8 @@ class Trainer:
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                 (loss / cfg.grad_accum).backward()
             total += loss.item()
+        if self.replicated:
+            fsdp.average_replicated_grads(self.replicated)
         loss = dist_utils.all_reduce([total / cfg.grad_accum], device=self.device)[0] / self.world_size
         self._apply_update(loss)
         self.step += 1
@@ -179,7 +192,8 @@ class Trainer:
         """Clip and step; skip the step (weights and optimizer state untouched) when the loss
         or the gradient norm is not finite. Both are the same on every rank (the loss is
         all-reduced, the gradients are DDP-averaged), so all ranks decide alike."""
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -253,10 +267,19 @@ class Trainer:
         seconds = max(0, int(min(left)))
         return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
-    def evaluate(self) -> dict[str, float]:
-        result = evaluate(self.raw_model, self.data, self.token_bytes, self.cfg.seq_len,
+    def full_model(self) -> torch.nn.Module | None:
+        """The whole model on rank 0 (under FSDP a gathered CPU copy: collective, call on every
+        rank); None on the other ranks."""
+        if self.fsdp:
+            return fsdp.full_model_copy(self.raw_model, self.model_class)
+        return self.raw_model if self.is_main else None
+
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        model = self.raw_model if model is None else model
+        device = next(model.parameters()).device
+        result = evaluate(model, self.data, self.token_bytes, self.cfg.seq_len,
                           max_windows=self.cfg.eval_windows, batch_size=self.cfg.batch_size,
-                          device=self.device, autocast_dtype=self.autocast_dtype)
+                          device=device, autocast_dtype=self.autocast_dtype)
         self.last_eval = {"val_loss": result.loss, "val_bpb": result.bits_per_byte,
                           "val_ppl": result.perplexity}
         return self.last_eval
@@ -324,8 +347,9 @@ class Trainer:
             self._sync_stop()
             reason = self.stop_reason()
             if self.step % cfg.eval_every == 0 or reason is not None:
+                model = self.full_model() if not self.stop_requested else None
                 if self.is_main and not self.stop_requested:  # an interrupted run saves, no eval
-                    ev = self.evaluate()
+                    ev = self.evaluate(model)
                     self.log({"type": "eval", "step": self.step, **ev, "tokens": self.tokens_seen})
                     if not self.quiet:  # also the progress report when stderr is not a terminal
                         bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {ev['val_loss']:.4f}, "
@@ -337,7 +361,7 @@ class Trainer:
         bar.close()
         if last_saved != self.step:
             self.save()
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:
             self._check_replicas()
         if self.is_main:
             plot_losses(self.run_dir / LOG_NAME, self.run_dir / PLOT_NAME)
@@ -503,9 +527,6 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
 
     env, device = dist_utils.init_distributed(cfg.device)
     if env.enabled:
-        if cfg.fsdp:
-            raise SamoutError("--fsdp is not available in this version: it is documented as planned, "
-                              "use DDP (the default under torchrun)")
         cfg = dataclasses.replace(cfg, device=device)
         # Every rank must have picked the same checkpoint (they read the same files).
         if resume and dist_utils.gather_objects(checkpoint.name) != [checkpoint.name] * env.world_size:

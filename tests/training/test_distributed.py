@@ -17,6 +17,8 @@ from samout.training.trainer import parameter_digest, train
 SETTINGS = ["--preset", "tiny", "--seq-len", "32", "--warmup-steps", "2", "--eval-every", "1000",
             "--eval-windows", "2", "--save-every", "3", "--log-every", "1", "--device", "cpu", "--seed", "5"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")]
 
 
 def torchrun(data, run, *extra):
@@ -69,3 +71,28 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     print(f"largest weight difference DDP vs one process after 6 steps: {worst:.2e}")
     assert worst < 1e-4
     assert not list((ddp / "checkpoints").glob(".*"))  # no leftovers of concurrent writers
+
+
+def test_fsdp2_on_cpu_matches_one_process(tmp_path, prepared_data):
+    """--fsdp: parameters sharded over 2 processes (gloo); the same losses as one process with
+    the same global batch, and a checkpoint in the ordinary format."""
+    run, single = tmp_path / "fsdp", tmp_path / "single"
+    torchrun(prepared_data, run, "--max-steps", "4", "--batch-size", "2", "--fsdp")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(prepared_data, single, preset="tiny", quiet=True,
+              overrides=dict(seq_len=32, warmup_steps=2, eval_every=1000, eval_windows=2, save_every=3,
+                             log_every=1, device="cpu", seed=5, batch_size=4, max_steps=4))
+    finally:
+        torch.set_num_threads(threads)
+    state = load_training_state(list_checkpoints(run)[-1])
+    assert state["train_config"]["fsdp"] is True and state["step"] == 4
+    a = [(r["step"], r["loss"]) for r in records(run, "train")]
+    b = [(r["step"], r["loss"]) for r in records(single, "train")]
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (step, loss_fsdp), (_, loss_one) in zip(a, b):
+        assert loss_fsdp == pytest.approx(loss_one, rel=1e-5), f"step {step}"
+    w_fsdp, w_one = load_pretrained(run).state_dict(), load_pretrained(single).state_dict()
+    assert w_fsdp.keys() == w_one.keys()
+    assert max(float((w_fsdp[k] - w_one[k]).abs().max()) for k in w_one) < 1e-4

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -55,6 +56,7 @@ def train_curve(run):
     return [(r["step"], r["loss"], r["lr"]) for r in records if r["type"] == "train"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, prepared_data, capsys):
     max_steps, save_every = 50, 4
     kill_at = random.Random().randint(save_every + 1, 30)
