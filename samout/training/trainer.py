@@ -250,10 +250,12 @@ class Trainer:
                               "this is a bug, please report it")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stop_requested, self.signal_received = True, signum
-        # A second signal acts as usual (e.g. Ctrl-C twice aborts at once).
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
+        if not self.stop_requested:
+            self.stop_requested, self.signal_received = True, signum
+        # A second Ctrl-C aborts at once (KeyboardInterrupt); a repeated SIGTERM (torchrun sends
+        # one to every worker when it is interrupted itself) does not cut the final save short.
+        if signal.SIGINT in self._old_handlers:
+            signal.signal(signal.SIGINT, self._old_handlers[signal.SIGINT])
 
     def _eta(self, tokens_per_s: float) -> str:
         """Time left until the nearest stopping rule (the bar's own ETA only knows steps)."""

@@ -66,8 +66,12 @@ def test_damaged_file_is_named_and_resume_falls_back(run_copy, prepared_data, da
     ckpt, state, skipped = find_resumable(run_copy)
     assert ckpt.name == "step-000002" and state["step"] == 2
     assert [s.name for s, _ in skipped] == ["step-000004"]
+    partial = run_copy / "checkpoints" / ".tmp-step-000006"  # a save cut short by a crash
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
     capsys.readouterr()
     result = train(prepared_data, run_copy, resume=True, quiet=True)
+    assert not partial.exists()
     err = capsys.readouterr().err
     assert "skipped checkpoint step-000004" in err and target.name in err
     assert result["step"] == 4
