@@ -3,6 +3,7 @@ valid result or a clean error (SamoutError / ValueError), never a TypeError, Key
 AttributeError, RuntimeError or the like. Example counts are modest to keep the suite fast."""
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,8 +25,11 @@ from samout.training.config import TRAIN_FIELDS, load_config_file
 from samout.training.trainer import resolve_settings
 
 CLEAN = (SamoutError, ValueError)
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                derandomize=False)
+# SAMOUT_FUZZ_EXAMPLES=2000 for a deeper run than the suite's.
+SCALE = max(1, int(os.environ.get("SAMOUT_FUZZ_EXAMPLES", "40"))) / 40
+FUZZ = settings(max_examples=int(40 * SCALE), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=int(60 * SCALE), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 # Text with the characters that tend to break things: controls, NUL, line separators,
 # combining marks, astral planes, and the special tokens' own spelling.
@@ -103,7 +107,7 @@ def test_prepare_on_arbitrary_unicode(text):
     check_prepare(lambda path: path.write_text(text, encoding="utf-8"))
 
 
-@settings(max_examples=60, deadline=None)
+@MANY
 @given(text=tricky_text)
 def test_tokenizer_round_trip_is_lossless(small_tokenizer, text):
     ids = small_tokenizer.encode(text, add_special_tokens=False).ids
@@ -172,7 +176,7 @@ number = st.one_of(st.sampled_from([0, 0.0, 0.3, 0.9, 1, 1.0, 1.3, 2.0, 1e-300, 
                    st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**6))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@MANY
 @given(temperature=number, top_k=st.none() | st.integers(-3, 10**9), top_p=st.none() | number,
        repetition_penalty=st.just(1.0) | number, max_new_tokens=st.integers(-3, 6),
        seed=st.none() | st.integers(0, 2**64) | st.integers(-2**65, 2**65), prompt=tricky_text)
