@@ -171,8 +171,9 @@ class Trainer:
             x, y = self.data.train_batch(self.step, micro, cfg.batch_size, cfg.seq_len, cfg.seed,
                                          self.rank, self.world_size)
             x, y = x.to(self.device), y.to(self.device)
-            # DDP averages gradients over ranks on the last micro-batch's backward only.
-            sync = self.world_size == 1 or micro == cfg.grad_accum - 1
+            # DDP averages gradients over ranks on the last micro-batch's backward only (FSDP2
+            # reduce-scatters on each one: correct, with more communication).
+            sync = self.world_size == 1 or self.fsdp or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):

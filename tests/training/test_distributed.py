@@ -1,6 +1,6 @@
 """`torchrun --nproc_per_node=2 -m samout train` on CPU (gloo): the ranks' weights stay
-identical, and the losses match a single process with the same global batch; the run
-resumes under DDP."""
+identical, and the losses match a single process with the same global batch (2 micro-batches
+per step, so DDP's no_sync path is used); the run resumes under DDP."""
 
 import json
 import os
@@ -15,7 +15,8 @@ from samout.training.checkpointing import list_checkpoints, load_training_state
 from samout.training.trainer import parameter_digest, train
 
 SETTINGS = ["--preset", "tiny", "--seq-len", "32", "--warmup-steps", "2", "--eval-every", "1000",
-            "--eval-windows", "2", "--save-every", "3", "--log-every", "1", "--device", "cpu", "--seed", "5"]
+            "--eval-windows", "2", "--save-every", "3", "--log-every", "1", "--device", "cpu", "--seed", "5",
+            "--grad-accum", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")]
@@ -47,7 +48,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     torch.set_num_threads(1)
     try:
         overrides = dict(seq_len=32, warmup_steps=2, eval_every=1000, eval_windows=2, save_every=3,
-                         log_every=1, device="cpu", seed=5, batch_size=4)
+                         log_every=1, device="cpu", seed=5, batch_size=4, grad_accum=2)
         train(prepared_data, single, preset="tiny", overrides=dict(overrides, max_steps=3), quiet=True)
         train(prepared_data, single, overrides={"max_steps": 6}, resume=True, quiet=True)
     finally:
@@ -83,7 +84,7 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, prepared_data):
     try:
         train(prepared_data, single, preset="tiny", quiet=True,
               overrides=dict(seq_len=32, warmup_steps=2, eval_every=1000, eval_windows=2, save_every=3,
-                             log_every=1, device="cpu", seed=5, batch_size=4, max_steps=4))
+                             log_every=1, device="cpu", seed=5, batch_size=4, grad_accum=2, max_steps=4))
     finally:
         torch.set_num_threads(threads)
     state = load_training_state(list_checkpoints(run)[-1])
