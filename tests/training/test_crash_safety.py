@@ -114,21 +114,32 @@ def test_top_level_set_from_two_saves_falls_back_to_a_checkpoint(run_copy, capsy
     assert "Traceback" not in captured.err
 
 
-def full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
+def failing(code, message):
+    def fail(*args, **kwargs):
+        raise OSError(code, message)
+    return fail
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, prepared_data, monkeypatch, capsys):
+@pytest.mark.parametrize("target, code, message, says", [
+    # The disk fills while the step-4 checkpoint is written.
+    ("torch.save", errno.ENOSPC, "No space left on device",
+     ["could not write the checkpoint at step 4", "step-000002 is intact"]),
+    # The directory is read-only: found before training starts (the run's settings file).
+    ("os.replace", errno.EROFS, "Read-only file system", ["cannot write to", "run"]),
+])
+def test_unwritable_output_keeps_the_previous_checkpoint(tmp_path, prepared_data, monkeypatch, capsys,
+                                                         target, code, message, says):
     run = tmp_path / "run"
     settings = dict(TINY_TRAIN, max_steps=6, save_every=2, eval_every=100)
     train(prepared_data, run, preset="tiny", overrides=dict(settings, max_steps=2), quiet=True)
     before = weights(run / "checkpoints" / "step-000002")
-    monkeypatch.setattr(checkpointing.torch, "save", full_disk)  # the disk fills at the next save
+    module, name = target.split(".")
+    # Tests run as root, where chmod does not stop writes: simulate the failure instead.
+    monkeypatch.setattr(getattr(checkpointing, module), name, failing(code, message))
     code = main(["train", "--data", str(prepared_data), "--out", str(run), "--resume", "--max-steps", "6",
                  "--quiet"])
-    assert_one_line_error(code, capsys.readouterr().err, "could not write the checkpoint at step 4",
-                          "No space left on device", "step-000002 is intact")
     monkeypatch.undo()
+    assert_one_line_error(code, capsys.readouterr().err, message, *says)
     assert [p.name for p in list_checkpoints(run)] == ["step-000002"]
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial write is cleaned up
     ckpt, state, skipped = find_resumable(run)
