@@ -205,3 +205,33 @@ def test_fuzzers_reached_valid_outcomes():
         if f"{name}:ok" not in OUTCOMES and f"{name}:error" not in OUTCOMES:
             pytest.skip("the fuzz tests did not run in this session (e.g. -k selection)")
         assert OUTCOMES.get(f"{name}:ok", 0) > 0, f"{name}: every example was an error"
+
+
+CLI_FLAGS = ["--max-time", "--max-steps", "--lr", "--seq-len", "--dtype", "--device", "--seed",
+             "--temperature", "--top-k", "--top-p", "--max-new-tokens", "--vocab-size", "--val-fraction",
+             "--batch-size", "--max-windows", "--max-bad-steps"]
+
+
+@FUZZ
+@given(command=st.sampled_from(["train", "generate", "prepare", "eval"]), flag=st.sampled_from(CLI_FLAGS),
+       value=st.text(max_size=12) | st.integers(-10**20, 10**20).map(str) | st.floats().map(str))
+def test_cli_flag_values(command, flag, value):
+    """Any value of any flag: an argparse usage error (exit 2) or a one-line error (exit 1, here
+    because the paths do not exist), never an exception."""
+    import contextlib
+    import io
+
+    from samout.cli import main
+
+    args = {"train": ["train", "--data", "/nonexistent/d", "--out", "/nonexistent/r"],
+            "generate": ["generate", "/nonexistent/r", "--prompt", "x"],
+            "prepare": ["prepare", "/nonexistent/in.txt", "--out", "/nonexistent/d"],
+            "eval": ["eval", "/nonexistent/r"]}[command]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([*args, f"{flag}={value}"])
+        except SystemExit as exit_:
+            code = exit_.code
+    assert code in (1, 2), err.getvalue()
+    assert "Traceback" not in err.getvalue()

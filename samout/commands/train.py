@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from samout.errors import SamoutError
 from samout.models import MODEL_CLASSES
 from samout.training.config import parse_duration
 from samout.training.trainer import DEFAULT_PRESET, train
@@ -15,7 +16,7 @@ from samout.training.trainer import DEFAULT_PRESET, train
 TRAIN_FLAGS = {
     "max_steps": (int, "total optimizer steps (a resumed run continues up to this)"),
     "max_tokens": (int, "stop after this many training tokens"),
-    "max_time": (parse_duration, "stop after this much training time, e.g. 240s, 4m, 1h"),
+    "max_time": (lambda text: _duration(text), "stop after this much training time, e.g. 240s, 4m, 1h"),
     "seq_len": (int, "tokens per training sequence"),
     "batch_size": (int, "sequences per micro-batch"),
     "grad_accum": (int, "micro-batches per optimizer step"),
@@ -39,6 +40,13 @@ MODEL_FLAGS = {
     "num_heads": (int, "number of heads"),
     "mixer": (str, "token mixer (samout: gen3, dual, gen4, openash, conv)"),
 }
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except SamoutError as err:  # argparse reports ArgumentTypeError as a usage error
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def register(subparsers) -> None:
