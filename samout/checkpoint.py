@@ -1,11 +1,15 @@
 """Model checkpoints as standard files: `config.json` + `model.safetensors`.
 
 Files are written under a temporary name and renamed into place, so a crash never
-leaves a half-written file under the real name.
+leaves a half-written file under the real name. Directories written by training also
+hold `checksums.json` (SHA-256 and size of each file), written last: it is the commit
+point of the set, and loading verifies it, so a truncated or corrupted file, or a set
+of files from two different saves, is reported instead of loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CHECKSUMS_NAME = "checksums.json"
 
 
 class CheckpointError(ValueError):
@@ -38,6 +43,51 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str | Path, names: list[str]) -> None:
+    """Record SHA-256 and size of `names` in `directory/checksums.json` (atomically, last)."""
+    directory = Path(directory)
+    files = {name: {"sha256": file_sha256(directory / name), "bytes": (directory / name).stat().st_size}
+             for name in sorted(names)}
+    text = json.dumps({"algorithm": "sha256", "files": files}, indent=2) + "\n"
+    atomic_write(directory / CHECKSUMS_NAME, text)
+
+
+def verify_checksums(directory: str | Path, required: bool = False) -> bool:
+    """Check every file listed in `directory/checksums.json`; raise CheckpointError naming the
+    first bad file. Returns False (nothing checked) when there is no checksum file and it is
+    not `required` (a model directory written by hand or by `save_pretrained`)."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS_NAME
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path} is missing: the checkpoint was not completely written")
+        return False
+    try:
+        files = json.loads(path.read_text())["files"]
+        entries = [(str(name), int(info["bytes"]), str(info["sha256"])) for name, info in files.items()]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{path} is corrupted (not a valid checksum file)") from None
+    for name, size, sha in entries:
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (listed in {CHECKSUMS_NAME})")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file} is truncated or corrupted: {file.stat().st_size} bytes, "
+                                  f"{CHECKSUMS_NAME} says {size}")
+        if file_sha256(file) != sha:
+            raise CheckpointError(f"{file} is corrupted or from another save: its SHA-256 does not match "
+                                  f"{CHECKSUMS_NAME}")
+    return True
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -108,7 +108,7 @@ class SamOutConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SamOutConfig:
         """A named preset (see `PRESETS`), with optional overrides of any field."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 

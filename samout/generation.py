@@ -12,6 +12,8 @@ including one whose state grows (a Transformer's KV cache).
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from samout.checkpoint import CheckpointError
 from samout.errors import SamoutError
 from samout.models import load_pretrained
 from samout.tokenizer import EOT_ID, TOKENIZER_NAME, load_tokenizer
@@ -35,16 +38,30 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise SamoutError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise SamoutError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
-        if self.top_k is not None and self.top_k < 1:
-            raise SamoutError(f"top_k must be at least 1, got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if not (_is_number(self.temperature) and 0 <= self.temperature < math.inf):
+            raise SamoutError(f"temperature must be a finite number >= 0 (0 is greedy), "
+                              f"got {self.temperature!r}")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
+            raise SamoutError(f"top_k must be an integer of at least 1, got {self.top_k!r}")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise SamoutError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
-            raise SamoutError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not (_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
+            raise SamoutError(f"repetition_penalty must be a finite number > 0, "
+                              f"got {self.repetition_penalty!r}")
+        if not isinstance(self.stop_at_eot, bool):
+            raise SamoutError(f"stop_at_eot must be true or false, got {self.stop_at_eot!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise SamoutError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -76,8 +93,12 @@ def sample_next(logits: Tensor, seen: Tensor, params: SamplingParams,
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, -1)
+    # Shift so the largest logit is 0 before dividing: a tiny temperature then gives
+    # -inf for the others (greedy in the limit) instead of inf - inf = nan.
+    scaled = (logits - logits.max()) / params.temperature
+    probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), -1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return int(torch.argmax(logits))  # degenerate logits (e.g. all -inf): the most likely token
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -134,6 +155,25 @@ def load_for_generation(run_dir: str | Path, device: str = "cpu"):
         raise SamoutError(f"run directory not found: {run_dir}")
     if not (run_dir / "config.json").is_file():
         raise SamoutError(f"no checkpoint in {run_dir} (config.json is missing): train a model there first")
-    model = load_pretrained(run_dir, map_location=device)
+    try:
+        model = load_pretrained(run_dir, map_location=device)
+    except CheckpointError as err:
+        # The top-level files of a run are replaced one by one, checksums.json last: a crash in
+        # between leaves a mixed set, which the checksums catch. The checkpoints are whole.
+        fallback = _newest_good_checkpoint(run_dir)
+        if fallback is None:
+            raise
+        print(f"warning: {err}; loading {fallback} instead", file=sys.stderr)
+        run_dir = fallback
+        model = load_pretrained(run_dir, map_location=device, verify=False)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_NAME)
     return model, tokenizer
+
+
+def _newest_good_checkpoint(run_dir: Path) -> Path | None:
+    from samout.training.checkpointing import find_resumable
+
+    try:
+        return find_resumable(run_dir)[0]
+    except (CheckpointError, FileNotFoundError):
+        return None

@@ -40,6 +40,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     check_special_tokens(tokenizer, "the trained tokenizer")
+    tokenizer.encode_special_tokens = True
     return tokenizer
 
 
@@ -63,6 +64,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as err:  # the Rust side raises a bare Exception
         raise SamoutError(f"{path} is not a valid tokenizer.json: {err}") from None
     check_special_tokens(tokenizer, str(path))
+    # Text that spells "<|endoftext|>" is encoded as text: documents cannot inject a
+    # boundary, and decode(encode(text)) == text for every string.
+    tokenizer.encode_special_tokens = True
     return tokenizer
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
+from samout.errors import SamoutError
 from samout.models import MODEL_CLASSES
 from samout.training.config import parse_duration
 from samout.training.trainer import DEFAULT_PRESET, train
@@ -13,7 +16,7 @@ from samout.training.trainer import DEFAULT_PRESET, train
 TRAIN_FLAGS = {
     "max_steps": (int, "total optimizer steps (a resumed run continues up to this)"),
     "max_tokens": (int, "stop after this many training tokens"),
-    "max_time": (parse_duration, "stop after this much training time, e.g. 240s, 4m, 1h"),
+    "max_time": (lambda text: _duration(text), "stop after this much training time, e.g. 240s, 4m, 1h"),
     "seq_len": (int, "tokens per training sequence"),
     "batch_size": (int, "sequences per micro-batch"),
     "grad_accum": (int, "micro-batches per optimizer step"),
@@ -29,6 +32,7 @@ TRAIN_FLAGS = {
     "save_every": (int, "checkpoint every N steps"),
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "log_every": (int, "log training loss every N steps"),
+    "max_bad_steps": (int, "stop after this many consecutive non-finite steps (each is skipped)"),
 }
 MODEL_FLAGS = {
     "hidden_size": (int, "model width D"),
@@ -38,6 +42,13 @@ MODEL_FLAGS = {
 }
 
 
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except SamoutError as err:  # argparse reports ArgumentTypeError as a usage error
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
@@ -45,7 +56,10 @@ def register(subparsers) -> None:
         description="Train a model on a data directory made by `samout prepare`. Settings come from "
                     "the defaults, then --preset or --config (YAML/JSON with model and training fields), "
                     "then these flags. RUN_DIR gets config.json, model.safetensors and tokenizer.json "
-                    "(the latest model), checkpoints/step-XXXXXX/, log.jsonl and loss.png.",
+                    "(the latest model), checkpoints/step-XXXXXX/, log.jsonl and loss.png. "
+                    "SIGINT/SIGTERM save a checkpoint and exit with 130/143; --resume continues exactly. "
+                    "Data-parallel: torchrun --nproc_per_node=N -m samout train ... "
+                    "(--batch-size is per process).",
     )
     p.add_argument("--data", required=True, metavar="DATA_DIR", help="data directory from `samout prepare`")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
@@ -54,6 +68,8 @@ def register(subparsers) -> None:
     p.add_argument("--arch", choices=sorted(MODEL_CLASSES), help="model architecture (default samout)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the model with FSDP2 instead of DDP (see README)")
     for table in (TRAIN_FLAGS, MODEL_FLAGS):
         for name, (kind, help_text) in table.items():
             p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
@@ -62,11 +78,18 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS}
+    overrides["fsdp"] = args.fsdp
     model_overrides = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
     if args.arch:
         model_overrides["model_type"] = args.arch
     result = train(args.data, args.out, preset=args.preset, config_file=args.config, overrides=overrides,
                    model_overrides=model_overrides, resume=args.resume, quiet=args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 128 + result["signal"] if result.get("signal") else 0
+    if result.get("signal"):
+        print(f"samout train: {result['stop_reason']} at step {result['step']}: checkpoint saved in "
+              f"{args.out}; continue with --resume", file=sys.stderr)
+        return 128 + result["signal"]  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     line = (f"done: step {result['step']}, {result['tokens']:,} tokens, {result['elapsed']:.0f}s "
             f"({result['stop_reason']})")
     if "val_bpb" in result:

@@ -1,8 +1,10 @@
 """Memory-mapped token files of a prepared data directory, and the batches read from them.
 
-Training batches are a pure function of (seed, step, micro-step, rank): a resumed or
+Training batches are a pure function of (seed, step, micro-step): a resumed or
 restarted run reads exactly the batches an uninterrupted one would, with no data
-position to save, and each rank of a distributed run reads different ones.
+position to save. A distributed run draws the same global batch and each rank takes
+its own slice of rows, so N processes with batch B see exactly the rows one process
+with batch N*B sees.
 """
 
 from __future__ import annotations
@@ -73,12 +75,16 @@ class TokenData:
             )
 
     def train_batch(self, step: int, micro_step: int, batch_size: int, seq_len: int, seed: int,
-                    rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets [batch_size, seq_len] at random offsets fixed by
-        (seed, step, micro_step, rank)."""
+                    rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets [batch_size, seq_len]: rows rank*batch_size onwards of
+        the global batch (world_size * batch_size rows at random offsets fixed by
+        (seed, step, micro_step))."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the world size {world_size}")
         data = self.train
-        rng = np.random.default_rng([seed, step, micro_step, rank])
-        starts = rng.integers(0, len(data) - seq_len, size=batch_size)
+        rng = np.random.default_rng([seed, step, micro_step, 0])
+        starts = rng.integers(0, len(data) - seq_len, size=batch_size * world_size)
+        starts = starts[rank * batch_size:(rank + 1) * batch_size]
         rows = np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]

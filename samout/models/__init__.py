@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from samout.checkpoint import CheckpointError, read_config_dict
+from samout.checkpoint import CheckpointError, read_config_dict, verify_checksums
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer, TransformerConfig, match_transformer_to
 
@@ -12,8 +12,11 @@ from samout.models.transformer import Transformer, TransformerConfig, match_tran
 MODEL_CLASSES: dict[str, type] = {"samout": SamOut, "transformer": Transformer}
 
 
-def load_pretrained(directory: str | Path, map_location: str = "cpu"):
-    """Load whichever model `directory/config.json` describes."""
+def load_pretrained(directory: str | Path, map_location: str = "cpu", verify: bool = True):
+    """Load whichever model `directory/config.json` describes (checking `checksums.json`, if
+    the directory has one, unless `verify=False`)."""
+    if verify and Path(directory).is_dir():
+        verify_checksums(directory)
     model_type = read_config_dict(directory).get("model_type", "samout")
     if model_type not in MODEL_CLASSES:
         raise CheckpointError(

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from samout.errors import SamoutError
@@ -49,29 +51,51 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
+    # Stop with an error after this many consecutive steps with a non-finite loss or
+    # gradient (each one is skipped: no weight or optimizer change).
+    max_bad_steps: int = 5
+    # Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of
+    # replicating them (DDP).
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         positive = ("max_steps", "seq_len", "batch_size", "grad_accum", "eval_every", "eval_windows",
-                    "save_every", "keep_checkpoints", "log_every")
+                    "save_every", "keep_checkpoints", "log_every", "max_bad_steps")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SamoutError(f"{name} must be a positive integer, got {value!r}")
         for name in ("max_tokens", "max_time"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise SamoutError(f"{name} must be positive, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+        if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise SamoutError(f"lr must be positive, got {self.lr!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        warmup = self.warmup_steps
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
             raise SamoutError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise SamoutError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise SamoutError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise SamoutError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        ranges = {"min_lr_ratio": (0, 1), "beta1": (0, 1), "beta2": (0, 1),
+                  "weight_decay": (0, math.inf), "grad_clip": (0, math.inf)}
+        for name, (lo, hi) in ranges.items():
+            value = getattr(self, name)
+            if not (_is_number(value) and lo <= value <= hi and math.isfinite(value)):
+                raise SamoutError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+        if not isinstance(self.device, str):
+            raise SamoutError(f"device must be a string such as auto, cpu or cuda, got {self.device!r}")
+        try:
+            if self.device != "auto":
+                torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise SamoutError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N") from None
+        if not isinstance(self.fsdp, bool):
+            raise SamoutError(f"fsdp must be true or false, got {self.fsdp!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -82,14 +106,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise SamoutError(f"training settings must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise SamoutError(f"unknown training setting(s): {', '.join(unknown)}")
         data = dict(data)
         if isinstance(data.get("max_time"), str):
             data["max_time"] = parse_duration(data["max_time"])
         return cls(**data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -121,6 +151,9 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         data = {}
     if not isinstance(data, dict):
         raise SamoutError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise SamoutError(f"{path}: setting names must be text, got {bad_keys[0]!r}")
     train = {k: v for k, v in data.items() if k in TRAIN_FIELDS}
     model = {k: v for k, v in data.items() if k not in TRAIN_FIELDS}
     return model, train

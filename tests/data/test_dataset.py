@@ -1,4 +1,5 @@
-"""Batches are a pure function of (seed, step, micro-step, rank); errors on bad data dirs."""
+"""Batches are a pure function of (seed, step, micro-step); ranks slice the global batch;
+errors on bad data dirs."""
 
 import pytest
 import torch
@@ -14,9 +15,22 @@ def test_batches_are_deterministic_and_shifted(prepared_data):
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert x1.shape == (4, 16) and x1.dtype == torch.long
     assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the next tokens
-    for other in (dict(step=6), dict(micro_step=1), dict(seed=2), dict(rank=1)):
+    for other in (dict(step=6), dict(micro_step=1), dict(seed=2), dict(rank=1, world_size=2)):
         args = dict(step=5, micro_step=0, batch_size=4, seq_len=16, seed=1) | other
         assert not torch.equal(data.train_batch(**args)[0], x1)
+
+
+def test_ranks_slice_the_global_batch(prepared_data):
+    """Two ranks with batch 3 read exactly the rows one process with batch 6 reads."""
+    data = TokenData(prepared_data)
+    args = dict(step=7, micro_step=1, seq_len=16, seed=3)
+    whole_x, whole_y = data.train_batch(batch_size=6, **args)
+    parts = [data.train_batch(batch_size=3, rank=r, world_size=2, **args) for r in range(2)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole_x)
+    assert torch.equal(torch.cat([p[1] for p in parts]), whole_y)
+    assert not torch.equal(parts[0][0], parts[1][0])
+    with pytest.raises(ValueError, match="outside the world size"):
+        data.train_batch(batch_size=3, rank=2, world_size=2, **args)
 
 
 def test_eval_windows_cover_every_target_once(prepared_data):
