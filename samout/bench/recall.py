@@ -148,7 +148,7 @@ def train_and_evaluate(model, task: tuple[int, int], s: RecallSettings, device) 
         inputs, targets = make_mqar(s.batch_size, seq_len, pairs, vocab, train_gen)
         loss = lm_loss(model, inputs.to(device), targets.to(device), ignore_index=IGNORE)
         loss.backward()
-        clip_and_step(model, optimizer, GRAD_CLIP)
+        clip_and_step(model.parameters(), optimizer, GRAD_CLIP, loss.item())
         losses.append(loss.item())
     return {
         "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),

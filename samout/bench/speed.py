@@ -114,7 +114,7 @@ def training_step(model, config, length: int, s: SpeedSettings, device):
 
     def step() -> None:  # the trainer's own step: loss, backward, clip, AdamW
         lm_loss(model, ids[:, :-1], ids[:, 1:]).backward()
-        clip_and_step(model, optimizer, GRAD_CLIP)
+        clip_and_step(model.parameters(), optimizer, GRAD_CLIP)
 
     step()  # warm-up; creates the optimizer state
     resident = tensor_bytes(model.parameters()) + tensor_bytes(

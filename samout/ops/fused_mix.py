@@ -239,6 +239,11 @@ def fused_mix(
     if state is not None and state.shape != streams.shape[:1] + streams.shape[3:]:
         want = tuple(streams.shape[:1] + streams.shape[3:])
         raise ValueError(f"mixer state must have shape {want}, got {tuple(state.shape)}")
+    if weight is not None and weight.dtype != streams.dtype:
+        # Under autocast the streams come out of the projection in bf16/fp16 while the
+        # head-mixing weight is fp32: compute in the streams' dtype, as nn.Linear would
+        # under autocast (the cast is differentiable, so the fp32 weight gets its gradient).
+        weight = weight.to(streams.dtype)
     if _needs_grad(streams, state, alpha, weight):
         return _FusedMix.apply(kind, streams, state, alpha, weight)
     e = _scan_streams(streams, state)

@@ -3,10 +3,13 @@ benchmark measures exactly the work a user's training run does.
 
     loss = lm_loss(model, inputs, targets)      # forward + next-token cross-entropy
     loss.backward()
-    grad_norm = clip_and_step(model, optimizer, grad_clip)
+    grad_norm, stepped = clip_and_step(model.parameters(), optimizer, grad_clip, loss.item())
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,7 @@ from torch import Tensor
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+                    betas: tuple[float, float] = (0.9, 0.95), fused: bool = True) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on biases, norms, scalars or embeddings)."""
     embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
@@ -23,7 +26,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (CPU and CUDA) is much faster than the per-parameter loop on CPU.
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
@@ -35,10 +38,15 @@ def lm_loss(model: torch.nn.Module, inputs: Tensor, targets: Tensor,
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
-def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> Tensor:
-    """Clip the gradient norm, take the optimizer step, clear the gradients; returns the
-    norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+def clip_and_step(parameters: Iterable[Tensor], optimizer: torch.optim.Optimizer, grad_clip: float,
+                  loss: float | None = None) -> tuple[float, bool]:
+    """Clip the gradient norm, take the optimizer step unless the loss or the norm is not
+    finite (then weights and optimizer state stay untouched), clear the gradients.
+    Returns (gradient norm before clipping, whether the step was taken)."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    finite = math.isfinite(grad_norm) and (loss is None or math.isfinite(loss))
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return grad_norm, finite

@@ -30,14 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from samout.checkpoint import CheckpointError, atomic_write
-from samout.config import PRESETS
 from samout.data.dataset import TokenData
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
 from samout.models import MODEL_CLASSES, load_pretrained
 from samout.tokenizer import PAD_ID, TOKENIZER_NAME, load_tokenizer, token_byte_lengths
 from samout.training import distributed as dist_utils
-from samout.training import fsdp
+from samout.training import fsdp, step
 from samout.training.checkpointing import (
     CHECKPOINTS_DIR,
     find_resumable,
@@ -64,16 +63,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, norms, scalars or embeddings)."""
-    embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embed]
-    no_decay = [p for p in params if p.dim() < 2 or id(p) in embed]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel (CPU and CUDA) is much faster than the per-parameter loop on CPU.
-    fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return step.build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 class NonFiniteError(SamoutError):
@@ -175,10 +166,7 @@ class Trainer:
             # reduce-scatters on each one: correct, with more communication).
             sync = self.world_size == 1 or self.fsdp or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                    enabled=self.autocast_dtype is not None):
-                    logits, _ = self.model(x)
-                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = step.lm_loss(self.model, x, y, self.autocast_dtype)
                 (loss / cfg.grad_accum).backward()
             total += loss.item()
         if self.replicated:
@@ -193,14 +181,11 @@ class Trainer:
         """Clip and step; skip the step (weights and optimizer state untouched) when the loss
         or the gradient norm is not finite. Both are the same on every rank (the loss is
         all-reduced, the gradients are DDP-averaged), so all ranks decide alike."""
-        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        grad_norm, finite = step.clip_and_step(self.raw_model.parameters(), self.optimizer,
+                                               self.cfg.grad_clip, loss)
         if finite:
-            self.optimizer.step()
             self.bad_steps = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        if not finite:
+        else:
             self.bad_steps += 1
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             self.log({"type": "skip", "step": self.step + 1, "loss": loss, "grad_norm": grad_norm,
@@ -429,12 +414,6 @@ def build_model_config(model_fields: dict[str, Any], vocab_size: int, preset: st
                           f"of the {model_type} model config")
     if preset is not None and not isinstance(preset, str):
         raise SamoutError(f"preset must be a name, got {preset!r}")
-    if preset is not None and not hasattr(config_class, "from_preset"):
-        # A class without presets (the Transformer) takes the preset's sizes it shares.
-        if preset not in PRESETS:
-            raise SamoutError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-        fields = {**{k: v for k, v in PRESETS[preset].items() if k in known}, **fields}
-        preset = None
     fields.update(vocab_size=vocab_size, padding_idx=PAD_ID)
     try:
         if preset is not None:
