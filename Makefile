@@ -25,7 +25,7 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check --output-format concise samout tests
 
-# Quick benchmarks (about 15 minutes on 2 busy cores); figures and JSON go to docs/figures.
+# Quick benchmarks (about 2 minutes on a quiet 2-core CPU, longer on a busy one); figures and JSON go to docs/figures.
 # Full-size runs: see docs/benchmarks.md. BENCH_FLAGS="--threads 1" steadies timings on a busy machine.
 BENCH_OUT ?= docs/figures
 BENCH_FLAGS ?=
