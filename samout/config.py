@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MIXERS = ("gen3", "dual", "gen4", "openash", "conv")
 DEFAULT_MIXER = "openash"
@@ -44,8 +44,55 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+ConfigT = TypeVar("ConfigT", bound="JsonConfig")
+
+
+class JsonConfig:
+    """JSON round trip for the model config dataclasses (`config.json` of a checkpoint).
+    The file carries `format_version`; another version is refused with a clear error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "format_version": FORMAT_VERSION}
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"config has format_version {version!r} but this samout reads version "
+                f"{FORMAT_VERSION}: use the samout release that wrote it"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Keys written by other tools (e.g. Hugging Face's `architectures`) are ignored.
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls: type[ConfigT], path_or_text: str | Path) -> ConfigT:
+        """From a JSON file path or a JSON string."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise ValueError(f"config file not found: {path}")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+
 @dataclass
-class SamOutConfig:
+class SamOutConfig(JsonConfig):
     """Sizes and options of a SamOut model.
 
     The defaults of the options reproduce the seeds: untied output head, no final
@@ -111,44 +158,3 @@ class SamOutConfig:
         if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
-
-    # -- serialisation -------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "format_version": FORMAT_VERSION}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamOutConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
-        data = dict(data)
-        version = data.pop("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"config has format_version {version!r} but this samout reads version "
-                f"{FORMAT_VERSION}: use the samout release that wrote it"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        # Keys written by other tools (e.g. Hugging Face's `architectures`) are ignored.
-        data = {k: v for k, v in data.items() if k in known}
-        return cls(**data)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, path_or_text: str | Path) -> SamOutConfig:
-        """From a JSON file path or a JSON string."""
-        text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            path = Path(path_or_text)
-            if not path.is_file():
-                raise ValueError(f"config file not found: {path}")
-            text = path.read_text()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config is not valid JSON: {err}") from None
-        return cls.from_dict(data)

@@ -9,14 +9,12 @@ wrapper (Hugging Face, ONNX export, training, generation) imports this class.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
-from samout.checkpoint import load_model_weights, save_model_weights
 from samout.config import SamOutConfig
 from samout.layers.mixers import build_mixer
+from samout.models.base import PretrainedModelMixin
 from samout.state import State
 
 
@@ -47,7 +45,7 @@ class DecoderLayer(nn.Module):
         return self.layer_norm(self.alpha * self.ffn(h) + (1 - self.alpha) * x), state
 
 
-class SamOut(nn.Module):
+class SamOut(PretrainedModelMixin, nn.Module):
     """`logits, state = model(input_ids, state=None)`.
 
     input_ids: LongTensor [B, T] with ids in [0, vocab_size).
@@ -115,25 +113,6 @@ class SamOut(nn.Module):
             layer.mixer.set_kernel(kernel)
         self.config.kernel = kernel
         return self
-
-    # -- sizes ---------------------------------------------------------------
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (a tied head counts once); optionally without the
-        embedding and output head, the figure compared across architectures."""
-        params = {id(p): p for p in self.parameters()}
-        if exclude_embeddings:
-            params.pop(id(self.embed.weight), None)
-            params.pop(id(self.head.weight), None)
-        return sum(p.numel() for p in params.values())
-
-    # -- checkpoints ---------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` into `directory`."""
-        save_model_weights(self, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> SamOut:
-        return load_model_weights(cls, directory, map_location)
 
 
 def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:

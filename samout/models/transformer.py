@@ -19,13 +19,12 @@ tuned init the other lacks.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samout.checkpoint import load_model_weights, save_model_weights
+from samout.models.base import PretrainedModelMixin
 from samout.models.samout import check_input_ids
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
 from samout.state import State
@@ -117,7 +116,7 @@ class TransformerLayer(nn.Module):
         return self.ffn_norm(x + self.ffn(x)), cache
 
 
-class Transformer(nn.Module):
+class Transformer(PretrainedModelMixin, nn.Module):
     """`logits, state = model(input_ids, state=None)`, exactly like `SamOut`.
 
     input_ids: LongTensor [B, T] with ids in [0, vocab_size).
@@ -194,23 +193,6 @@ class Transformer(nn.Module):
         shape = (batch_size, self.config.num_heads, 0, self.config.head_dim)
         empty = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
         return State([{"key": empty.clone(), "value": empty.clone()} for _ in self.layers])
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (a tied head counts once); optionally without the
-        embedding and output head, the figure compared across architectures."""
-        params = {id(p): p for p in self.parameters()}
-        if exclude_embeddings:
-            params.pop(id(self.embed.weight), None)
-            params.pop(id(self.head.weight), None)
-        return sum(p.numel() for p in params.values())
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` (model_type "transformer") and `model.safetensors`."""
-        save_model_weights(self, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> Transformer:
-        return load_model_weights(cls, directory, map_location)
 
 
 __all__ = ["Transformer", "TransformerConfig", "match_transformer_to"]

@@ -12,13 +12,10 @@ a linear equation, rounded to a multiple of 8 when that stays within the toleran
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from samout.config import FORMAT_VERSION, SamOutConfig
+from samout.config import JsonConfig, SamOutConfig
 
 POSITIONALS = ("sinusoidal", "rotary")
 NORMS = ("pre", "post")
@@ -32,7 +29,7 @@ MATCH_TOLERANCE = 0.02
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(JsonConfig):
     """Sizes and options of the softmax baseline.
 
     Defaults: sinusoidal positions added to the embedding (as in seed 004), pre-norm
@@ -114,43 +111,6 @@ class TransformerConfig:
         d, f = self.hidden_size, self.ffn_hidden_size
         per_layer = (4 * d * d + 4 * d) + (2 * d * f + f + d) + 4 * d
         return self.num_layers * per_layer + (2 * d if self.norm == "pre" else 0)
-
-    # -- serialisation (same format as SamOutConfig) -------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "format_version": FORMAT_VERSION}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
-        data = dict(data)
-        version = data.pop("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"config has format_version {version!r} but this samout reads version "
-                f"{FORMAT_VERSION}: use the samout release that wrote it"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, path_or_text: str | Path) -> TransformerConfig:
-        text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            path = Path(path_or_text)
-            if not path.is_file():
-                raise ValueError(f"config file not found: {path}")
-            text = path.read_text()
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config is not valid JSON: {err}") from None
 
 
 def samout_non_embedding_parameters(config: SamOutConfig) -> int:
