@@ -8,6 +8,7 @@ import torch
 
 from samout.config import KERNELS, MIXERS, SamOutConfig
 from samout.layers import build_mixer
+from tests.helpers import random_chunks
 
 
 def _mixer(name: str, kernel: str = "fused"):
@@ -19,15 +20,10 @@ def _mixer(name: str, kernel: str = "fused"):
     return mixer
 
 
-def _random_split(total: int) -> list[int]:
-    cuts = sorted(random.sample(range(1, total), k=random.randint(1, min(6, total - 1))))
-    return [b - a for a, b in zip([0] + cuts, cuts + [total])]
-
-
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", MIXERS)
 def test_full_chunked_and_step_forms_are_bit_identical(seed, name, kernel):
-    random.seed(seed)
+    rng = random.Random(seed)
     mixer = _mixer(name, kernel)
     x = torch.randn(3, 29, 48)
     with torch.no_grad():
@@ -35,7 +31,7 @@ def test_full_chunked_and_step_forms_are_bit_identical(seed, name, kernel):
         full, full_state = mixer.mix(streams)
 
         chunks, state, t = [], None, 0
-        for n in _random_split(29):
+        for n in random_chunks(29, rng, max_cuts=6):
             y, state = mixer.mix(streams[:, t : t + n], state)
             chunks.append(y)
             t += n

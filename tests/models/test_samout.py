@@ -6,6 +6,7 @@ import torch
 
 from samout import SamOut, SamOutConfig, State
 from samout.config import MIXERS, PRESETS
+from tests.helpers import random_chunks
 
 # The seed article for seed-001 prints 2,763,532 parameters; the real model has this many.
 SEED_001_PARAMETERS = 21_266_480
@@ -35,11 +36,6 @@ def test_causal_exactly(seed, mixer):
     assert not torch.equal(a[:, t], b[:, t])
 
 
-def _random_chunks(total, rng):
-    cuts = sorted(rng.sample(range(1, total), k=rng.randint(1, 8)))
-    return [b - a for a, b in zip([0] + cuts, cuts + [total])]
-
-
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_chunked_equals_full(seed, mixer):
     rng = random.Random(seed)
@@ -48,7 +44,7 @@ def test_chunked_equals_full(seed, mixer):
     with torch.no_grad():
         full, full_state = model(ids)
         scale = full.abs().max()
-        for chunking in ([1] * 40, _random_chunks(40, rng), _random_chunks(40, rng)):
+        for chunking in ([1] * 40, random_chunks(40, rng), random_chunks(40, rng)):
             outs, state, t = [], None, 0
             for n in chunking:
                 out, state = model(ids[:, t : t + n], state=state)

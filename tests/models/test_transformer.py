@@ -7,6 +7,7 @@ from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, 
 from samout.config import MIXERS, PRESETS
 from samout.models import MODEL_CLASSES
 from samout.models.transformer_config import MATCH_TOLERANCE, match_transformer_to
+from tests.helpers import random_chunks
 
 VOCAB = 97
 
@@ -33,11 +34,6 @@ def test_causal_exactly(seed, kw):
     assert not torch.equal(a[:, t], b[:, t])
 
 
-def _random_chunks(total, rng):
-    cuts = sorted(rng.sample(range(1, total), k=rng.randint(1, 8)))
-    return [b - a for a, b in zip([0] + cuts, cuts + [total])]
-
-
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_chunked_equals_full(seed, kw):
     rng = random.Random(seed)
@@ -46,7 +42,7 @@ def test_chunked_equals_full(seed, kw):
     with torch.no_grad():
         full, full_state = model(ids)
         scale = full.abs().max()
-        for chunking in ([1] * 40, _random_chunks(40, rng), _random_chunks(40, rng), [40]):
+        for chunking in ([1] * 40, random_chunks(40, rng), random_chunks(40, rng), [40]):
             outs, state, t = [], None, 0
             for n in chunking:
                 out, state = model(ids[:, t : t + n], state=state)
