@@ -140,24 +140,33 @@ def _command_line(args) -> str:
     return " ".join(parts)
 
 
+def _apply_flags(settings, args, names: tuple[str, ...]) -> None:
+    """Flags the user gave (not None) override the benchmark's settings."""
+    for name in names:
+        if getattr(args, name, None) is not None:
+            setattr(settings, name, getattr(args, name))
+
+
+def _write_report(args, name: str, results: dict, summary: str) -> int:
+    """Write `<name>.txt` beside the JSON and plots, and print the summary."""
+    atomic_write(f"{args.out}/{name}.txt", summary + "\n")
+    print(summary)
+    print(f"\nwrote {args.out}/{name}.json, {name}.txt and {', '.join(results['plots'])}")
+    return 0
+
+
 def run_quality_command(args) -> int:
     settings = quality_bench.QualitySettings
     s = settings(**quality_bench.QUICK) if args.quick else settings()
-    for name in ("corpus", "preset", "mixers", "vocab_size", "seq_len", "batch_size", "max_steps", "lr",
-                 "warmup_steps", "eval_every", "device", "seed", "work_dir"):
-        if getattr(args, name, None) is not None:
-            setattr(s, name, getattr(args, name))
+    _apply_flags(s, args, ("corpus", "preset", "mixers", "vocab_size", "seq_len", "batch_size", "max_steps",
+                           "lr", "warmup_steps", "eval_every", "device", "seed", "work_dir"))
     if args.threads is not None:
         if args.threads <= 0:
             raise SamoutError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     results = quality_bench.run_quality(s, args.out, command=_command_line(args),
                                         progress=not args.no_progress)
-    summary = quality_bench.format_quality(results)
-    atomic_write(f"{args.out}/quality.txt", summary + "\n")
-    print(summary)
-    print(f"\nwrote {args.out}/quality.json, quality.txt and {', '.join(results['plots'])}")
-    return 0
+    return _write_report(args, "quality", results, quality_bench.format_quality(results))
 
 
 def run_params_command(args) -> int:
@@ -173,29 +182,18 @@ def run_params_command(args) -> int:
 
 def run_speed_command(args) -> int:
     s = _common(args, speed_bench.SpeedSettings, speed_bench.QUICK)
-    for name in ("lengths", "tokens_per_step", "contexts", "decode_steps", "prefill_chunk", "repeats", "lr"):
-        if getattr(args, name) is not None:
-            setattr(s, name, getattr(args, name))
+    _apply_flags(s, args, ("lengths", "tokens_per_step", "contexts", "decode_steps", "prefill_chunk",
+                           "repeats", "lr"))
     command = _command_line(args)
     results = speed_bench.run_speed(s, args.out, command=command, progress=not args.no_progress)
-    summary = speed_bench.format_speed(results)
-    atomic_write(f"{args.out}/speed.txt", summary + "\n")
-    print(summary)
-    print(f"\nwrote {args.out}/speed.json, speed.txt and {', '.join(results['plots'])}")
-    return 0
+    return _write_report(args, "speed", results, speed_bench.format_speed(results))
 
 
 def run_recall_command(args) -> int:
     s = _common(args, recall_bench.RecallSettings, recall_bench.QUICK)
     if args.tasks is not None:
         s.tasks = recall_bench.parse_tasks(args.tasks)
-    for name in ("steps", "batch_size", "lr", "eval_examples"):
-        if getattr(args, name) is not None:
-            setattr(s, name, getattr(args, name))
+    _apply_flags(s, args, ("steps", "batch_size", "lr", "eval_examples"))
     command = _command_line(args)
     results = recall_bench.run_recall(s, args.out, command=command, progress=not args.no_progress)
-    summary = recall_bench.format_recall(results)
-    atomic_write(f"{args.out}/recall.txt", summary + "\n")
-    print(summary)
-    print(f"\nwrote {args.out}/recall.json, recall.txt and {', '.join(results['plots'])}")
-    return 0
+    return _write_report(args, "recall", results, recall_bench.format_recall(results))
