@@ -71,7 +71,7 @@ def read_vocab(path: str | Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SamoutError(f"{path} is not valid JSON: {err}") from None
+        raise SamoutError(f"{path} is not an OpenASH vocabulary (not valid JSON: {err})") from None
     if not isinstance(data, dict) or any(not isinstance(data.get(k), dict) for k in _KEYS):
         raise SamoutError(f"{path} is not an OpenASH vocabulary (it needs the objects {', '.join(_KEYS)})")
     if data["token_to_id"].get("ts0") is None or data["token_to_id"].get(PAD_TOKEN) != 0:
