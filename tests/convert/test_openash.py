@@ -44,7 +44,8 @@ class RefMaxStateSuper(nn.Module):
 
     def forward(self, x, state=None):
         b, s, d = x.shape
-        a, b_, c, d_ = (t.permute(0, 3, 1, 2) for t in self.combined(x).view(b, s, 4, self.heads, -1).unbind(2))
+        streams = self.combined(x).view(b, s, 4, self.heads, -1).unbind(2)
+        a, b_, c, d_ = (t.permute(0, 3, 1, 2) for t in streams)  # [b, dh, s, heads]
         if state is None:
             e = torch.cummax(c, dim=2)[0]
         else:  # the author's "train" flag: every position of a chunk after a state
@@ -225,7 +226,8 @@ def test_tokenizer_matches_the_authors_algorithm(author):
 def test_run_dir_is_ordinary_and_carries_the_chat_template(author):
     _, _, _, _, out = author
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", VOCAB_NAME, "checksums.json", "tokenizer_config.json"} <= names
+    want = {"config.json", "model.safetensors", VOCAB_NAME, "checksums.json", "tokenizer_config.json"}
+    assert want <= names
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["chat_template"] == CHAT_TEMPLATE
     assert tok_config["auto_map"]["AutoTokenizer"][0] == "tokenization_samout.OpenAshTokenizer"
