@@ -8,18 +8,22 @@ number of bytes, which is what makes bits per byte exact (see `token_byte_length
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from samout.checkpoint import atomic_write
 from samout.errors import SamoutError
 
 PAD_TOKEN, EOT_TOKEN = "<|pad|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOT_TOKEN]
 PAD_ID, EOT_ID = 0, 1
 TOKENIZER_NAME = "tokenizer.json"
+# Hugging Face's per-directory tokenizer settings (auto_map, chat_template, ...).
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 DEFAULT_VOCAB_SIZE = 8192
 # Special tokens plus the 256 byte symbols every byte-level BPE starts from.
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
@@ -53,8 +57,18 @@ def check_vocab_size(vocab_size: int) -> None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a `tokenizer.json` (a file, or a directory holding one) and check its special tokens."""
+    """Load a `tokenizer.json` (a file, or a directory holding one) and check its special tokens.
+
+    A directory holding the seed author's vocabulary (`openash_vocab.json`, e.g. written by
+    `samout convert openash`) gives a `samout.openash_tokenizer.OpenAshVocab`, which has the
+    same interface as far as samout uses it.
+    """
+    from samout.openash_tokenizer import VOCAB_NAME, OpenAshVocab
+
     path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if path.name == VOCAB_NAME or (not path.is_file() and (directory / VOCAB_NAME).is_file()):
+        return OpenAshVocab.from_file(directory / VOCAB_NAME)
     if path.is_dir():
         path = path / TOKENIZER_NAME
     if not path.is_file():
@@ -112,3 +126,23 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
         else:
             lengths[idx] = len(token.encode("utf-8"))
     return lengths
+
+
+def update_tokenizer_config(directory: str | Path, **fields) -> None:
+    """Set `fields` in `directory/tokenizer_config.json`, keeping every other key there.
+
+    The one writer of that file in samout (the Hugging Face auto_map, the chat template,
+    ...), so writers of different keys never undo each other. Written atomically, with
+    the same file mode as the other files of a run directory.
+    """
+    path = Path(directory) / TOKENIZER_CONFIG_NAME
+    data: dict = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SamoutError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise SamoutError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    data.update(fields)
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")

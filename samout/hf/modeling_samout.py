@@ -67,6 +67,14 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
         self.__dict__["samout"] = core
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        # auto_map and the thin remote-code modules (replacing any copy of samout's sources
+        # transformers made for a class loaded as remote code).
+        from samout.remote_code import write_hf_files
+
+        write_hf_files(save_directory)
+
     # -- embeddings (kept in step with the core) -----------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from samout.checkpoint import load_model_weights, save_model_weights
+from samout.remote_code import write_hf_files
 
 ModelT = TypeVar("ModelT", bound="PretrainedModelMixin")
 
@@ -22,8 +23,10 @@ class PretrainedModelMixin:
         return sum(p.numel() for p in params.values())
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` (with the model_type) and `model.safetensors` into `directory`."""
+        """Write `config.json` (with the model_type) and `model.safetensors` into `directory`,
+        and the Hugging Face files that make it loadable by path (samout.remote_code)."""
         save_model_weights(self, self.config, directory)
+        write_hf_files(directory)
 
     @classmethod
     def from_pretrained(cls: type[ModelT], directory: str | Path, map_location: str = "cpu") -> ModelT:

@@ -33,6 +33,7 @@ from samout.checkpoint import (
     verify_checksums,
     write_checksums,
 )
+from samout.remote_code import write_hf_files
 from samout.tokenizer import TOKENIZER_NAME
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -80,9 +81,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_model_dir(directory: Path, model: torch.nn.Module, tokenizer_path: Path) -> None:
+def _write_model_dir(directory: Path, model: torch.nn.Module, tokenizer_path: Path) -> list[str]:
+    """Write the model files; returns the names to list in checksums.json."""
     model.save_pretrained(directory)
     atomic_write(directory / TOKENIZER_NAME, Path(tokenizer_path).read_bytes())
+    return MODEL_FILES + write_hf_files(directory)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer_path: Path,
@@ -97,11 +100,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
     tmp = final.with_name(f".tmp-{final.name}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        _write_model_dir(tmp, model, tokenizer_path)
+        names = _write_model_dir(tmp, model, tokenizer_path)
         buffer = tmp / f".{TRAINING_STATE_NAME}.tmp"
         torch.save(training_state, buffer)
         os.replace(buffer, tmp / TRAINING_STATE_NAME)
-        write_checksums(tmp, MODEL_FILES + [TRAINING_STATE_NAME])
+        write_checksums(tmp, names + [TRAINING_STATE_NAME])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -113,8 +116,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _write_model_dir(run_dir, model, tokenizer_path)
-    write_checksums(run_dir, MODEL_FILES)  # last: the commit point of the top-level set
+    names = _write_model_dir(run_dir, model, tokenizer_path)
+    write_checksums(run_dir, names)  # last: the commit point of the top-level set
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -202,7 +202,9 @@ def test_greedy_text_matches_samouts_generator(hf_model, hf_tokenizer):
     from tokenizers import Tokenizer
 
     for prompt in (PROMPT, "Thou art"):
-        ids = hf_tokenizer(prompt, return_tensors="pt").input_ids
+        # The tokenizer adds nothing (lm-eval adds its own prefix); samout's generator puts
+        # <|endoftext|> (the bos token) before the prompt, so do the same here.
+        ids = torch.tensor([[hf_tokenizer.bos_token_id] + hf_tokenizer(prompt).input_ids])
         raw = Tokenizer.from_file(str(Path(hf_tokenizer.name_or_path) / "tokenizer.json"))
         assert ids[0].tolist() == generation.encode_prompt(raw, prompt)
         out = hf_model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
@@ -316,8 +318,9 @@ def test_tokenizer_matches_the_run_dirs_tokenizer_json(run_dir, hf_tokenizer):
     raw = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     assert isinstance(hf_tokenizer, SamOutTokenizer)
     text = PROMPT + "\nThou art more lovely and more temperate: é 🙂"
-    # Like samout's own generator, a prompt starts after <|endoftext|>.
-    assert hf_tokenizer(text).input_ids == [1] + raw.encode(text).ids
+    # No token is added by default: lm-evaluation-harness adds its own prefix (bos).
+    assert hf_tokenizer(text).input_ids == raw.encode(text).ids
+    assert hf_tokenizer.bos_token_id == 1 and hf_tokenizer.add_bos_token is False
     assert hf_tokenizer(text, add_special_tokens=False).input_ids == raw.encode(text).ids
     assert hf_tokenizer.decode(raw.encode(text).ids) == text
     assert hf_tokenizer.decode(hf_tokenizer(text).input_ids, skip_special_tokens=True) == text

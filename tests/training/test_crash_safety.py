@@ -16,6 +16,7 @@ from samout.checkpoint import CheckpointError, verify_checksums
 from samout.cli import main
 from samout.errors import SamoutError
 from samout.models import load_pretrained
+from samout.remote_code import HF_FILES
 from samout.training.checkpointing import find_resumable, list_checkpoints
 from samout.training.trainer import train
 from tests.commands.test_cli_errors import assert_one_line_error
@@ -41,10 +42,12 @@ def run_copy(tmp_path, trained_run):
 def test_checkpoints_carry_checksums_of_every_file(trained_run):
     for ckpt in list_checkpoints(trained_run):
         listed = json.loads((ckpt / "checksums.json").read_text())["files"]
-        assert set(listed) == {"config.json", "model.safetensors", "tokenizer.json", "training_state.pt"}
+        # The Hugging Face files (auto_map, remote-code modules) are part of the model.
+        assert set(listed) == {"config.json", "model.safetensors", "tokenizer.json", "training_state.pt",
+                               *HF_FILES}
         assert verify_checksums(ckpt, required=True)
     top = json.loads((trained_run / "checksums.json").read_text())["files"]
-    assert set(top) == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert set(top) == {"config.json", "model.safetensors", "tokenizer.json", *HF_FILES}
     assert verify_checksums(trained_run)
 
 
@@ -91,8 +94,9 @@ def test_resume_with_no_intact_checkpoint_is_a_clear_error(run_copy, prepared_da
 def test_generate_on_a_corrupted_model_file_names_it(tmp_path, trained_run, capsys):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "checksums.json"):
-        shutil.copy(trained_run / name, model_dir / name)
+    for path in trained_run.iterdir():  # the model files (checksums.json lists them all)
+        if path.is_file():
+            shutil.copy(path, model_dir / path.name)
     data = (model_dir / "model.safetensors").read_bytes()
     (model_dir / "model.safetensors").write_bytes(data[:-10])
     code = main(["generate", str(model_dir), "--prompt", "To", "--max-new-tokens", "2"])

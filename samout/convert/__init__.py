@@ -1,0 +1,1 @@
+"""Importers of models published in other formats (`samout convert ...`)."""
