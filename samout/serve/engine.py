@@ -4,7 +4,8 @@
 Each iteration of the loop:
   1. drops cancelled requests (a client that went away frees its slot at once);
   2. admits waiting requests up to `max_batch` active ones, resuming each from the
-     longest cached prefix of its prompt (`StateCache`) when there is one;
+     longest cached prefix of its prompt (`StateCache`) when there is one (states are
+     saved when a prompt is in and when a request leaves);
   3. feeds at most `prefill_chunk` prompt tokens of newcomers (chunked prefill, so a long
      prompt never stalls the sequences that are already decoding for more than one chunk);
   4. samples the next token of every sequence whose prompt is in (each request has its own
@@ -221,6 +222,10 @@ class Engine:
                 continue
             seq.logits = logits[0, -1]
             seq.fed.extend(chunk)
+            if not seq.pending and self.cache is not None:
+                # The prompt's own state too: a follow-up whose history re-encodes the reply
+                # differently (or regenerates it) still resumes after this prompt.
+                self.cache.put(seq.fed, seq.state, seq.logits)
 
     def _decode(self) -> None:
         ready = [s for s in self._active if not s.pending and s.logits is not None]
