@@ -170,8 +170,8 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         return HTMLResponse(chat_page_html())
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "models": {m.name: m.engine.stats() for m in models}}
+    async def health(reset_peaks: bool = False):
+        return {"status": "ok", "models": {m.name: m.engine.stats(reset_peaks) for m in models}}
 
     @app.get("/v1/models")
     async def list_models():

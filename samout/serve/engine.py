@@ -147,13 +147,17 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def stats(self) -> dict:
+    def stats(self, reset_peaks: bool = False) -> dict:
+        """Counters; `reset_peaks` starts the peak figures afresh after reading them (benchmarks)."""
         with self._cond:
-            return {"active": len(self._active), "waiting": len(self._waiting), "steps": self.steps,
+            stats = {"active": len(self._active), "waiting": len(self._waiting), "steps": self.steps,
                     "tokens_generated": self.tokens_generated, "peak_active": self.peak_active,
                     "state_bytes": self.state_bytes, "peak_state_bytes": self.peak_state_bytes,
                     "batched_decode": self.batched, "max_batch": self.max_batch, "max_queue": self.max_queue,
                     "cache": self.cache.stats() if self.cache is not None else None}
+            if reset_peaks:
+                self.peak_active, self.peak_state_bytes = len(self._active), self.state_bytes
+            return stats
 
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:
