@@ -170,7 +170,7 @@ class _Sampler:
 
     def __init__(self, server: ServerProcess, model: str) -> None:
         self.server, self.model = server, model
-        self.peak_rss = self.peak_state = 0
+        self.peak_rss = self.peak_state = self.peak_sessions = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -188,7 +188,8 @@ class _Sampler:
         self._stop.set()
         self._thread.join()
         # The engine's own exact peak of live state bytes since the reset above.
-        self.peak_state = self.server.health(reset_peaks=True)["models"][self.model]["peak_state_bytes"]
+        stats = self.server.health(reset_peaks=True)["models"][self.model]
+        self.peak_state, self.peak_sessions = stats["peak_state_bytes"], stats["peak_state_sessions"]
 
 
 async def _stream_one(http, url: str, body: dict) -> dict:
@@ -241,8 +242,9 @@ def throughput_point(server: ServerProcess, model: str, vocab: int, history: int
             "itl_p50_s": _percentile(itl, 50), "itl_p95_s": _percentile(itl, 95),
             "idle_rss_bytes": idle_rss, "peak_rss_bytes": sampler.peak_rss,
             "rss_growth_bytes": max(0, sampler.peak_rss - idle_rss),
-            "peak_state_bytes": sampler.peak_state,
-            "state_bytes_per_session": sampler.peak_state / clients if clients else None}
+            "peak_state_bytes": sampler.peak_state, "peak_state_sessions": sampler.peak_sessions,
+            "state_bytes_per_session": (sampler.peak_state / sampler.peak_sessions
+                                        if sampler.peak_sessions else None)}
 
 
 def follow_up_point(server: ServerProcess, model: str, vocab: int, history: int, s: ServeBenchSettings,

@@ -103,7 +103,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = self.tokens_generated = self.peak_active = 0
-        self.state_bytes = self.peak_state_bytes = 0
+        self.state_bytes = self.peak_state_bytes = self.peak_state_sessions = 0
 
     # -- public API ------------------------------------------------------------------
     def start(self) -> Engine:
@@ -153,10 +153,12 @@ class Engine:
             stats = {"active": len(self._active), "waiting": len(self._waiting), "steps": self.steps,
                     "tokens_generated": self.tokens_generated, "peak_active": self.peak_active,
                     "state_bytes": self.state_bytes, "peak_state_bytes": self.peak_state_bytes,
+                     "peak_state_sessions": self.peak_state_sessions,
                     "batched_decode": self.batched, "max_batch": self.max_batch, "max_queue": self.max_queue,
                     "cache": self.cache.stats() if self.cache is not None else None}
             if reset_peaks:
                 self.peak_active, self.peak_state_bytes = len(self._active), self.state_bytes
+                self.peak_state_sessions = sum(s.state is not None for s in self._active)
             return stats
 
     # -- the loop --------------------------------------------------------------------
@@ -181,8 +183,10 @@ class Engine:
         self._prefill()
         self._decode()
         self.steps += 1
-        self.state_bytes = sum(s.state.nbytes for s in self._active if s.state is not None)
-        self.peak_state_bytes = max(self.peak_state_bytes, self.state_bytes)
+        live = [s.state.nbytes for s in self._active if s.state is not None]
+        self.state_bytes = sum(live)
+        if self.state_bytes > self.peak_state_bytes:
+            self.peak_state_bytes, self.peak_state_sessions = self.state_bytes, len(live)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
