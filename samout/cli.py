@@ -15,7 +15,7 @@ from samout import __version__
 from samout.errors import SamoutError
 
 # Subcommands, in the order `samout --help` lists them.
-COMMANDS = ["prepare", "train", "generate", "eval", "bench", "export", "convert"]
+COMMANDS = ["prepare", "train", "generate", "eval", "serve", "bench", "export", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,11 @@
 """Byte-level BPE tokenizers (Hugging Face `tokenizers`), saved as `tokenizer.json`.
 
 Fixed special tokens for every samout tokenizer: `<|pad|>` = 0, `<|endoftext|>` = 1.
+Chat models also have the four chat tokens (`CHAT_TOKENS`: `<|system|>`, `<|user|>`,
+`<|assistant|>`, `<|end|>`), special tokens found by name, never by a fixed id: a tokenizer
+trained by `samout prepare --format chat` reserves them at ids 2-5, and one without them (a
+pretrained run's) gets them appended at the end of its vocabulary (`add_chat_tokens`; the
+model's embedding grows to match at `samout train --init-from`).
 Byte-level means every string round-trips exactly and every token stands for a whole
 number of bytes, which is what makes bits per byte exact (see `token_byte_lengths`).
 """
@@ -21,6 +26,11 @@ from samout.errors import SamoutError
 PAD_TOKEN, EOT_TOKEN = "<|pad|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOT_TOKEN]
 PAD_ID, EOT_ID = 0, 1
+# Chat role markers and the end-of-turn marker (see samout/chat/template.py).
+SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN = "<|system|>", "<|user|>", "<|assistant|>"
+END_OF_TURN_TOKEN = "<|end|>"
+ROLE_TOKENS = {"system": SYSTEM_TOKEN, "user": USER_TOKEN, "assistant": ASSISTANT_TOKEN}
+CHAT_TOKENS = [SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_OF_TURN_TOKEN]
 TOKENIZER_NAME = "tokenizer.json"
 # Hugging Face's per-directory tokenizer settings (auto_map, chat_template, ...).
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -30,15 +40,16 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
-                    show_progress: bool = False) -> Tokenizer:
-    """Train a byte-level BPE with `vocab_size` entries (special tokens included)."""
-    check_vocab_size(vocab_size)
+                    show_progress: bool = False, chat: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` entries (special tokens included);
+    `chat` reserves the chat tokens at ids 2-5."""
+    check_vocab_size(vocab_size + (len(CHAT_TOKENS) if chat else 0))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,  # ids 0 and 1, in this order
+        special_tokens=SPECIAL_TOKENS + (CHAT_TOKENS if chat else []),  # ids 0, 1 (2-5), in this order
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -84,6 +95,53 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
+def has_chat_tokens(tokenizer: Tokenizer) -> bool:
+    return all(tokenizer.token_to_id(token) is not None for token in CHAT_TOKENS)
+
+
+def add_chat_tokens(tokenizer: Tokenizer) -> list[str]:
+    """Append the chat tokens the tokenizer lacks as special tokens (ids from its current
+    size on); returns the ones added. Existing ids never change, so a model trained with the
+    tokenizer keeps its meaning and only needs new embedding rows."""
+    from tokenizers import AddedToken
+
+    missing = [t for t in CHAT_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return missing
+
+
+def update_tokenizer_config(directory: str | Path, **fields) -> dict:
+    """Set `fields` in DIRECTORY/tokenizer_config.json (Hugging Face's file), keeping the keys
+    already there; written atomically. Returns the whole object."""
+    path = Path(directory) / TOKENIZER_CONFIG_NAME
+    data: dict = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SamoutError(f"{path} is not valid JSON: fix or delete it") from None
+        if not isinstance(data, dict):
+            raise SamoutError(f"{path} must hold a JSON object")
+    data.update(fields)
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return data
+
+
+def read_tokenizer_config(directory: str | Path) -> dict:
+    """DIRECTORY/tokenizer_config.json as a dict ({} when there is none)."""
+    path = Path(directory) / TOKENIZER_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SamoutError(f"{path} is not valid JSON: fix or delete it") from None
+    if not isinstance(data, dict):
+        raise SamoutError(f"{path} must hold a JSON object")
+    return data
+
+
 def check_special_tokens(tokenizer: Tokenizer, where: str) -> None:
     for token, want in ((PAD_TOKEN, PAD_ID), (EOT_TOKEN, EOT_ID)):
         got = tokenizer.token_to_id(token)
@@ -116,7 +174,7 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     are known exactly; for other tokenizers, the UTF-8 length of the token's text.
     """
     decoder = _byte_decoder()
-    special = set(SPECIAL_TOKENS)
+    special = set(SPECIAL_TOKENS + CHAT_TOKENS)
     lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
     for token, idx in tokenizer.get_vocab().items():
         if token in special or idx >= len(lengths):

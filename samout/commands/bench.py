@@ -1,6 +1,6 @@
-"""`samout bench speed|recall`: benchmarks of SamOut against the matched Transformer.
+"""`samout bench speed|recall|quality|params|serve`: SamOut against the matched Transformer.
 
-Both write JSON and PNG plots into --out and print a summary with the machine, torch
+Each writes JSON and PNG plots into --out and print a summary with the machine, torch
 version and git commit. `--quick` runs a small version in a few minutes on 2 cores.
 """
 
@@ -14,6 +14,7 @@ import torch
 from samout.bench import params as params_bench
 from samout.bench import quality as quality_bench
 from samout.bench import recall as recall_bench
+from samout.bench import serve as serve_bench
 from samout.bench import speed as speed_bench
 from samout.bench.common import prepare_out_dir, write_json
 from samout.checkpoint import atomic_write
@@ -100,6 +101,20 @@ def register(subparsers) -> None:
     quality.add_argument("--work-dir", help="where the data and trained runs go (default OUT/quality-work)")
     _add_run_args(quality, "bench-results")
     quality.set_defaults(func=run_quality_command)
+
+    serve = sub.add_parser("serve", help="samout serve under N concurrent streaming clients: tokens/s, "
+                           "latency, memory; follow-up turns with the state cache",
+                           description=serve_bench.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small); the "
+                       "Transformer is matched to it")
+    serve.add_argument("--clients", type=_ints, help="concurrent clients (default 1,8,32,64)")
+    serve.add_argument("--histories", type=_ints, help="history tokens per client (default 512,4096)")
+    for name in ("max_tokens", "follow_up_tokens", "repeats", "prefill_chunk"):
+        serve.add_argument("--" + name.replace("_", "-"), type=int)
+    serve.add_argument("--work-dir", help="where the temporary run directories go (default: system temp)")
+    _add_run_args(serve, "bench-results")
+    serve.set_defaults(func=run_serve_command)
 
     params = sub.add_parser("params", help="parameter counts: SamOut presets vs standard and matched"
                             " Transformers", description=params_bench.__doc__,
@@ -197,3 +212,17 @@ def run_recall_command(args) -> int:
     command = _command_line(args)
     results = recall_bench.run_recall(s, args.out, command=command, progress=not args.no_progress)
     return _write_report(args, "recall", results, recall_bench.format_recall(results))
+
+
+def run_serve_command(args) -> int:
+    settings = serve_bench.ServeBenchSettings
+    s = settings(**serve_bench.QUICK) if args.quick else settings()
+    _apply_flags(s, args, ("preset", "clients", "histories", "max_tokens", "follow_up_tokens", "repeats",
+                           "prefill_chunk", "device", "seed"))
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise SamoutError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    results = serve_bench.run_serve_bench(s, args.out, command=_command_line(args),
+                                          progress=not args.no_progress, work_dir=args.work_dir)
+    return _write_report(args, "serve", results, serve_bench.format_serve(results))

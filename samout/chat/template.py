@@ -1,0 +1,171 @@
+"""The chat template: conversations -> token ids, the same in samout and in Hugging Face.
+
+A conversation renders as
+
+    <|endoftext|><|system|>TEXT<|end|><|user|>TEXT<|end|><|assistant|>TEXT<|end|>...
+
+and `add_generation_prompt` appends `<|assistant|>`. The role markers and `<|end|>` are
+special tokens (`samout.tokenizer.CHAT_TOKENS`); each conversation starts with
+`<|endoftext|>`, as every document does in the pretraining stream.
+
+The template is a Jinja string stored Hugging Face style in `tokenizer_config.json`
+("chat_template"), so `AutoTokenizer.from_pretrained(RUN_DIR).apply_chat_template(messages)`
+gives exactly `render_ids(tokenizer, messages)`. samout renders the same Jinja string (with
+the same Jinja settings as transformers) and splits the text at special tokens the way a
+Hugging Face tokenizer does.
+
+Forging: every special token starts with `<|`, and the template writes each `<|` inside a
+message's content as `<` + U+200B (zero-width space) + `|`. No content can then spell any
+special token, in samout or in Hugging Face (where special-token text in a rendered string
+would otherwise become the token), and the text still reads the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from samout.errors import SamoutError
+from samout.tokenizer import (
+    ASSISTANT_TOKEN,
+    CHAT_TOKENS,
+    END_OF_TURN_TOKEN,
+    EOT_TOKEN,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+    has_chat_tokens,
+    read_tokenizer_config,
+)
+
+ROLES = tuple(ROLE_TOKENS)
+# What `<|` inside content becomes: cannot start a special token, reads the same.
+ESCAPED_MARKER_START = "<\u200b|"
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
+    "{% endif %}"
+    "{{ '<|' ~ message['role'] ~ '|>' ~ (message['content'] | string | replace('<|', '" + ESCAPED_MARKER_START
+    + "')) ~ '" + END_OF_TURN_TOKEN + "' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}{% endif %}"
+)
+
+
+def escape_content(text: str) -> str:
+    """Content as the template writes it (see the module docstring)."""
+    return text.replace("<|", ESCAPED_MARKER_START)
+
+
+def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:
+    """`messages` as a list of {"role", "content"} dicts, or a SamoutError saying what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise SamoutError(f"{where}: \"messages\" must be a non-empty list of "
+                          "{\"role\", \"content\"} objects")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise SamoutError(f"{where}: message {i} is not an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise SamoutError(f"{where}: message {i} has unknown role {role!r} (use {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise SamoutError(f"{where}: message {i} ({role}) has no text \"content\"")
+        out.append({"role": role, "content": content})
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    # The environment transformers renders chat templates with (render_jinja_template).
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError as err:
+        raise SamoutError(f"the chat template is not valid Jinja: {err}") from None
+
+
+def render_text(messages: Sequence[dict[str, str]], template: str = DEFAULT_CHAT_TEMPLATE,
+                add_generation_prompt: bool = False) -> str:
+    """The conversation as the template's text (special tokens spelled out)."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=EOT_TOKEN, eos_token=EOT_TOKEN)
+    except TemplateError as err:
+        raise SamoutError(f"chat template: {err}") from None
+
+
+def _special_pattern(tokenizer) -> re.Pattern:
+    specials = sorted((t for t in SPECIAL_TOKENS + CHAT_TOKENS if tokenizer.token_to_id(t) is not None),
+                      key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered template text: special tokens where their text appears, the rest
+    encoded as plain text piece by piece (what a Hugging Face tokenizer does)."""
+    ids: list[int] = []
+    for i, piece in enumerate(_special_pattern(tokenizer).split(text)):
+        if i % 2:
+            ids.append(tokenizer.token_to_id(piece))
+        elif piece:
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False).ids)
+    return ids
+
+
+def render_ids(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
+               template: str = DEFAULT_CHAT_TEMPLATE) -> list[int]:
+    """Token ids of a conversation (== Hugging Face `apply_chat_template(messages)["input_ids"]`)."""
+    check_chat_tokenizer(tokenizer)
+    return encode_rendered(tokenizer, render_text(check_messages(list(messages)), template,
+                                                  add_generation_prompt))
+
+
+def assistant_mask(tokenizer, ids: Sequence[int]) -> list[int]:
+    """1 on the tokens of assistant turns (after `<|assistant|>`, up to and including its
+    `<|end|>`), 0 elsewhere: the tokens SFT trains on. Exact because content cannot spell a
+    marker."""
+    start, end = tokenizer.token_to_id(ASSISTANT_TOKEN), tokenizer.token_to_id(END_OF_TURN_TOKEN)
+    mask, inside = [], False
+    for token in ids:
+        mask.append(1 if inside else 0)
+        if token == start:
+            inside = True
+        elif token == end:
+            inside = False
+    return mask
+
+
+def check_chat_tokenizer(tokenizer) -> None:
+    if not has_chat_tokens(tokenizer):
+        raise SamoutError(
+            f"the tokenizer has no chat tokens ({', '.join(CHAT_TOKENS)}): prepare chat data with "
+            "`samout prepare --format chat`, which adds them"
+        )
+
+
+def load_chat_template(directory: str | Path) -> str:
+    """The chat template of a run, model or data directory (its tokenizer_config.json), or the
+    default when the directory has none (e.g. a checkpoints/step-XXXXXX directory)."""
+    template = read_tokenizer_config(directory).get("chat_template")
+    if template is None:
+        return DEFAULT_CHAT_TEMPLATE
+    if not isinstance(template, str):
+        raise SamoutError(f"{Path(directory) / 'tokenizer_config.json'}: chat_template must be a "
+                          "Jinja string (named templates are not supported)")
+    return template

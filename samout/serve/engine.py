@@ -1,0 +1,325 @@
+"""The serving engine: one background thread decodes every active request together
+(continuous batching), in the shape of vLLM's engine loop.
+
+Each iteration of the loop:
+  1. drops cancelled requests (a client that went away frees its slot at once);
+  2. admits waiting requests up to `max_batch` active ones, resuming each from the
+     longest cached prefix of its prompt (`StateCache`) when there is one (states are
+     saved when a prompt is in and when a request leaves);
+  3. feeds at most `prefill_chunk` prompt tokens of newcomers (chunked prefill, so a long
+     prompt never stalls the sequences that are already decoding for more than one chunk);
+  4. samples the next token of every sequence whose prompt is in (each request has its own
+     `torch.Generator`, so seeded sampling gives the same tokens batched or alone), and
+     feeds all the new tokens in ONE batched one-token model call.
+
+SamOut's state is a fixed-size running max per layer ([1, H, dh] per sequence), so the
+batched step concatenates the states along the batch and splits them back. A
+Transformer's state is a KV cache whose length differs per sequence; it is stepped one
+sequence at a time (exact, but without the batching gain: vLLM's paged attention would be
+the way to batch it).
+
+Requests talk to the engine through `emit(event)` callbacks, called on the engine thread:
+  ("admitted", cached_tokens)        the request got a slot (resuming after cached_tokens)
+  ("token", id)                      a new token
+  ("finish", reason, usage)          reason "stop" (end of text) or "length"; usage counts
+  ("error", message)                 the model call failed (the engine keeps running)
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from samout.errors import SamoutError
+from samout.generation import SamplingParams, sample_next
+from samout.models.transformer import Transformer
+from samout.serve.state_cache import StateCache
+from samout.state import State
+from samout.tokenizer import EOT_ID
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_PREFILL_CHUNK = 256
+
+
+class QueueFullError(SamoutError):
+    """The engine's waiting queue is full: the caller should answer 429."""
+
+
+class EngineStoppedError(SamoutError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[tuple], None]
+    stop_ids: frozenset[int] = frozenset({EOT_ID})  # end of text (and e.g. <|end|> for chat)
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    generator: torch.Generator
+    pending: list[int]  # prompt tokens not yet fed
+    fed: list[int]  # tokens the state has seen
+    state: State | None = None
+    logits: Tensor | None = None  # [vocab] next-token logits after `fed`
+    generated: int = 0
+    cached_tokens: int = 0
+
+
+class Engine:
+    """Continuous batching over one model. `submit` from any thread; `start` runs the loop."""
+
+    def __init__(self, model: nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 cache: StateCache | None = None, name: str = "model") -> None:
+        for label, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if value < 1:
+                raise SamoutError(f"{label} must be at least 1, got {value}")
+        if max_queue < 0:
+            raise SamoutError(f"max_queue must be >= 0, got {max_queue}")
+        self.model = model.eval()
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.batched = not isinstance(model, Transformer)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.cache = cache
+        self._waiting: deque[GenerationRequest] = deque()
+        self._active: list[_Sequence] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = self.tokens_generated = self.peak_active = 0
+        self.state_bytes = self.peak_state_bytes = self.peak_state_sessions = 0
+
+    # -- public API ------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"samout-engine-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[tuple], None],
+               stop_ids: frozenset[int] = frozenset({EOT_ID})) -> GenerationRequest:
+        if not prompt:
+            raise SamoutError("the prompt is empty (it must hold at least one token)")
+        request = GenerationRequest(list(prompt), params, emit, frozenset(stop_ids))
+        with self._cond:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            free_slots = self.max_batch - len(self._active)
+            if len(self._waiting) >= self.max_queue + max(free_slots, 0):
+                raise QueueFullError(f"too many requests: {len(self._active)} running and "
+                                     f"{len(self._waiting)} waiting")
+            self._waiting.append(request)
+            self._cond.notify()
+        return request
+
+    def abort(self, request: GenerationRequest) -> None:
+        """Cancel a request (its client went away); its slot is freed before the next step."""
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with `drain`, finish the running and waiting ones first."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                for request in self._waiting:
+                    request.cancelled = True
+                for seq in self._active:
+                    seq.request.cancelled = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self, reset_peaks: bool = False) -> dict:
+        """Counters; `reset_peaks` starts the peak figures afresh after reading them (benchmarks)."""
+        with self._cond:
+            stats = {"active": len(self._active), "waiting": len(self._waiting), "steps": self.steps,
+                    "tokens_generated": self.tokens_generated, "peak_active": self.peak_active,
+                    "state_bytes": self.state_bytes, "peak_state_bytes": self.peak_state_bytes,
+                     "peak_state_sessions": self.peak_state_sessions,
+                    "batched_decode": self.batched, "max_batch": self.max_batch, "max_queue": self.max_queue,
+                    "cache": self.cache.stats() if self.cache is not None else None}
+            if reset_peaks:
+                self.peak_active, self.peak_state_bytes = len(self._active), self.state_bytes
+                self.peak_state_sessions = sum(s.state is not None for s in self._active)
+            return stats
+
+    # -- the loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._stopping and not self._waiting and not self._active:
+                    return
+            try:
+                self._iteration()
+            except Exception as err:  # never let one bad batch kill the server
+                print(f"samout serve: engine error: {type(err).__name__}: {err}", file=sys.stderr)
+                for seq in list(self._active):
+                    self._fail(seq, f"generation failed: {type(err).__name__}")
+
+    @torch.no_grad()
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+        self.steps += 1
+        live = [s.state.nbytes for s in self._active if s.state is not None]
+        self.state_bytes = sum(live)
+        if self.state_bytes > self.peak_state_bytes:
+            self.peak_state_bytes, self.peak_state_sessions = self.state_bytes, len(live)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        for seq in [s for s in self._active if s.request.cancelled]:
+            self._remove(seq)
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting or len(self._active) >= self.max_batch:
+                    break
+                request = self._waiting.popleft()
+            params = request.params
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            seq = _Sequence(request, torch.Generator(device="cpu").manual_seed(seed),
+                            pending=list(request.prompt), fed=[])
+            entry = self.cache.lookup(request.prompt) if self.cache is not None else None
+            if entry is not None:
+                seq.state, seq.logits = entry.state, entry.logits
+                seq.fed = entry.tokens.tolist()
+                seq.pending = seq.pending[len(seq.fed):]
+                seq.cached_tokens = len(seq.fed)
+            self._active.append(seq)
+            self._emit(seq, ("admitted", seq.cached_tokens))
+            self.peak_active = max(self.peak_active, len(self._active))
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for seq in self._active:
+            if budget <= 0:
+                break
+            if not seq.pending:
+                continue
+            chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            budget -= len(chunk)
+            try:
+                logits, seq.state = self.model(torch.tensor([chunk], device=self.device), seq.state)
+            except Exception as err:
+                self._fail(seq, f"prefill failed: {err}")
+                continue
+            seq.logits = logits[0, -1]
+            seq.fed.extend(chunk)
+            if not seq.pending and self.cache is not None:
+                # The prompt's own state too: a follow-up whose history re-encodes the reply
+                # differently (or regenerates it) still resumes after this prompt.
+                self.cache.put(seq.fed, seq.state, seq.logits)
+
+    def _decode(self) -> None:
+        ready = [s for s in self._active if not s.pending and s.logits is not None]
+        if not ready:
+            return
+        all_logits = torch.stack([s.logits for s in ready]).float().cpu()
+        feed: list[tuple[_Sequence, int]] = []
+        for seq, logits in zip(ready, all_logits):
+            params = seq.request.params
+            if seq.generated >= params.max_new_tokens:
+                self._finish(seq, "length")
+                continue
+            seen = torch.tensor(seq.fed, dtype=torch.long) if params.repetition_penalty != 1.0 else \
+                torch.empty(0, dtype=torch.long)
+            token = sample_next(logits, seen, params, seq.generator)
+            if params.stop_at_eot and token in seq.request.stop_ids:
+                self._finish(seq, "stop")
+                continue
+            seq.generated += 1
+            self.tokens_generated += 1
+            self._emit(seq, ("token", token))
+            if seq.generated >= params.max_new_tokens:
+                self._finish(seq, "length")
+            elif not seq.request.cancelled:
+                feed.append((seq, token))
+        if not feed:
+            return
+        if self.batched:
+            self._step_batched(feed)
+        else:
+            for seq, token in feed:
+                self._step_batched([(seq, token)])
+
+    def _step_batched(self, feed: list[tuple[_Sequence, int]]) -> None:
+        seqs = [s for s, _ in feed]
+        tokens = torch.tensor([[t] for _, t in feed], device=self.device)
+        state = seqs[0].state if len(seqs) == 1 else cat_states([s.state for s in seqs])
+        try:
+            logits, state = self.model(tokens, state)
+        except Exception as err:
+            for seq in seqs:
+                self._fail(seq, f"decode failed: {err}")
+            return
+        parts = [state] if len(seqs) == 1 else split_state(state)
+        for i, (seq, token) in enumerate(feed):
+            seq.state, seq.logits = parts[i], logits[i, -1]
+            seq.fed.append(token)
+
+    # -- leaving -----------------------------------------------------------------------
+    def _usage(self, seq: _Sequence) -> dict:
+        return {"prompt_tokens": len(seq.request.prompt), "completion_tokens": seq.generated,
+                "cached_tokens": seq.cached_tokens}
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        self._emit(seq, ("finish", reason, self._usage(seq)))
+        self._remove(seq)
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        self._emit(seq, ("error", message))
+        seq.state = None  # nothing trustworthy to cache
+        self._remove(seq)
+
+    def _remove(self, seq: _Sequence) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+        if self.cache is not None and seq.state is not None and seq.logits is not None and seq.fed:
+            self.cache.put(seq.fed, seq.state, seq.logits)
+
+    @staticmethod
+    def _emit(seq: _Sequence, event: tuple) -> None:
+        if seq.request.cancelled:
+            return
+        try:
+            seq.request.emit(event)
+        except Exception:  # the receiver is gone (e.g. its event loop closed)
+            seq.request.cancelled = True
+
+
+def cat_states(states: list[State]) -> State:
+    """One batched state from per-sequence states (every tensor has the batch first)."""
+    return State([{k: torch.cat([s[i][k] for s in states]) for k in states[0][i]}
+                  for i in range(len(states[0]))])
+
+
+def split_state(state: State) -> list[State]:
+    """Per-sequence states (batch 1 each) from a batched state."""
+    rows = [{k: v.split(1) for k, v in layer.items()} for layer in state]
+    return [State([{k: parts[j] for k, parts in layer.items()} for layer in rows])
+            for j in range(state.batch_size)]

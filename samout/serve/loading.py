@@ -1,0 +1,60 @@
+"""A run directory -> a `ServedModel`: the model loaded once, its engine, its tokenizer and,
+when the run has a chat template, the renderer of chat messages to prompt ids."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from samout.chat.template import render_ids
+from samout.errors import SamoutError
+from samout.generation import load_for_generation
+from samout.models.transformer import Transformer
+from samout.serve.api_server import ServedModel
+from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Engine
+from samout.serve.state_cache import StateCache
+from samout.tokenizer import END_OF_TURN_TOKEN, EOT_ID, has_chat_tokens, read_tokenizer_config
+
+DEFAULT_STATE_CACHE_MB = 256
+
+
+def chat_renderer(tokenizer, template: str | None):
+    """(render, stop ids) for a tokenizer and a chat template; (None, empty) without chat."""
+    if template is None or not has_chat_tokens(tokenizer):
+        return None, frozenset()
+
+    def render(messages: list[dict]) -> list[int]:
+        return render_ids(tokenizer, messages, add_generation_prompt=True, template=template)
+
+    return render, frozenset({EOT_ID, tokenizer.token_to_id(END_OF_TURN_TOKEN)})
+
+
+def served_model(model, tokenizer, name: str, *, chat_template: str | None = None,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 state_cache_mb: float = DEFAULT_STATE_CACHE_MB) -> ServedModel:
+    """A model already in memory, behind a fresh (not yet started) engine."""
+    if state_cache_mb < 0:
+        raise SamoutError(f"--state-cache-mb must be >= 0, got {state_cache_mb}")
+    cache = StateCache(int(state_cache_mb * 2**20)) if state_cache_mb > 0 else None
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                    cache=cache, name=name)
+    render, stop_ids = chat_renderer(tokenizer, chat_template)
+    limit = model.config.max_position_embeddings if isinstance(model, Transformer) else None
+    return ServedModel(name=name, engine=engine, tokenizer=tokenizer, render_chat=render,
+                       chat_stop_ids=stop_ids, context_limit=limit)
+
+
+def load_served_model(run_dir: str | Path, name: str | None = None, device: str = "cpu",
+                      **engine_options) -> ServedModel:
+    run_dir = Path(run_dir)
+    model, tokenizer = load_for_generation(run_dir, device)
+    template = read_tokenizer_config(run_dir).get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise SamoutError(f"{run_dir / 'tokenizer_config.json'}: chat_template must be a Jinja string")
+    if template is not None and not has_chat_tokens(tokenizer):
+        print(f"warning: {run_dir} has a chat template but its tokenizer has no chat tokens; "
+              "/v1/chat/completions is off for it", file=sys.stderr)
+        template = None
+    return served_model(model, tokenizer, name or run_dir.resolve().name, chat_template=template,
+                        **engine_options)

@@ -1,0 +1,30 @@
+"""`samout bench serve` end to end at the smallest size: the figures are there, the state
+cache hits after the whole history and misses otherwise, and the engine's state bytes per
+session are SamOut's exact state size."""
+
+from __future__ import annotations
+
+import json
+
+from samout.bench.serve import ServeBenchSettings, format_serve, run_serve_bench
+from samout.config import SamOutConfig
+
+
+def test_serve_bench_smallest(tmp_path):
+    s = ServeBenchSettings(preset="tiny", clients=[1, 2], histories=[24], max_tokens=3, follow_up_tokens=4,
+                           repeats=1, prefill_chunk=16)
+    results = run_serve_bench(s, tmp_path, command="test", progress=False)
+    saved = json.loads((tmp_path / "serve.json").read_text())
+    assert saved["throughput"] == results["throughput"] and len(results["throughput"]) == 4
+    for p in results["throughput"]:
+        assert p["tokens"] == 3 * p["clients"] and p["tokens_per_s"] > 0 and p["ttft_p50_s"] > 0
+        assert p["peak_rss_bytes"] > 0
+    config = SamOutConfig.from_preset("tiny")
+    exact = config.num_layers * config.num_heads * config.head_dim * 4  # float32 running max per layer
+    for p in results["throughput"]:
+        if p["model"] == "samout":
+            assert p["state_bytes_per_session"] == exact
+    for p in results["follow_up"]:
+        assert (p["cached_tokens_hit"], p["cached_tokens_miss"]) == (24, 0)
+    assert all((tmp_path / name).is_file() for name in results["plots"])
+    assert "SamOut/Transformer" in format_serve(results)

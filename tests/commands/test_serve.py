@@ -1,0 +1,65 @@
+"""`samout serve` as a process: it serves two run directories (SamOut and Transformer),
+a bad run directory is a one-line error, and SIGINT drains a running stream and exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.serve.serve_fixtures import free_port, make_models, save_transformer_run
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-cli")
+    _, transformer, tokenizer = make_models(root / "small")
+    save_transformer_run(root / "baseline", transformer, tokenizer)
+    return root / "small", root / "baseline"
+
+
+def test_missing_run_dir_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "samout", "serve", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("samout serve: error: run directory not found")
+
+
+def test_serve_then_sigint_drains_and_exits_cleanly(run_dirs):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "samout", "serve", *map(str, run_dirs),
+                             "--port", str(port), "--state-cache-mb", "8"], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["small", "baseline"] and all(m["chat"] for m in models)
+        body = {"model": "baseline", "prompt": "Hello", "max_tokens": 200, "stream": True,
+                "ignore_eos": True, "temperature": 0}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 2:
+                        proc.send_signal(signal.SIGINT)  # mid-stream: the stream must still finish
+        assert events[-1] == "[DONE]"
+        assert sum(json.loads(e)["usage"]["completion_tokens"] for e in events[:-1]
+                   if "usage" in json.loads(e)) == 200
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "stopped" in err

@@ -1,0 +1,271 @@
+"""The HTTP API against samout.generation, through the official `openai` client, httpx and curl;
+errors are OpenAI error objects with 400/401/404/429, never a 500."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import httpx
+import openai
+import pytest
+
+from samout.chat.template import render_ids
+from samout.generation import SamplingParams, generate, stream_ids
+from samout.serve.api_server import ServerSettings
+from samout.serve.loading import served_model
+from samout.tokenizer import END_OF_TURN_TOKEN
+from tests.serve.serve_fixtures import running_server, serve_pair
+
+MAX_PROMPT_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def server(serve_models):
+    model, transformer, tokenizer = serve_models[:3]
+    models = serve_pair(model, transformer, tokenizer, prefill_chunk=8)
+    models.append(served_model(model, tokenizer, "plain", chat_template=None, state_cache_mb=0))
+    with running_server(models, ServerSettings(max_prompt_tokens=MAX_PROMPT_TOKENS)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def chat_reference(model, tokenizer, messages, max_tokens) -> str:
+    """What the chat endpoint must answer greedily: generation up to <|end|> or end of text."""
+    end = tokenizer.token_to_id(END_OF_TURN_TOKEN)
+    ids = render_ids(tokenizer, messages, add_generation_prompt=True)
+    out = []
+    for token in stream_ids(model, ids, SamplingParams(max_new_tokens=max_tokens, temperature=0)):
+        if token == end:
+            break
+        out.append(token)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["samout", "transformer"])
+def test_openai_client_completions_match_generate(serve_models, client, name):
+    model = serve_models[0] if name == "samout" else serve_models[1]
+    tokenizer = serve_models[2]
+    want = generate(model, tokenizer, "Hello there", max_new_tokens=12, temperature=0)
+    answer = client.completions.create(model=name, prompt="Hello there", max_tokens=12, temperature=0)
+    assert answer.choices[0].text == want
+    assert answer.usage.completion_tokens == 12 or answer.choices[0].finish_reason == "stop"
+    assert answer.usage.prompt_tokens == len(tokenizer.encode("Hello there").ids) + 1
+    stream = client.completions.create(model=name, prompt="Hello there", max_tokens=12, temperature=0,
+                                       stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage is not None
+
+
+@pytest.mark.parametrize("name", ["samout", "transformer"])
+def test_openai_client_chat_matches_generation(serve_models, client, name):
+    model = serve_models[0] if name == "samout" else serve_models[1]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    want = chat_reference(model, serve_models[2], messages, 10)
+    answer = client.chat.completions.create(model=name, messages=messages, max_tokens=10, temperature=0)
+    assert answer.choices[0].message.content == want and answer.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=name, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == answer.usage.total_tokens
+
+
+def test_curl_plain_and_stream(serve_models, server):
+    model, _, tokenizer = serve_models[:3]
+    want = generate(model, tokenizer, "The quick", max_new_tokens=6, temperature=0)
+    body = {"model": "samout", "prompt": "The quick", "max_tokens": 6, "temperature": 0}
+    plain = subprocess.run(["curl", "-sS", "--max-time", "60", server + "/v1/completions",
+                            "-H", "Content-Type: application/json", "-d", json.dumps(body)],
+                           capture_output=True, text=True, check=True)
+    assert json.loads(plain.stdout)["choices"][0]["text"] == want
+    streamed = subprocess.run(["curl", "-sSN", "--max-time", "60", server + "/v1/completions",
+                               "-H", "Content-Type: application/json",
+                               "-d", json.dumps({**body, "stream": True})],
+                              capture_output=True, text=True, check=True)
+    events = [line[6:] for line in streamed.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want
+
+
+def test_concurrent_greedy_requests_match_generate(serve_models, server):
+    """Requests decoded together in one batch give what each gives alone."""
+    model, _, tokenizer = serve_models[:3]
+    prompts = [f"Sort these words {i}: pear apple fig" * (1 + i % 3) for i in range(8)]
+    want = [generate(model, tokenizer, p, max_new_tokens=16, temperature=0) for p in prompts]
+    got = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def worker(i):
+        barrier.wait()
+        r = httpx.post(server + "/v1/completions", json={"model": "samout", "prompt": prompts[i],
+                                                         "max_tokens": 16, "temperature": 0}, timeout=60)
+        got[i] = r.json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert got == want
+    assert httpx.get(server + "/health").json()["models"]["samout"]["peak_active"] > 1
+
+
+def test_n_choices_and_seeds(serve_models, client):
+    model, _, tokenizer = serve_models[:3]
+    answer = client.completions.create(model="samout", prompt=[1, 20, 30], max_tokens=8, temperature=1.0,
+                                       n=2, seed=123, extra_body={"ignore_eos": True})
+    texts = [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
+    for j, text in enumerate(texts):
+        params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=123 + j, stop_at_eot=False)
+        want = list(stream_ids(model, [1, 20, 30], params))
+        assert text == tokenizer.decode(want, skip_special_tokens=True)
+    assert answer.usage.completion_tokens == 16 and answer.usage.prompt_tokens == 3
+
+
+def test_stop_string_ends_the_text(serve_models, client):
+    model, _, tokenizer = serve_models[:3]
+    full = generate(model, tokenizer, "Hello", max_new_tokens=20, temperature=0)
+    stop = full[5:7]
+    assert stop and len(full) > 7
+    want = full[:full.find(stop)]
+    for stream in (False, True):
+        answer = client.completions.create(model="samout", prompt="Hello", max_tokens=20, temperature=0,
+                                           stop=[stop], stream=stream)
+        if stream:
+            chunks = list(answer)
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = answer.choices[0].text, answer.choices[0].finish_reason
+        assert (text, reason) == (want, "stop")
+
+
+def test_state_cache_reports_cached_tokens_and_gives_cold_tokens(serve_models, client):
+    model, _, tokenizer = serve_models[:3]
+    prompt = [1] + list(range(40, 70))
+    params = SamplingParams(max_new_tokens=5, temperature=0, stop_at_eot=False)
+    greedy = list(stream_ids(model, prompt, params))
+    first = client.completions.create(model="samout", prompt=prompt, max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert first.choices[0].text == tokenizer.decode(greedy, skip_special_tokens=True)
+    follow = prompt + greedy + [80, 81, 82]
+    kwargs = dict(prompt=follow, max_tokens=8, temperature=0.9, seed=7, extra_body={"ignore_eos": True})
+    hit = client.completions.create(model="samout", **kwargs)
+    cold = client.completions.create(model="plain", **kwargs)  # same weights, no cache
+    assert hit.usage.prompt_tokens_details.cached_tokens == len(prompt) + len(greedy) - 1
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert hit.choices[0].text == cold.choices[0].text
+    # Chat: a follow-up turn resumes at least after the first turn's prompt.
+    turn = [{"role": "user", "content": "Hello there, how are you?"}]
+    reply = client.chat.completions.create(model="samout", messages=turn, max_tokens=6, temperature=0)
+    turn2 = turn + [{"role": "assistant", "content": reply.choices[0].message.content},
+                    {"role": "user", "content": "What is 2 + 3?"}]
+    again = client.chat.completions.create(model="samout", messages=turn2, max_tokens=6, temperature=0)
+    first_prompt = len(render_ids(tokenizer, turn, add_generation_prompt=True))
+    assert again.usage.prompt_tokens_details.cached_tokens >= first_prompt
+    assert again.choices[0].message.content == chat_reference(model, tokenizer, turn2, 6)
+
+
+BAD_BODIES = [
+    ("{not json", "json"),
+    ([1, 2, 3], None),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "temperature": 5}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "x" * 400}, "prompt"),
+    ({"prompt": [1, 2, 10**6]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "x", "n": 100}, "n"),
+    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_BODIES, ids=[str(i) for i in range(len(BAD_BODIES))])
+def test_bad_completion_requests_are_openai_400s(server, body, param):
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server + "/v1/completions", content=data, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    if param not in (None, "json"):
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"model": "plain", "messages": [{"role": "user", "content": "hi"}]}, 400, "no_chat_template"),
+    ({"model": "samout", "messages": []}, 400, None),
+    ({"model": "samout", "messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ({"model": "samout", "messages": [{"role": "user", "content": 5}]}, 400, None),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+])
+def test_bad_chat_requests(server, body, status, code):
+    r = httpx.post(server + "/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def test_completions_still_work_without_chat_template(serve_models, client):
+    model, _, tokenizer = serve_models[:3]
+    answer = client.completions.create(model="plain", prompt="Hello", max_tokens=5, temperature=0)
+    assert answer.choices[0].text == generate(model, tokenizer, "Hello", max_new_tokens=5, temperature=0)
+    assert [m.id for m in client.models.list().data] == ["samout", "transformer", "plain"]
+
+
+def test_unknown_path_is_an_openai_404(server):
+    r = httpx.get(server + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_api_key_required_when_set(serve_models):
+    model, _, tokenizer = serve_models[:3]
+    models = [served_model(model, tokenizer, "samout")]
+    with running_server(models, ServerSettings(api_key="s3cret")) as url:
+        body = {"prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 401
+        wrong = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/health").status_code == 200  # liveness stays open
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="samout", prompt="Hi", max_tokens=2).usage.completion_tokens >= 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
+
+
+def test_full_queue_is_429_with_retry_after(serve_models):
+    model, _, tokenizer = serve_models[:3]
+    models = [served_model(model, tokenizer, "samout", max_batch=1, max_queue=0)]
+    with running_server(models) as url, httpx.Client(timeout=30) as http:
+        long = {"prompt": "Hi", "max_tokens": 4000, "stream": True, "ignore_eos": True, "temperature": 0}
+        with http.stream("POST", url + "/v1/completions", json=long) as busy:
+            next(busy.iter_lines())  # the first token: the only slot is taken
+            r = http.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        # Closing the stream freed the slot.
+        for _ in range(100):
+            if http.get(url + "/health").json()["models"]["samout"]["active"] == 0:
+                break
+            threading.Event().wait(0.05)
+        assert http.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_page_is_served(server):
+    r = httpx.get(server + "/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "samout chat" in r.text and "http://" not in r.text.replace("http://www.w3.org", "")

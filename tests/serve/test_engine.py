@@ -1,0 +1,142 @@
+"""The engine against samout.generation: the same tokens alone, batched with others, with
+chunked prefill, and resumed from the state cache; cancelled requests free their slots."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from samout.generation import SamplingParams, stream_ids
+from samout.serve.engine import Engine, QueueFullError
+from samout.serve.state_cache import StateCache
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish = None
+        self.cached_tokens = None
+        self.done = threading.Event()
+
+    def __call__(self, event: tuple) -> None:
+        if event[0] == "admitted":
+            self.cached_tokens = event[1]
+        elif event[0] == "token":
+            self.tokens.append(event[1])
+        else:
+            self.finish = event
+            self.done.set()
+
+
+def run_jobs(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[Collector]:
+    """Submit every job before the engine starts, so they are all decoded together."""
+    outs = [Collector() for _ in jobs]
+    for (prompt, params), out in zip(jobs, outs):
+        engine.submit(prompt, params, out)
+    engine.start()
+    for out in outs:
+        assert out.done.wait(60), "a request did not finish"
+    engine.shutdown()
+    return outs
+
+
+def reference(model, prompt, params) -> list[int]:
+    return list(stream_ids(model, prompt, params))
+
+
+def _prompts(vocab: int, seed: int, count: int = 5) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 3, 9, 17, 40, 25, 2, 11][:count]
+    return [[1] + torch.randint(6, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("which", ["samout", "transformer"])
+def test_greedy_alone_and_batched_equals_generation(serve_models, which, seed):
+    model = serve_models[0] if which == "samout" else serve_models[1]
+    prompts = _prompts(model.config.vocab_size, seed)
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_at_eot=False)
+    want = [reference(model, p, params) for p in prompts]
+    alone = [run_jobs(Engine(model, prefill_chunk=8), [(p, params)])[0].tokens for p in prompts]
+    engine = Engine(model, prefill_chunk=8)
+    batched = run_jobs(engine, [(p, params) for p in prompts])
+    assert engine.peak_active == len(prompts)
+    assert alone == want
+    assert [b.tokens for b in batched] == want
+    assert all(b.finish[1] == "length" and b.finish[2]["completion_tokens"] == 12 for b in batched)
+
+
+@pytest.mark.parametrize("which", ["samout", "transformer"])
+def test_seeded_sampling_is_the_same_batched_or_alone(serve_models, which, seed):
+    model = serve_models[0] if which == "samout" else serve_models[1]
+    prompts = _prompts(model.config.vocab_size, seed, count=4)
+    jobs = [(p, SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed + i,
+                               stop_at_eot=False)) for i, p in enumerate(prompts)]
+    want = [reference(model, p, params) for p, params in jobs]
+    assert [o.tokens for o in run_jobs(Engine(model, prefill_chunk=16), jobs)] == want
+    assert run_jobs(Engine(model), jobs[:1])[0].tokens == want[0]
+
+
+@pytest.mark.parametrize("which", ["samout", "transformer"])
+def test_state_cache_hit_gives_the_cold_tokens(serve_models, which, seed):
+    model = serve_models[0] if which == "samout" else serve_models[1]
+    first_prompt = _prompts(model.config.vocab_size, seed, count=5)[4]
+    cache = StateCache(1 << 26)
+    engine = Engine(model, prefill_chunk=8, cache=cache).start()
+    first = Collector()
+    engine.submit(first_prompt, SamplingParams(max_new_tokens=6, temperature=0.9, seed=seed,
+                                               stop_at_eot=False), first)
+    assert first.done.wait(60)
+    follow_up = first_prompt + first.tokens + [7, 8, 9]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed + 1, stop_at_eot=False)
+    hit = Collector()
+    engine.submit(follow_up, params, hit)
+    assert hit.done.wait(60)
+    # The last generated token was sampled but never fed, so the state covers one token less.
+    assert hit.cached_tokens == len(first_prompt) + len(first.tokens) - 1
+    assert hit.finish[2]["cached_tokens"] == hit.cached_tokens
+    # A prompt that is exactly a cached prefix needs no model call: the stored logits serve.
+    exact_prompt = first_prompt + first.tokens[:-1]
+    exact = Collector()
+    engine.submit(exact_prompt, params, exact)
+    assert exact.done.wait(60)
+    engine.shutdown()
+    assert exact.cached_tokens == len(exact_prompt)
+    cold, exact_cold = run_jobs(Engine(model, prefill_chunk=8), [(follow_up, params), (exact_prompt, params)])
+    assert cold.cached_tokens == exact_cold.cached_tokens == 0
+    assert hit.tokens == cold.tokens == reference(model, follow_up, params)
+    assert exact.tokens == exact_cold.tokens == reference(model, exact_prompt, params)
+
+
+def test_cancelled_request_frees_its_slot(serve_models):
+    model = serve_models[0]
+    engine = Engine(model, max_batch=1).start()
+    long = Collector()
+    seen_first = threading.Event()
+
+    def emit(event):
+        long(event)
+        if event[0] == "token":
+            seen_first.set()
+
+    request = engine.submit([1, 9, 10], SamplingParams(max_new_tokens=100_000, temperature=0,
+                                                       stop_at_eot=False), emit)
+    assert seen_first.wait(30)
+    short = Collector()
+    engine.submit([1, 11], SamplingParams(max_new_tokens=3, temperature=0, stop_at_eot=False), short)
+    engine.abort(request)
+    assert short.done.wait(30), "the waiting request never got the freed slot"
+    count = len(long.tokens)
+    engine.shutdown()
+    assert long.finish is None and len(long.tokens) == count < 100_000
+    assert engine.stats()["active"] == 0
+
+
+def test_queue_bound_raises_queue_full(serve_models):
+    engine = Engine(serve_models[0], max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    params = SamplingParams(max_new_tokens=1)
+    for _ in range(3):  # one free slot + two queue places
+        engine.submit([1, 5], params, lambda e: None)
+    with pytest.raises(QueueFullError):
+        engine.submit([1, 5], params, lambda e: None)
