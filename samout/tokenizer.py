@@ -185,22 +185,3 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
             lengths[idx] = len(token.encode("utf-8"))
     return lengths
 
-
-def update_tokenizer_config(directory: str | Path, **fields) -> None:
-    """Set `fields` in `directory/tokenizer_config.json`, keeping every other key there.
-
-    The one writer of that file in samout (the Hugging Face auto_map, the chat template,
-    ...), so writers of different keys never undo each other. Written atomically, with
-    the same file mode as the other files of a run directory.
-    """
-    path = Path(directory) / TOKENIZER_CONFIG_NAME
-    data: dict = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SamoutError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise SamoutError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    data.update(fields)
-    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
