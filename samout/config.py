@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 
 MIXERS = ("gen3", "dual", "gen4", "openash", "conv")
 DEFAULT_MIXER = "openash"
-# How the mixers compute (same results): "fused" autograd kernels, or the plain eager
-# "reference" they are tested against (samout/ops).
-KERNELS = ("fused", "reference")
+# How the mixers compute (same results; samout/ops/kernels.py): "auto" picks "triton" on
+# CUDA tensors when triton imports, else the "fused" autograd kernels; "reference" is the
+# plain eager code they are all tested against.
+KERNELS = ("auto", "fused", "reference", "triton")
 
 # Bumped when the meaning of saved weights changes; loading another version fails clearly.
 FORMAT_VERSION = 1
@@ -109,7 +110,7 @@ class SamOutConfig(JsonConfig):
     ffn_mult: int = 1
     tie_word_embeddings: bool = False
     final_norm: bool = False
-    kernel: str = "fused"
+    kernel: str = "auto"
     model_type: str = field(default="samout", repr=False)
 
     def __post_init__(self) -> None:

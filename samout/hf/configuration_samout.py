@@ -31,7 +31,7 @@ class SamOutHFConfig(PreTrainedConfig):
     ffn_mult: int = 1
     tie_word_embeddings: bool = False
     final_norm: bool = False
-    kernel: str = "fused"
+    kernel: str = "auto"
     format_version: int = FORMAT_VERSION
     pad_token_id: int | None = PAD_ID
     bos_token_id: int | None = EOS_ID

@@ -107,8 +107,8 @@ class SamOut(PretrainedModelMixin, nn.Module):
         return State([{"running_max": t.clone()} for _ in self.layers])
 
     def set_kernel(self, kernel: str) -> SamOut:
-        """Switch every mixer between the "fused" kernels and the eager "reference"
-        (same results; see samout/ops). Returns the model."""
+        """Switch every mixer between "auto", the "fused" or "triton" kernels and the eager
+        "reference" (same results; see samout/ops/kernels.py). Returns the model."""
         for layer in self.layers:
             layer.mixer.set_kernel(kernel)
         self.config.kernel = kernel
