@@ -111,6 +111,9 @@ class SamOutConfig(JsonConfig):
     tie_word_embeddings: bool = False
     final_norm: bool = False
     kernel: str = "auto"
+    # Training memory: recompute the mixer's projected streams in backward instead of
+    # keeping them (samout/ops/recompute.py). Same results; no effect on inference.
+    recompute: bool = False
     model_type: str = field(default="samout", repr=False)
 
     def __post_init__(self) -> None:
@@ -142,7 +145,7 @@ class SamOutConfig(JsonConfig):
                 )
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}: choose one of {', '.join(KERNELS)}")
-        for name in ("tie_word_embeddings", "final_norm"):
+        for name in ("tie_word_embeddings", "final_norm", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model_type != "samout":

@@ -30,6 +30,7 @@ from samout.config import KERNELS, SamOutConfig
 from samout.ops import running_max, running_max_cummax
 from samout.ops.fused_mix import fused_mix, gen3_ref, gen4_ref, openash_ref
 from samout.ops.kernels import resolve_kernel
+from samout.ops.recompute import project_and_mix_recomputed
 
 
 class MaxStateSuper(nn.Module):
@@ -43,6 +44,7 @@ class MaxStateSuper(nn.Module):
     def __init__(self, config: SamOutConfig) -> None:
         super().__init__()
         self.kernel = config.kernel
+        self.recompute = config.recompute  # see samout/ops/recompute.py
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.proj = nn.Linear(config.hidden_size, self.num_streams * config.hidden_size, bias=False)
@@ -95,7 +97,10 @@ class MaxStateSuper(nn.Module):
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, t, d = x.shape
-        y, new_state = self.mix(self.project(x), state)
+        if self.recompute and torch.is_grad_enabled():
+            y, new_state = project_and_mix_recomputed(self, x, state)
+        else:
+            y, new_state = self.mix(self.project(x), state)
         return y.reshape(b, t, d), new_state
 
 
