@@ -111,7 +111,8 @@ def decode_table(s: LowpSettings, device: torch.device, progress=print) -> dict[
         row["median_step_s"] = median(row["seconds"])
         row["tokens_per_s"] = row["batch"] / row["median_step_s"]
         if row["batch"] in f32:
-            row["speedup_vs_float32"] = row["tokens_per_s"] / (row["batch"] / median(f32[row["batch"]]["seconds"]))
+            f32_tps = row["batch"] / median(f32[row["batch"]]["seconds"])
+            row["speedup_vs_float32"] = row["tokens_per_s"] / f32_tps
     return {"preset": s.preset, "bandwidth_bytes_per_s": bw,
             "float32_weight_bytes": base_bytes,
             "float32_ceiling_tokens_per_s_batch1": bw / base_bytes if base_bytes else None,
@@ -147,7 +148,8 @@ def accuracy_table(s: LowpSettings, device: torch.device) -> dict[str, Any]:
         for rows in batches:
             rows = rows.to(device)
             logits, _ = model(rows[:, :-1])
-            nats += float(F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum"))
+            nats += float(F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(),
+                                          reduction="sum"))
             count += rows[:, 1:].numel()
             tops.append(logits.argmax(-1).flatten().cpu())
         top = torch.cat(tops)
@@ -176,7 +178,8 @@ def memory_table(s: LowpSettings, device: torch.device, progress=print) -> dict[
         speed = SpeedSettings(tokens_per_step=tokens)
         steps, infos = {}, {}
         for name, cfg in variants.items():
-            steps[name], infos[name] = training_step(build_model(cfg, device, s.seed), cfg, tokens, speed, device)
+            model = build_model(cfg, device, s.seed)
+            steps[name], infos[name] = training_step(model, cfg, tokens, speed, device)
         progress(f"training memory at {tokens} tokens/step: {', '.join(variants)}")
         seconds = {n: [] for n in steps}
         names = list(steps)
@@ -188,7 +191,8 @@ def memory_table(s: LowpSettings, device: torch.device, progress=print) -> dict[
             rows.append({"model": n, "tokens_per_step": tokens, "peak_bytes": peak,
                          "median_seconds": median(seconds[n]), "tokens_per_s": tokens / median(seconds[n])})
         tf = next(r for r in rows if r["model"] == "transformer" and r["tokens_per_step"] == tokens)
-        plain = next(r for r in rows if r["model"] == f"samout-{base.mixer}" and r["tokens_per_step"] == tokens)
+        plain = next(r for r in rows
+                     if r["model"] == f"samout-{base.mixer}" and r["tokens_per_step"] == tokens)
         for r in rows:
             if r["tokens_per_step"] == tokens:
                 r["peak_vs_transformer"] = r["peak_bytes"] / tf["peak_bytes"]
@@ -224,7 +228,8 @@ def format_lowp(results: dict[str, Any]) -> str:
              f"memory read bandwidth here: {gb:.1f} GB/s; float32 weights read per token "
              f"{d['float32_weight_bytes'] / 2**20:.0f} MiB -> float32 ceiling at batch 1: "
              f"{d['float32_ceiling_tokens_per_s_batch1']:.1f} tokens/s",
-             f"{'dtype':>9} {'weights':>10} " + " ".join(f"{'batch ' + str(b):>18}" for b in results['settings']['batches'])]
+             f"{'dtype':>9} {'weights':>10} "
+             + " ".join(f"{'batch ' + str(b):>18}" for b in results["settings"]["batches"])]
     for dtype in results["settings"]["dtypes"]:
         rows = [r for r in d["rows"] if r["dtype"] == dtype]
         cells = " ".join(f"{r['tokens_per_s']:>9.1f} ({r.get('speedup_vs_float32', 0):.2f}x)" for r in rows)
@@ -237,11 +242,14 @@ def format_lowp(results: dict[str, Any]) -> str:
         f32 = a["dtypes"].get("float32", {}).get("perplexity")
         for dtype, r in a["dtypes"].items():
             rel = f"{100 * (r['perplexity'] / f32 - 1):+.2f}%" if f32 else "-"
-            lines.append(f"{dtype:>9} {r['perplexity']:>11.3f} {rel:>11} {100 * r['greedy_agreement_vs_float32']:>16.2f}%")
+            agree = 100 * r["greedy_agreement_vs_float32"]
+            lines.append(f"{dtype:>9} {r['perplexity']:>11.3f} {rel:>11} {agree:>16.2f}%")
     m = results["memory"]
     lines += ["", f"training memory, {m['preset']} (vocab {m['vocab_size']}), one sequence per step",
-              f"{'tokens':>7} {'model':>26} {'peak MiB':>9} {'vs transformer':>15} {'tokens/s':>9} {'speed vs samout':>16}"]
+              f"{'tokens':>7} {'model':>26} {'peak MiB':>9} {'vs transformer':>15} {'tokens/s':>9} "
+              f"{'speed vs samout':>16}"]
     for r in m["rows"]:
         lines.append(f"{r['tokens_per_step']:>7} {r['model']:>26} {r['peak_bytes'] / 2**20:>9.1f} "
-                     f"{r['peak_vs_transformer']:>14.3f}x {r['tokens_per_s']:>9.0f} {r['speed_vs_samout']:>15.3f}x")
+                     f"{r['peak_vs_transformer']:>14.3f}x {r['tokens_per_s']:>9.0f} "
+                     f"{r['speed_vs_samout']:>15.3f}x")
     return "\n".join(lines)

@@ -80,9 +80,9 @@ def register(subparsers) -> None:
                         "limit, accuracy of --accuracy-run, training memory with/without recompute")
     g.add_argument("--lowp-preset", choices=list(PRESETS), help="decode model (default openash-85m)")
     g.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,8,64)")
-    g.add_argument("--accuracy-run", metavar="RUN_DIR", help="trained run for perplexity and greedy agreement")
+    g.add_argument("--accuracy-run", metavar="RUN_DIR", help="trained run: perplexity, greedy agreement")
     g.add_argument("--accuracy-windows", type=int, help="validation windows for the accuracy table")
-    g.add_argument("--memory-tokens", type=_ints, help="tokens per step of the memory table (default 1024,4096)")
+    g.add_argument("--memory-tokens", type=_ints, help="memory table tokens/step (default 1024,4096)")
     _add_run_args(speed, "bench-results")
     speed.set_defaults(func=run_speed_command)
 
