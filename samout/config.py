@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 
 MIXERS = ("gen3", "dual", "gen4", "openash", "conv")
 DEFAULT_MIXER = "openash"
-# How the mixers compute (same results): "fused" autograd kernels, or the plain eager
-# "reference" they are tested against (samout/ops).
-KERNELS = ("fused", "reference")
+# How the mixers compute (same results; samout/ops/kernels.py): "auto" picks "triton" on
+# CUDA tensors when triton imports, else the "fused" autograd kernels; "reference" is the
+# plain eager code they are all tested against.
+KERNELS = ("auto", "fused", "reference", "triton")
 
 # Bumped when the meaning of saved weights changes; loading another version fails clearly.
 FORMAT_VERSION = 1
@@ -109,7 +110,10 @@ class SamOutConfig(JsonConfig):
     ffn_mult: int = 1
     tie_word_embeddings: bool = False
     final_norm: bool = False
-    kernel: str = "fused"
+    kernel: str = "auto"
+    # Training memory: recompute the mixer's projected streams in backward instead of
+    # keeping them (samout/ops/recompute.py). Same results; no effect on inference.
+    recompute: bool = False
     model_type: str = field(default="samout", repr=False)
 
     def __post_init__(self) -> None:
@@ -141,7 +145,7 @@ class SamOutConfig(JsonConfig):
                 )
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}: choose one of {', '.join(KERNELS)}")
-        for name in ("tie_word_embeddings", "final_norm"):
+        for name in ("tie_word_embeddings", "final_norm", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model_type != "samout":

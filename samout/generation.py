@@ -148,15 +148,15 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> str:
     return "".join(stream(model, tokenizer, prompt, **kwargs))
 
 
-def load_for_generation(run_dir: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a run or model directory."""
+def load_for_generation(run_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) from a run or model directory; `dtype`: see samout.quant."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SamoutError(f"run directory not found: {run_dir}")
     if not (run_dir / "config.json").is_file():
         raise SamoutError(f"no checkpoint in {run_dir} (config.json is missing): train a model there first")
     try:
-        model = load_pretrained(run_dir, map_location=device)
+        model = load_pretrained(run_dir, map_location=device, dtype=dtype)
     except CheckpointError as err:
         # The top-level files of a run are replaced one by one, checksums.json last: a crash in
         # between leaves a mixed set, which the checksums catch. The checkpoints are whole.
@@ -165,7 +165,7 @@ def load_for_generation(run_dir: str | Path, device: str = "cpu"):
             raise
         print(f"warning: {err}; loading {fallback} instead", file=sys.stderr)
         run_dir = fallback
-        model = load_pretrained(run_dir, map_location=device, verify=False)
+        model = load_pretrained(run_dir, map_location=device, verify=False, dtype=dtype)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_NAME)
     return model, tokenizer
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 
 import torch
 
+from samout.bench import lowp as lowp_bench
 from samout.bench import params as params_bench
 from samout.bench import quality as quality_bench
 from samout.bench import recall as recall_bench
@@ -73,6 +75,15 @@ def register(subparsers) -> None:
     g.add_argument("--prefill-chunk", type=int, help="tokens per call when building the context state")
     g.add_argument("--repeats", type=int, help="timed training steps per point (median reported)")
     g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g = speed.add_argument_group("low precision and training memory (--lowp; samout/bench/lowp.py)")
+    g.add_argument("--lowp", action="store_true",
+                   help="instead: decode tokens/s by --dtype at batch 1/8/64 with the measured bandwidth "
+                        "limit, accuracy of --accuracy-run, training memory with/without recompute")
+    g.add_argument("--lowp-preset", choices=list(PRESETS), help="decode model (default openash-85m)")
+    g.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,8,64)")
+    g.add_argument("--accuracy-run", metavar="RUN_DIR", help="trained run: perplexity, greedy agreement")
+    g.add_argument("--accuracy-windows", type=int, help="validation windows for the accuracy table")
+    g.add_argument("--memory-tokens", type=_ints, help="memory table tokens/step (default 1024,4096)")
     _add_run_args(speed, "bench-results")
     speed.set_defaults(func=run_speed_command)
 
@@ -195,7 +206,28 @@ def run_params_command(args) -> int:
     return 0
 
 
+def run_lowp_command(args) -> int:
+    s = lowp_bench.LowpSettings(**lowp_bench.QUICK) if args.quick else lowp_bench.LowpSettings()
+    _apply_flags(s, args, ("batches", "accuracy_run", "accuracy_windows", "memory_tokens", "device", "seed"))
+    if args.lowp_preset:
+        s.preset = args.lowp_preset
+    if args.decode_steps:
+        s.decode_steps = args.decode_steps
+    if args.repeats:
+        s.repeats = args.repeats
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise SamoutError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if s.accuracy_run and not Path(s.accuracy_run, "config.json").is_file():
+        raise SamoutError(f"--accuracy-run: no trained model in {s.accuracy_run}")
+    results = lowp_bench.run_lowp(s, args.out, command=_command_line(args), progress=not args.no_progress)
+    return _write_report(args, "lowp", results, lowp_bench.format_lowp(results))
+
+
 def run_speed_command(args) -> int:
+    if args.lowp:
+        return run_lowp_command(args)
     s = _common(args, speed_bench.SpeedSettings, speed_bench.QUICK)
     _apply_flags(s, args, ("lengths", "tokens_per_step", "contexts", "decode_steps", "prefill_chunk",
                            "repeats", "lr"))

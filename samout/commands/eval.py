@@ -10,6 +10,7 @@ from samout.data.dataset import TokenData
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
 from samout.generation import load_for_generation
+from samout.quant import add_dtype_argument
 from samout.tokenizer import TOKENIZER_NAME, token_byte_lengths
 from samout.training.trainer import TRAIN_CONFIG_NAME
 
@@ -28,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-windows", type=int, help="evaluate only this many windows (default all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    add_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -35,7 +37,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    model, tokenizer = load_for_generation(run_dir, device=args.device)
+    model, tokenizer = load_for_generation(run_dir, device=args.device, dtype=args.dtype)
     saved = {}
     if (run_dir / TRAIN_CONFIG_NAME).is_file():
         saved = json.loads((run_dir / TRAIN_CONFIG_NAME).read_text())

@@ -10,6 +10,7 @@ import torch
 
 from samout.errors import SamoutError
 from samout.generation import load_for_generation, stream
+from samout.quant import add_dtype_argument
 
 
 def register(subparsers) -> None:
@@ -30,6 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens (>1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    add_dtype_argument(p)
     p.set_defaults(func=run)
 
 
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise SamoutError("give a prompt with --prompt TEXT or --prompts-file FILE")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    model, tokenizer = load_for_generation(args.run_dir, device=device if device != "auto" else "cpu")
+    model, tokenizer = load_for_generation(args.run_dir, device=device if device != "auto" else "cpu",
+                                           dtype=args.dtype)
     for i, prompt in enumerate(prompts):
         if i:
             print("\n" + "-" * 40)

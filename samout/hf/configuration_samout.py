@@ -31,7 +31,8 @@ class SamOutHFConfig(PreTrainedConfig):
     ffn_mult: int = 1
     tie_word_embeddings: bool = False
     final_norm: bool = False
-    kernel: str = "fused"
+    kernel: str = "auto"
+    recompute: bool = False
     format_version: int = FORMAT_VERSION
     pad_token_id: int | None = PAD_ID
     bos_token_id: int | None = EOS_ID
@@ -56,4 +57,4 @@ class SamOutHFConfig(PreTrainedConfig):
 
 
 SAMOUT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mixer", "padding_idx",
-                 "ffn_mult", "tie_word_embeddings", "final_norm", "kernel")
+                 "ffn_mult", "tie_word_embeddings", "final_norm", "kernel", "recompute")

@@ -10,12 +10,15 @@ the full, chunked and one-step forms and demand bit-identical results:
 thing carried across time is the running max of one stream (`state`); all the rest
 is per position, so any chunking gives the same outputs.
 
-Two kernels compute `mix` (`config.kernel`, or `SamOut.set_kernel`):
-- "fused" (default): gen3, gen4 and openash run `samout.ops.fused_mix` (one autograd
+Kernels compute `mix` (`config.kernel`, or `SamOut.set_kernel`; see samout/ops/kernels.py):
+- "fused": gen3, gen4 and openash run `samout.ops.fused_mix` (one autograd
   function: blocked running max, polynomial with an explicit backward); dual and conv
   use the fast `running_max` with their eager combine.
+- "triton": gen4 and openash run `samout.ops.triton_mix`; dual and conv the Triton
+  running max; gen3 the fused path.
+- "auto" (default): "triton" on CUDA tensors when triton imports, else "fused".
 - "reference": the plain eager code (`torch.cummax` + autograd through `combine`).
-Both give the same outputs, states and gradients (to float rounding; tests compare them).
+All give the same outputs, states and gradients (to float rounding; tests compare them).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from torch import Tensor, nn
 from samout.config import KERNELS, SamOutConfig
 from samout.ops import running_max, running_max_cummax
 from samout.ops.fused_mix import fused_mix, gen3_ref, gen4_ref, openash_ref
+from samout.ops.kernels import resolve_kernel
+from samout.ops.recompute import project_and_mix_recomputed
 
 
 class MaxStateSuper(nn.Module):
@@ -39,6 +44,7 @@ class MaxStateSuper(nn.Module):
     def __init__(self, config: SamOutConfig) -> None:
         super().__init__()
         self.kernel = config.kernel
+        self.recompute = config.recompute  # see samout/ops/recompute.py
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.proj = nn.Linear(config.hidden_size, self.num_streams * config.hidden_size, bias=False)
@@ -50,11 +56,26 @@ class MaxStateSuper(nn.Module):
         return self.proj(x).view(b, t, self.num_streams, self.num_heads, self.head_dim)
 
     def mix(self, streams: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.kernel == "reference":
+        kernel = resolve_kernel(self.kernel, streams)
+        if kernel == "reference":
             return self.mix_reference(streams, state)
+        if kernel == "triton":
+            return self._mix_triton(streams, state)
         if self.fused is not None:
             return fused_mix(self.fused, streams, state, self.alpha, self._fused_weight())
         m = running_max(streams[:, :, self.max_stream], state, dim=1)
+        return self.combine(streams, m), m[:, -1]
+
+    def _mix_triton(self, streams: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        # Imported here: triton is optional, and tests set TRITON_INTERPRET before the import.
+        from samout.ops.triton_mix import TRITON_KINDS, triton_mix
+        from samout.ops.triton_running_max import triton_running_max
+
+        if self.fused in TRITON_KINDS:
+            return triton_mix(self.fused, streams, state, self.alpha, self._fused_weight())
+        if self.fused is not None:  # gen3: no Triton polynomial, the fused one is used
+            return fused_mix(self.fused, streams, state, self.alpha, self._fused_weight())
+        m = triton_running_max(streams[:, :, self.max_stream], state, dim=1)
         return self.combine(streams, m), m[:, -1]
 
     def mix_reference(self, streams: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -76,7 +97,10 @@ class MaxStateSuper(nn.Module):
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, t, d = x.shape
-        y, new_state = self.mix(self.project(x), state)
+        if self.recompute and torch.is_grad_enabled():
+            y, new_state = project_and_mix_recomputed(self, x, state)
+        else:
+            y, new_state = self.mix(self.project(x), state)
         return y.reshape(b, t, d), new_state
 
 

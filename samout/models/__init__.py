@@ -12,9 +12,11 @@ from samout.models.transformer import Transformer, TransformerConfig, match_tran
 MODEL_CLASSES: dict[str, type] = {"samout": SamOut, "transformer": Transformer}
 
 
-def load_pretrained(directory: str | Path, map_location: str = "cpu", verify: bool = True):
+def load_pretrained(directory: str | Path, map_location: str = "cpu", verify: bool = True,
+                    dtype: str = "float32"):
     """Load whichever model `directory/config.json` describes (checking `checksums.json`, if
-    the directory has one, unless `verify=False`)."""
+    the directory has one, unless `verify=False`). `dtype` "bfloat16" or "int8" converts
+    it for inference (samout.quant.convert_for_inference)."""
     if verify and Path(directory).is_dir():
         verify_checksums(directory)
     model_type = read_config_dict(directory).get("model_type", "samout")
@@ -22,7 +24,12 @@ def load_pretrained(directory: str | Path, map_location: str = "cpu", verify: bo
         raise CheckpointError(
             f"{directory}: unknown model_type {model_type!r} (known: {', '.join(MODEL_CLASSES)})"
         )
-    return MODEL_CLASSES[model_type].from_pretrained(directory, map_location=map_location)
+    model = MODEL_CLASSES[model_type].from_pretrained(directory, map_location=map_location)
+    if dtype != "float32":
+        from samout.quant import convert_for_inference
+
+        model = convert_for_inference(model, dtype)
+    return model
 
 
 __all__ = [

@@ -15,20 +15,26 @@ from torch import Tensor, nn
 from samout.config import SamOutConfig
 from samout.layers.mixers import build_mixer
 from samout.models.base import PretrainedModelMixin
+from samout.ops.blend_norm import blend_norm
+from samout.ops.gated_ffn import gated_ffn
 from samout.state import State
 
 
 class FeedForward(nn.Module):
     """ffn2(ffn1(x) ⊙ ReLU(gate(x))), as in the seeds (width multiplier optional)."""
 
-    def __init__(self, hidden_size: int, mult: int = 1) -> None:
+    def __init__(self, hidden_size: int, mult: int = 1, lean: bool = False) -> None:
         super().__init__()
         inner = hidden_size * mult
         self.ffn1 = nn.Linear(hidden_size, inner)
         self.gate = nn.Linear(hidden_size, inner)
         self.ffn2 = nn.Linear(inner, hidden_size)
+        self.lean = lean  # config.recompute: the leaner autograd function (samout/ops/gated_ffn.py)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.lean and torch.is_grad_enabled() and all(type(m) is nn.Linear for m in self.children()):
+            return gated_ffn(x, self.ffn1.weight, self.ffn1.bias, self.gate.weight, self.gate.bias,
+                             self.ffn2.weight, self.ffn2.bias)
         return self.ffn2(self.ffn1(x) * torch.relu(self.gate(x)))
 
 
@@ -36,12 +42,16 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: SamOutConfig) -> None:
         super().__init__()
         self.mixer = build_mixer(config)
-        self.ffn = FeedForward(config.hidden_size, config.ffn_mult)
+        self.ffn = FeedForward(config.hidden_size, config.ffn_mult, lean=config.recompute)
         self.layer_norm = nn.LayerNorm(config.hidden_size)
         self.alpha = nn.Parameter(torch.tensor(0.5))
+        self.lean = config.recompute  # the leaner blend + norm (samout/ops/blend_norm.py)
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h, state = self.mixer(x, state)
+        if self.lean and torch.is_grad_enabled():
+            ln = self.layer_norm
+            return blend_norm(self.ffn(h), x, self.alpha, ln.weight, ln.bias, ln.eps), state
         return self.layer_norm(self.alpha * self.ffn(h) + (1 - self.alpha) * x), state
 
 
@@ -107,8 +117,8 @@ class SamOut(PretrainedModelMixin, nn.Module):
         return State([{"running_max": t.clone()} for _ in self.layers])
 
     def set_kernel(self, kernel: str) -> SamOut:
-        """Switch every mixer between the "fused" kernels and the eager "reference"
-        (same results; see samout/ops). Returns the model."""
+        """Switch every mixer between "auto", the "fused" or "triton" kernels and the eager
+        "reference" (same results; see samout/ops/kernels.py). Returns the model."""
         for layer in self.layers:
             layer.mixer.set_kernel(kernel)
         self.config.kernel = kernel

@@ -6,9 +6,12 @@ import random
 import pytest
 import torch
 
-from samout.config import KERNELS, MIXERS, SamOutConfig
+from samout.config import MIXERS, SamOutConfig
 from samout.layers import build_mixer
 from tests.helpers import random_chunks
+
+# The kernels that run on CPU without the Triton interpreter ("triton": tests/ops/test_triton.py).
+KERNELS = ("auto", "fused", "reference")
 
 
 def _mixer(name: str, kernel: str = "fused"):
@@ -114,8 +117,8 @@ def test_fused_kernel_equals_reference(seed, name):
 
 
 def test_unknown_kernel_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown kernel 'triton': choose one of fused, reference"):
-        SamOutConfig(kernel="triton")
+    with pytest.raises(ValueError, match="unknown kernel 'cuda': choose one of auto, fused, reference"):
+        SamOutConfig(kernel="cuda")
     with pytest.raises(ValueError, match="unknown kernel"):
         _mixer("gen4").set_kernel("nope")
 

@@ -1,0 +1,227 @@
+"""Low-precision inference: weights in bfloat16 or int8, activations and state in float32.
+
+    model = convert_for_inference(model, "int8")      # or "bfloat16", "float32" (no-op)
+    model = samout.load_pretrained(run_dir, dtype="int8")
+    add_dtype_argument(parser)                        # the one `--dtype` flag of the CLI
+
+Decoding one token reads every weight once, so at batch 1 its speed is bounded by memory
+bandwidth / bytes of weights; only smaller weights go past float32's limit. Every
+`nn.Linear` (mixer projections, FFN, output head) is replaced; the embedding stays
+float32 (a token reads one row of it), as do LayerNorm, the mixers' small parameters and
+the running-max state (the state contract `logits, state = model(ids, state)` is kept).
+
+- "bfloat16": `BF16Linear`, weights in bf16. On CPU with oneDNN the weight is prepacked
+  once (`torch.ops.mkldnn._reorder_linear_weight`): the plain bf16 `F.linear` was no
+  faster than float32 at batch 1 on the test machine, the prepacked one 1.6x.
+- "int8": `Int8Linear`, weights int8 with one float32 scale per output channel
+  (symmetric: w ≈ scale[o] * q[o, i], q in [-127, 127]). On CPU it runs fbgemm's
+  dynamic int8 kernel (`torch.ops.quantized.linear_dynamic`, what `torch.ao`'s
+  `quantize_dynamic` uses): the activations are also rounded to 8 bits, per call, with
+  one scale for the whole input tensor. That was 2.7x float32's speed over the 85M
+  model's matrices; the weight-only `torch.ops.aten._weight_int8pack_mm` (gpt-fast's CPU
+  kernel) was 2.3x *slower* than float32 there, and dequantize-then-matmul slower still.
+  Elsewhere (CUDA, no fbgemm) it computes x @ (q * scale).T, weight-only.
+The accuracy cost (perplexity, greedy agreement with float32) is measured by
+`samout bench speed --decode-dtypes` (samout/bench/lowp.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
+DEFAULT_INFERENCE_DTYPE = "float32"
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The `--dtype` flag of every inference command (generate, eval, chat, serve)."""
+    parser.add_argument(
+        "--dtype", choices=INFERENCE_DTYPES, default=DEFAULT_INFERENCE_DTYPE,
+        help="weights for inference: float32, bfloat16, or int8 (per-channel scales; activations "
+             "and the running-max state stay float32); see README 'Low-precision decoding'")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"unknown inference dtype {dtype!r}: choose one of {', '.join(INFERENCE_DTYPES)}")
+    return dtype
+
+
+# -- int8 ---------------------------------------------------------------------------
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel: (q int8 [out, in], scale float32 [out])."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # clamp: an all-zero row keeps scale > 0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@functools.cache
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_dynamic")
+
+
+@functools.cache
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def _reduce_range() -> bool:
+    # Without VNNI, fbgemm adds pairs of u8*s8 products in int16, which can saturate with
+    # full 8-bit activations; 7-bit activations (reduce_range) avoid that, at some accuracy.
+    return not _cpu_has_vnni()
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights and per-output-channel float32 scales (see the module doc)."""
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self._packed = None  # fbgemm's packed weight, built on first CPU use
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = quantize_per_channel(linear.weight)
+        return cls(q, scale, linear.bias)
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight_int8.float() * self.scale[:, None]
+
+    def uses_fbgemm(self, x: Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype == torch.float32 and _fbgemm_available()
+
+    def _packed_params(self):
+        if self._packed is None:
+            with _engine("fbgemm"), warnings.catch_warnings():
+                # The qint8 tensor exists only to be packed (torch warns about quantized tensors).
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.weight_int8, self.scale.double(), torch.zeros_like(self.scale, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+        return self._packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.uses_fbgemm(x):
+            shape = x.shape
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), self._packed_params(),
+                                                   _reduce_range())
+            return y.view(*shape[:-1], self.out_features)
+        y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class _engine:
+    """Set torch.backends.quantized.engine for a block (older torch has no engine_scope)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self):
+        self.saved = torch.backends.quantized.engine
+        torch.backends.quantized.engine = self.name
+
+    def __exit__(self, *exc):
+        torch.backends.quantized.engine = self.saved
+
+
+def quantize_activations_ref(x: Tensor, reduce_range: bool = False) -> Tensor:
+    """What fbgemm's dynamic kernel does to its input, in plain float: one affine uint8
+    scale for the whole tensor (range widened to include 0), rounded, then dequantized."""
+    qmax = 127 if reduce_range else 255
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / qmax if hi > lo else 1.0
+    zero = min(max(round(-lo / scale), 0), qmax)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+    return (q - zero) * scale
+
+
+# -- bfloat16 -----------------------------------------------------------------------
+
+
+@functools.cache
+def _mkldnn_bf16() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class BF16Linear(nn.Module):
+    """A Linear with bfloat16 weights; float32 in and out (the input is rounded to bf16)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().to(torch.bfloat16)
+        self.packed = w.device.type == "cpu" and _mkldnn_bf16()
+        if self.packed:
+            w = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        self.register_buffer("weight_bf16", w)
+        b = linear.bias
+        self.register_buffer("bias", None if b is None else b.detach().to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xb = x.to(torch.bfloat16)
+        if self.packed and x.device.type == "cpu":
+            shape = x.shape
+            y = torch.ops.mkldnn._linear_pointwise(xb.reshape(-1, shape[-1]), self.weight_bf16, self.bias,
+                                                   "none", [], "")
+            return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(xb, self.weight_bf16, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16"
+
+
+# -- conversion ---------------------------------------------------------------------
+
+# Linears kept in float32: openash's head mixing (a 5H -> H matrix, 320 numbers) whose
+# weight the mixer kernels read directly.
+KEEP_FLOAT = frozenset({"head_mix"})
+
+
+def convert_for_inference(model: nn.Module, dtype: str) -> nn.Module:
+    """Replace every nn.Linear of `model` (in place) by its `dtype` form and put the model
+    in eval mode; "float32" changes nothing. Returns the model. Inference only: the new
+    modules have no trainable weights."""
+    check_dtype(dtype)
+    model.eval()
+    if dtype == DEFAULT_INFERENCE_DTYPE:
+        return model
+    make = Int8Linear.from_linear if dtype == "int8" else BF16Linear
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child_name not in KEEP_FLOAT:
+                setattr(module, child_name, make(child))
+    model.inference_dtype = dtype
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights a decode step reads: every parameter and buffer except the
+    embedding table (one row per token)."""
+    skip = {id(model.embed.weight)} if hasattr(model, "embed") else set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in skip:
+            total += t.numel() * t.element_size()
+    return total
