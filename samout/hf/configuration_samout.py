@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from samout.config import DEFAULT_MIXER, FORMAT_VERSION, SamOutConfig
+from samout.config import DEFAULT_MAX_DECAY_INIT, DEFAULT_MIXER, FORMAT_VERSION, SamOutConfig
 
 # Fixed by the project's tokenizers: <|pad|> = 0, <|endoftext|> = 1.
 PAD_ID, EOS_ID = 0, 1
@@ -32,6 +32,11 @@ class SamOutHFConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     final_norm: bool = False
     kernel: str = "fused"
+    layer_types: list[str] | None = None
+    attention_every: int | None = None
+    attention_window: int | None = None
+    max_decay: bool = False
+    max_decay_init: float = DEFAULT_MAX_DECAY_INIT
     format_version: int = FORMAT_VERSION
     pad_token_id: int | None = PAD_ID
     bos_token_id: int | None = EOS_ID
@@ -56,4 +61,5 @@ class SamOutHFConfig(PreTrainedConfig):
 
 
 SAMOUT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mixer", "padding_idx",
-                 "ffn_mult", "tie_word_embeddings", "final_norm", "kernel")
+                 "ffn_mult", "tie_word_embeddings", "final_norm", "kernel", "layer_types", "attention_every",
+                 "attention_window", "max_decay", "max_decay_init")
