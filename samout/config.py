@@ -18,6 +18,9 @@ DEFAULT_MIXER = "openash"
 # What a decoder layer mixes tokens with: a MaxStateSuper mixer (`mixer`) or causal
 # softmax attention (samout/layers/attention.py), named per layer in `layer_types`.
 LAYER_TYPES = ("maxstate", "attention")
+# Hugging Face transformers renames a config's "attention" layers to "full_attention" when
+# it loads one; both spellings mean the same layer here.
+LAYER_TYPE_ALIASES = {"full_attention": "attention"}
 # softplus(θ0) for a forgetting running max (`max_decay`): see SamOutConfig.
 DEFAULT_MAX_DECAY_INIT = 1e-3
 # How the mixers compute (same results): "fused" autograd kernels, or the plain eager
@@ -184,10 +187,11 @@ class SamOutConfig(JsonConfig):
                 raise ValueError(
                     f"layer_types must list one kind per layer ({self.num_layers}), got {self.layer_types!r}"
                 )
-            for kind in self.layer_types:
+            kinds = [LAYER_TYPE_ALIASES.get(kind, kind) for kind in self.layer_types]
+            for kind in kinds:
                 if kind not in LAYER_TYPES:
                     raise ValueError(f"unknown layer type {kind!r}: choose one of {', '.join(LAYER_TYPES)}")
-            self.layer_types = list(self.layer_types)
+            self.layer_types = kinds
         for name in ("attention_every", "attention_window"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

@@ -48,6 +48,15 @@ class SamOutHFConfig(PreTrainedConfig):
         self.to_samout_config()
         super().__post_init__(**kwargs)
 
+    def validate(self) -> None:
+        # transformers checks `layer_types` against its own kinds (validate_layer_type);
+        # SamOutConfig checks samout's ("maxstate", "attention", which transformers
+        # renames "full_attention" on loading). Every other check of transformers runs.
+        for validator in getattr(PreTrainedConfig, "__class_validators__", []):
+            if validator.__name__ != "validate_layer_type":
+                validator(self)
+        self.to_samout_config()
+
     def to_samout_config(self) -> SamOutConfig:
         """The samout config for `samout.models.samout.SamOut` (validated)."""
         return SamOutConfig.from_dict({f: getattr(self, f) for f in SAMOUT_FIELDS} | {
