@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from samout.bench.common import (
+    check_variants,
     header_line,
     plot_lines,
     prepare_out_dir,
     resolve_device,
     run_header,
+    variant_fields,
     write_json,
 )
 from samout.config import MIXERS, SamOutConfig
@@ -37,6 +39,8 @@ class QualitySettings:
     corpus: str | None = None  # a directory of text files (one document each) or a glob
     preset: str = "small"
     mixers: list[str] = field(default_factory=lambda: ["openash", "gen3", "dual", "gen4", "conv"])
+    variants: list[str] = field(default_factory=list)  # samout.bench.common.VARIANTS of the preset
+    window: int = 64  # attention_window of the hybrid-swa variant
     vocab_size: int = 4096
     val_fraction: float = 0.1
     seq_len: int = 256
@@ -58,7 +62,11 @@ QUICK = dict(preset="tiny", vocab_size=1024, seq_len=128, batch_size=16, max_ste
 
 
 def corpus_files(corpus: str) -> list[str]:
+    from samout.data.sources import BUILTIN_CORPORA
+
     path = Path(corpus)
+    if corpus in BUILTIN_CORPORA and not path.exists():
+        return [corpus]  # a built-in corpus (e.g. kjv: one document per chapter)
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix == ".txt"
                        and not p.name.isupper() and p.name != "COPYING.txt")
@@ -102,7 +110,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
         raise SamoutError(f"--corpus {s.corpus}: {len(docs)} documents; a split by whole documents needs "
                           f"at least {MIN_SPLIT_UNITS} files")
     _, val_idx = split_documents(docs, s.val_fraction, s.seed)  # the split prepare() makes
-    val_files = [Path(docs[i].source).name for i in val_idx]
+    val_files = [Path(str(docs[i].source)).name for i in val_idx]
     work = Path(s.work_dir) if s.work_dir else out / "quality-work"
     data_dir = work / "data"
     prepare(files, data_dir, vocab_size=s.vocab_size, val_fraction=s.val_fraction, seed=s.seed, quiet=True)
@@ -115,6 +123,8 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                           save_every=s.max_steps, keep_checkpoints=1, log_every=s.eval_every,
                           device=str(device), seed=s.seed)
     runs = {f"samout-{m}": {"mixer": m} for m in s.mixers}
+    check_variants(s.variants, SamOutConfig.from_preset(s.preset))
+    runs.update({v: variant_fields(v, s.window) for v in s.variants})
     runs["transformer"] = {"model_type": "transformer",
                            "max_position_embeddings": max(4096, longest)}
     results: dict[str, Any] = {
