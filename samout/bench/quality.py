@@ -38,6 +38,7 @@ from samout.errors import SamoutError
 class QualitySettings:
     corpus: str | None = None  # a directory of text files (one document each) or a glob
     preset: str = "small"
+    overrides: dict[str, Any] = field(default_factory=dict)  # model fields on top of the preset (every run)
     mixers: list[str] = field(default_factory=lambda: ["openash", "gen3", "dual", "gen4", "conv"])
     variants: list[str] = field(default_factory=list)  # samout.bench.common.VARIANTS of the preset
     window: int = 64  # attention_window of the hybrid-swa variant
@@ -122,10 +123,10 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                           warmup_steps=s.warmup_steps, eval_every=s.eval_every, eval_windows=s.eval_windows,
                           save_every=s.max_steps, keep_checkpoints=1, log_every=s.eval_every,
                           device=str(device), seed=s.seed)
-    runs = {f"samout-{m}": {"mixer": m} for m in s.mixers}
-    check_variants(s.variants, SamOutConfig.from_preset(s.preset))
-    runs.update({v: variant_fields(v, s.window) for v in s.variants})
-    runs["transformer"] = {"model_type": "transformer",
+    runs = {f"samout-{m}": {**s.overrides, "mixer": m} for m in s.mixers}
+    check_variants(s.variants, SamOutConfig.from_preset(s.preset, **s.overrides))
+    runs.update({v: {**s.overrides, **variant_fields(v, s.window)} for v in s.variants})
+    runs["transformer"] = {**s.overrides, "model_type": "transformer",
                            "max_position_embeddings": max(4096, longest)}
     results: dict[str, Any] = {
         "benchmark": "quality", "work_dir": str(work), "header": run_header(device, command),
@@ -135,7 +136,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                   "val_fraction": s.val_fraction},
         "train_config": train_settings, "models": {},
     }
-    base = SamOutConfig.from_preset(s.preset, vocab_size=data.vocab_size)
+    base = SamOutConfig.from_preset(s.preset, **{**s.overrides, "vocab_size": data.vocab_size})
     for name, model_fields in runs.items():
         run_dir = work / "runs" / name
         if run_dir.exists():

@@ -104,6 +104,8 @@ def register(subparsers) -> None:
     quality.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small)")
     quality.add_argument("--mixers", type=_mixers, help="SamOut mixers to train (default: all)")
     _add_variant_args(quality)
+    for name in ("hidden_size", "num_layers", "num_heads"):
+        quality.add_argument("--" + name.replace("_", "-"), type=int, help="model override (every run)")
     quality.add_argument("--context-multiples", type=_ints,
                          help="evaluate at these multiples of --seq-len (default 1,2,4)")
     for name, kind in (("vocab_size", int), ("seq_len", int), ("batch_size", int), ("max_steps", int),
@@ -170,6 +172,8 @@ def _write_report(args, name: str, results: dict, summary: str) -> int:
 def run_quality_command(args) -> int:
     settings = quality_bench.QualitySettings
     s = settings(**quality_bench.QUICK) if args.quick else settings()
+    s.overrides = {**s.overrides, **{k: getattr(args, k) for k in ("hidden_size", "num_layers", "num_heads")
+                                     if getattr(args, k) is not None}}
     _apply_flags(s, args, ("corpus", "preset", "mixers", "variants", "window", "context_multiples",
                            "vocab_size", "seq_len", "batch_size", "max_steps",
                            "lr", "warmup_steps", "eval_every", "device", "seed", "work_dir"))
