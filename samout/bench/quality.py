@@ -111,7 +111,10 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
         raise SamoutError(f"--corpus {s.corpus}: {len(docs)} documents; a split by whole documents needs "
                           f"at least {MIN_SPLIT_UNITS} files")
     _, val_idx = split_documents(docs, s.val_fraction, s.seed)  # the split prepare() makes
-    val_files = [Path(str(docs[i].source)).name for i in val_idx]
+    if files == [s.corpus]:  # a built-in corpus: every document has the corpus's name
+        val_files = [f"{s.corpus} document {i}" for i in val_idx]
+    else:
+        val_files = [Path(docs[i].source).name for i in val_idx]
     work = Path(s.work_dir) if s.work_dir else out / "quality-work"
     data_dir = work / "data"
     prepare(files, data_dir, vocab_size=s.vocab_size, val_fraction=s.val_fraction, seed=s.seed, quiet=True)
@@ -173,11 +176,17 @@ def plot_quality(results: dict[str, Any], out: Path) -> list[str]:
     return ["quality_bpb_vs_tokens.png", "quality_bpb_vs_time.png"]
 
 
+def _short_list(items: list[str], keep: int = 8) -> str:
+    if len(items) <= keep:
+        return ", ".join(items)
+    return ", ".join(items[:keep]) + f", ... ({len(items)} in all)"
+
+
 def format_quality(results: dict[str, Any]) -> str:
     h = results["header"]
     mult = results["settings"]["context_multiples"]
     lines = [f"# samout bench quality — {header_line(h)}", f"# {h['command']}",
-             f"validation files: {', '.join(results['split']['validation_files'])}", "",
+             f"validation files: {_short_list(results['split']['validation_files'])}", "",
              f"{'model':>16} {'non-emb. params':>16} {'tokens':>10} {'seconds':>8} "
              + " ".join(f"{f'bpb@{k}x':>9}" for k in mult)]
     for name, m in results["models"].items():
