@@ -15,6 +15,14 @@ from typing import Any, TypeVar
 
 MIXERS = ("gen3", "dual", "gen4", "openash", "conv")
 DEFAULT_MIXER = "openash"
+# What a decoder layer mixes tokens with: a MaxStateSuper mixer (`mixer`) or causal
+# softmax attention (samout/layers/attention.py), named per layer in `layer_types`.
+LAYER_TYPES = ("maxstate", "attention")
+# Hugging Face transformers renames a config's "attention" layers to "full_attention" when
+# it loads one; both spellings mean the same layer here.
+LAYER_TYPE_ALIASES = {"full_attention": "attention"}
+# softplus(θ0) for a forgetting running max (`max_decay`): see SamOutConfig.
+DEFAULT_MAX_DECAY_INIT = 1e-3
 # How the mixers compute (same results; samout/ops/kernels.py): "auto" picks "triton" on
 # CUDA tensors when triton imports, else the "fused" autograd kernels; "reference" is the
 # plain eager code they are all tested against.
@@ -42,6 +50,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The demo's model: a few minutes on 2 CPU cores gets readable text.
     "small": dict(mixer=DEFAULT_MIXER, vocab_size=8192, hidden_size=256, num_layers=4,
                   num_heads=8, padding_idx=0),
+    # Hybrids (issue 14): `small` with its last layer of every four made causal softmax
+    # attention, over the whole context or a sliding window of 256 tokens (a bounded
+    # state); and `small` with a forgetting running max.
+    "hybrid-small": dict(mixer=DEFAULT_MIXER, vocab_size=8192, hidden_size=256, num_layers=4,
+                         num_heads=8, padding_idx=0, attention_every=4),
+    "hybrid-small-swa": dict(mixer=DEFAULT_MIXER, vocab_size=8192, hidden_size=256, num_layers=4,
+                             num_heads=8, padding_idx=0, attention_every=4, attention_window=256),
+    "small-decay": dict(mixer=DEFAULT_MIXER, vocab_size=8192, hidden_size=256, num_layers=4,
+                        num_heads=8, padding_idx=0, max_decay=True),
 }
 
 
@@ -114,6 +131,20 @@ class SamOutConfig(JsonConfig):
     # Training memory: recompute the mixer's projected streams in backward instead of
     # keeping them (samout/ops/recompute.py). Same results; no effect on inference.
     recompute: bool = False
+    # Hybrid layers: `layer_types` names each layer's kind (LAYER_TYPES); the short form
+    # `attention_every: N` makes layers N-1, 2N-1, ... attention. None: all maxstate.
+    layer_types: list[str] | None = None
+    attention_every: int | None = None
+    # Sliding window of the attention layers (each token sees itself and the W-1 before
+    # it; the decode state keeps W-1 keys and values), or None for the whole context.
+    attention_window: int | None = None
+    # A forgetting running max in every maxstate mixer: m_t = max(x_t, m_{t-1} - δ),
+    # δ = softplus(θ) per head-channel, θ initialised so δ = max_decay_init. Small, so a
+    # new model starts as the non-forgetting max the seeds train well (a channel forgets
+    # a gap of 1 in about 1000 tokens) and learns how much to forget; Adam moves θ by
+    # about lr per step whatever softplus's slope, so δ can grow quickly where it helps.
+    max_decay: bool = False
+    max_decay_init: float = DEFAULT_MAX_DECAY_INIT
     model_type: str = field(default="samout", repr=False)
 
     def __post_init__(self) -> None:
@@ -145,15 +176,45 @@ class SamOutConfig(JsonConfig):
                 )
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}: choose one of {', '.join(KERNELS)}")
-        for name in ("tie_word_embeddings", "final_norm", "recompute"):
+        self._validate_layers()
+        for name in ("tie_word_embeddings", "final_norm", "recompute", "max_decay"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model_type != "samout":
             raise ValueError(f"model_type must be 'samout', got {self.model_type!r}")
 
+    def _validate_layers(self) -> None:
+        if self.layer_types is not None and self.attention_every is not None:
+            raise ValueError("give layer_types or attention_every, not both")
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != self.num_layers:
+                raise ValueError(
+                    f"layer_types must list one kind per layer ({self.num_layers}), got {self.layer_types!r}"
+                )
+            kinds = [LAYER_TYPE_ALIASES.get(kind, kind) for kind in self.layer_types]
+            for kind in kinds:
+                if kind not in LAYER_TYPES:
+                    raise ValueError(f"unknown layer type {kind!r}: choose one of {', '.join(LAYER_TYPES)}")
+            self.layer_types = kinds
+        for name in ("attention_every", "attention_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
+        if not isinstance(self.max_decay_init, (int, float)) or isinstance(self.max_decay_init, bool) \
+                or not self.max_decay_init > 0:
+            raise ValueError(f"max_decay_init must be a positive number, got {self.max_decay_init!r}")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def resolved_layer_types(self) -> list[str]:
+        """Each layer's kind, from `layer_types` or `attention_every`."""
+        if self.layer_types is not None:
+            return list(self.layer_types)
+        every = self.attention_every
+        return ["attention" if every and (i + 1) % every == 0 else "maxstate" for i in range(self.num_layers)]
 
     # -- presets -------------------------------------------------------------
     @classmethod

@@ -6,6 +6,8 @@
 Layout (batch dimension first in every tensor):
 
     SamOut        layers[i] = {"running_max": [B, H, dh]}       fixed size
+    hybrid SamOut attention layers: {"key", "value": [B, H, T_kept, dh]}, T_kept <= W - 1
+                  with an attention_window W (fixed), else every token (grows)
     Transformer   layers[i] = {"key": [B, H, T, dh], "value": [B, H, T, dh]}  grows with T
 
 Everything a wrapper needs works on that plain structure: `index_select` reorders

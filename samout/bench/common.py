@@ -95,13 +95,45 @@ def positive_ints(name: str, values: list[int]) -> list[int]:
     return sorted(set(values))
 
 
-def model_specs(base: SamOutConfig, mixers: list[str], match_mixer: str,
-                **transformer_overrides: Any) -> dict[str, Any]:
-    """The configs compared: SamOut with each mixer, and one Transformer matched to
-    SamOut with `match_mixer` (mixers differ in size by up to ~30%, so the matched
-    figure is for that one; every model's count is reported)."""
+# Issue 14's variants of the base SamOut (its own mixer): name -> config fields. The
+# sliding window is `window` (a benchmark setting). Attention layers have 4 D^2
+# parameters, as many as the gen4/openash projection they replace, so every variant has
+# the base's non-embedding parameters to within 5 H^2 + 3 per swapped layer (+ D per layer
+# for δ), and the Transformer matched to the base is matched to each of them.
+VARIANTS = ("samout", "samout-decay", "hybrid", "hybrid-swa")
+HYBRID_EVERY = 4
+
+
+def variant_fields(name: str, window: int) -> dict[str, Any]:
+    table = {
+        "samout": {},
+        "samout-decay": {"max_decay": True},
+        "hybrid": {"attention_every": HYBRID_EVERY},
+        "hybrid-swa": {"attention_every": HYBRID_EVERY, "attention_window": window},
+    }
+    if name not in table:
+        raise SamoutError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
+    return table[name]
+
+
+def check_variants(variants: list[str], base: SamOutConfig | None = None) -> list[str]:
+    for v in variants:
+        variant_fields(v, 1)
+        if v.startswith("hybrid") and base is not None and base.num_layers < HYBRID_EVERY:
+            raise SamoutError(f"variant {v} makes 1 layer in {HYBRID_EVERY} attention: it needs --num-layers "
+                              f">= {HYBRID_EVERY} (got {base.num_layers})")
+    return list(dict.fromkeys(variants))
+
+
+def model_specs(base: SamOutConfig, mixers: list[str], match_mixer: str, variants: list[str] = (),
+                window: int = 64, **transformer_overrides: Any) -> dict[str, Any]:
+    """The configs compared: SamOut with each mixer, each of `variants` (VARIANTS) of the
+    base, and one Transformer matched to SamOut with `match_mixer` (mixers differ in size
+    by up to ~30%, so the matched figure is for that one; every model's count is reported)."""
     specs: dict[str, Any] = {f"samout-{m}": SamOutConfig.from_dict({**base.to_dict(), "mixer": m})
                              for m in mixers}
+    for v in check_variants(list(variants), base):
+        specs[v] = SamOutConfig.from_dict({**base.to_dict(), **variant_fields(v, window)})
     match_to = SamOutConfig.from_dict({**base.to_dict(), "mixer": match_mixer})
     specs["transformer"] = match_transformer_to(match_to, **transformer_overrides)
     return specs

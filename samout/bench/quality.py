@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from samout.bench.common import (
+    check_variants,
     header_line,
     plot_lines,
     prepare_out_dir,
     resolve_device,
     run_header,
+    variant_fields,
     write_json,
 )
 from samout.config import MIXERS, SamOutConfig
@@ -36,7 +38,10 @@ from samout.errors import SamoutError
 class QualitySettings:
     corpus: str | None = None  # a directory of text files (one document each) or a glob
     preset: str = "small"
+    overrides: dict[str, Any] = field(default_factory=dict)  # model fields on top of the preset (every run)
     mixers: list[str] = field(default_factory=lambda: ["openash", "gen3", "dual", "gen4", "conv"])
+    variants: list[str] = field(default_factory=list)  # samout.bench.common.VARIANTS of the preset
+    window: int = 64  # attention_window of the hybrid-swa variant
     vocab_size: int = 4096
     val_fraction: float = 0.1
     seq_len: int = 256
@@ -58,7 +63,11 @@ QUICK = dict(preset="tiny", vocab_size=1024, seq_len=128, batch_size=16, max_ste
 
 
 def corpus_files(corpus: str) -> list[str]:
+    from samout.data.sources import BUILTIN_CORPORA
+
     path = Path(corpus)
+    if corpus in BUILTIN_CORPORA and not path.exists():
+        return [corpus]  # a built-in corpus (e.g. kjv: one document per chapter)
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix == ".txt"
                        and not p.name.isupper() and p.name != "COPYING.txt")
@@ -102,7 +111,10 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
         raise SamoutError(f"--corpus {s.corpus}: {len(docs)} documents; a split by whole documents needs "
                           f"at least {MIN_SPLIT_UNITS} files")
     _, val_idx = split_documents(docs, s.val_fraction, s.seed)  # the split prepare() makes
-    val_files = [Path(docs[i].source).name for i in val_idx]
+    if files == [s.corpus]:  # a built-in corpus: every document has the corpus's name
+        val_files = [f"{s.corpus} document {i}" for i in val_idx]
+    else:
+        val_files = [Path(docs[i].source).name for i in val_idx]
     work = Path(s.work_dir) if s.work_dir else out / "quality-work"
     data_dir = work / "data"
     prepare(files, data_dir, vocab_size=s.vocab_size, val_fraction=s.val_fraction, seed=s.seed, quiet=True)
@@ -114,8 +126,10 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                           warmup_steps=s.warmup_steps, eval_every=s.eval_every, eval_windows=s.eval_windows,
                           save_every=s.max_steps, keep_checkpoints=1, log_every=s.eval_every,
                           device=str(device), seed=s.seed)
-    runs = {f"samout-{m}": {"mixer": m} for m in s.mixers}
-    runs["transformer"] = {"model_type": "transformer",
+    runs = {f"samout-{m}": {**s.overrides, "mixer": m} for m in s.mixers}
+    check_variants(s.variants, SamOutConfig.from_preset(s.preset, **s.overrides))
+    runs.update({v: {**s.overrides, **variant_fields(v, s.window)} for v in s.variants})
+    runs["transformer"] = {**s.overrides, "model_type": "transformer",
                            "max_position_embeddings": max(4096, longest)}
     results: dict[str, Any] = {
         "benchmark": "quality", "work_dir": str(work), "header": run_header(device, command),
@@ -125,7 +139,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                   "val_fraction": s.val_fraction},
         "train_config": train_settings, "models": {},
     }
-    base = SamOutConfig.from_preset(s.preset, vocab_size=data.vocab_size)
+    base = SamOutConfig.from_preset(s.preset, **{**s.overrides, "vocab_size": data.vocab_size})
     for name, model_fields in runs.items():
         run_dir = work / "runs" / name
         if run_dir.exists():
@@ -162,11 +176,17 @@ def plot_quality(results: dict[str, Any], out: Path) -> list[str]:
     return ["quality_bpb_vs_tokens.png", "quality_bpb_vs_time.png"]
 
 
+def _short_list(items: list[str], keep: int = 8) -> str:
+    if len(items) <= keep:
+        return ", ".join(items)
+    return ", ".join(items[:keep]) + f", ... ({len(items)} in all)"
+
+
 def format_quality(results: dict[str, Any]) -> str:
     h = results["header"]
     mult = results["settings"]["context_multiples"]
     lines = [f"# samout bench quality — {header_line(h)}", f"# {h['command']}",
-             f"validation files: {', '.join(results['split']['validation_files'])}", "",
+             f"validation files: {_short_list(results['split']['validation_files'])}", "",
              f"{'model':>16} {'non-emb. params':>16} {'tokens':>10} {'seconds':>8} "
              + " ".join(f"{f'bpb@{k}x':>9}" for k in mult)]
     for name, m in results["models"].items():

@@ -21,6 +21,7 @@ must hold all n pairs in [layers x D] numbers; attention can look them up.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,9 @@ class RecallSettings:
         default_factory=lambda: {"vocab_size": 256, "hidden_size": 128, "num_layers": 2, "num_heads": 4}
     )
     mixers: list[str] = field(default_factory=lambda: ["openash", "gen4", "gen3", "dual", "conv"])
+    # Issue 14's variants of the base (samout.bench.common.VARIANTS); hybrids need >= 4 layers.
+    variants: list[str] = field(default_factory=list)
+    window: int = 64  # attention_window of the hybrid-swa variant
     match_mixer: str | None = None
     positional: str = "sinusoidal"
     tasks: list[tuple[int, int]] = field(
@@ -186,7 +190,7 @@ def run_recall(s: RecallSettings, out: str | Path, command: str = "samout bench 
         make_mqar(1, length, pairs, base.vocab_size)
     match_mixer = s.match_mixer or base.mixer
     check_mixers([match_mixer])
-    specs = model_specs(base, s.mixers, match_mixer, positional=s.positional,
+    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
                         max_position_embeddings=max(4096, max(t[0] for t in s.tasks)))
     results: dict[str, Any] = {
         "benchmark": "recall", "header": run_header(device, command), "settings": asdict(s),
@@ -204,7 +208,9 @@ def run_recall(s: RecallSettings, out: str | Path, command: str = "samout bench 
         for name, config in specs.items():
             bar.set_postfix_str(f"{name} L={length} pairs={pairs}")
             model = build_model(config, device, s.seed)
+            start = time.perf_counter()
             run = train_and_evaluate(model, (length, pairs), s, device)
+            run["seconds"] = time.perf_counter() - start
             results["runs"].append({"model": name, "seq_len": length, "num_pairs": pairs, **run})
             bar.update()
     bar.close()

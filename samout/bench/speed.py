@@ -70,6 +70,8 @@ class SpeedSettings:
     preset: str = "seed-003"
     overrides: dict[str, Any] = field(default_factory=lambda: {"vocab_size": 8192})
     mixers: list[str] = field(default_factory=lambda: list(MIXERS))
+    variants: list[str] = field(default_factory=list)  # samout.bench.common.VARIANTS
+    window: int = 256  # attention_window of the hybrid-swa variant
     match_mixer: str | None = None  # None: the preset's own mixer
     positional: str = "sinusoidal"
     lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
@@ -188,7 +190,7 @@ def run_speed(s: SpeedSettings, out: str | Path, command: str = "samout bench sp
     match_mixer = s.match_mixer or base.mixer
     check_mixers([match_mixer])
     longest = max(max(s.lengths), max(s.contexts) + s.decode_steps + 2)
-    specs = model_specs(base, s.mixers, match_mixer, positional=s.positional,
+    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
                         max_position_embeddings=max(4096, longest))
     header = run_header(device, command)
     results: dict[str, Any] = {

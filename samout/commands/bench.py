@@ -18,7 +18,7 @@ from samout.bench import quality as quality_bench
 from samout.bench import recall as recall_bench
 from samout.bench import serve as serve_bench
 from samout.bench import speed as speed_bench
-from samout.bench.common import prepare_out_dir, write_json
+from samout.bench.common import VARIANTS, prepare_out_dir, write_json
 from samout.checkpoint import atomic_write
 from samout.config import MIXERS, PRESETS
 from samout.errors import SamoutError
@@ -46,6 +46,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--match-mixer", choices=MIXERS,
                    help="mixer whose SamOut the Transformer is sized against (default: the preset's)")
     g.add_argument("--positional", choices=["sinusoidal", "rotary"], help="Transformer positions")
+    _add_variant_args(g)
+
+
+def _add_variant_args(g) -> None:
+    g.add_argument("--variants", type=_mixers,
+                   help=f"comma-separated variants of the preset's SamOut ({','.join(VARIANTS)}): "
+                        "hybrids make 1 layer in 4 attention (needs >= 4 layers); give --mixers '' to run "
+                        "only these and the Transformer")
+    g.add_argument("--window", type=int, help="attention_window of the hybrid-swa variant")
 
 
 def _add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -106,6 +115,11 @@ def register(subparsers) -> None:
     quality.add_argument("--corpus", help="directory of .txt files, one document each (e.g. the plays)")
     quality.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small)")
     quality.add_argument("--mixers", type=_mixers, help="SamOut mixers to train (default: all)")
+    _add_variant_args(quality)
+    for name in ("hidden_size", "num_layers", "num_heads"):
+        quality.add_argument("--" + name.replace("_", "-"), type=int, help="model override (every run)")
+    quality.add_argument("--context-multiples", type=_ints,
+                         help="evaluate at these multiples of --seq-len (default 1,2,4)")
     for name, kind in (("vocab_size", int), ("seq_len", int), ("batch_size", int), ("max_steps", int),
                        ("lr", float), ("warmup_steps", int), ("eval_every", int)):
         quality.add_argument("--" + name.replace("_", "-"), type=kind)
@@ -141,7 +155,7 @@ def _common(args, settings_cls, quick: dict) -> object:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     settings.overrides = overrides
-    for name in ("preset", "mixers", "match_mixer", "positional", "device", "seed"):
+    for name in ("preset", "mixers", "variants", "window", "match_mixer", "positional", "device", "seed"):
         if getattr(args, name, None) is not None:
             setattr(settings, name, getattr(args, name))
     if args.threads is not None:
@@ -184,7 +198,10 @@ def _write_report(args, name: str, results: dict, summary: str) -> int:
 def run_quality_command(args) -> int:
     settings = quality_bench.QualitySettings
     s = settings(**quality_bench.QUICK) if args.quick else settings()
-    _apply_flags(s, args, ("corpus", "preset", "mixers", "vocab_size", "seq_len", "batch_size", "max_steps",
+    s.overrides = {**s.overrides, **{k: getattr(args, k) for k in ("hidden_size", "num_layers", "num_heads")
+                                     if getattr(args, k) is not None}}
+    _apply_flags(s, args, ("corpus", "preset", "mixers", "variants", "window", "context_multiples",
+                           "vocab_size", "seq_len", "batch_size", "max_steps",
                            "lr", "warmup_steps", "eval_every", "device", "seed", "work_dir"))
     if args.threads is not None:
         if args.threads <= 0:

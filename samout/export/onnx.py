@@ -115,6 +115,13 @@ def export_onnx(model: SamOut, out_dir: str | Path, max_prefill_len: int = DEFAU
     if not isinstance(max_prefill_len, int) or max_prefill_len < 2:
         raise SamoutError(f"max_prefill_len must be an integer >= 2, got {max_prefill_len!r}")
     _require_onnx()
+    attention = [i for i, kind in enumerate(model.config.resolved_layer_types) if kind == "attention"]
+    if attention:
+        # Their state (keys and values) grows along a dynamic axis the graphs here do not carry.
+        raise SamoutError(
+            f"ONNX export supports maxstate layers only: layer(s) {', '.join(map(str, attention))} of this "
+            "hybrid model are attention (layer_types / attention_every)"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).float().cpu().eval()

@@ -24,9 +24,9 @@ class SamOutCache(Cache):
         self.seen_tokens = seen_tokens
 
     def __repr__(self) -> str:
-        shape = None if self.state is None else tuple(self.state[0]["running_max"].shape)
         layers = 0 if self.state is None else len(self.state)
-        return f"SamOutCache(layers={layers}, running_max={shape}, seen_tokens={self.seen_tokens})"
+        nbytes = 0 if self.state is None else self.state.nbytes
+        return f"SamOutCache(layers={layers}, bytes={nbytes}, seen_tokens={self.seen_tokens})"
 
     def __len__(self) -> int:
         return 0 if self.state is None else len(self.state)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from samout.config import DEFAULT_MIXER, FORMAT_VERSION, SamOutConfig
+from samout.config import DEFAULT_MAX_DECAY_INIT, DEFAULT_MIXER, FORMAT_VERSION, SamOutConfig
 
 # Fixed by the project's tokenizers: <|pad|> = 0, <|endoftext|> = 1.
 PAD_ID, EOS_ID = 0, 1
@@ -33,6 +33,11 @@ class SamOutHFConfig(PreTrainedConfig):
     final_norm: bool = False
     kernel: str = "auto"
     recompute: bool = False
+    layer_types: list[str] | None = None
+    attention_every: int | None = None
+    attention_window: int | None = None
+    max_decay: bool = False
+    max_decay_init: float = DEFAULT_MAX_DECAY_INIT
     format_version: int = FORMAT_VERSION
     pad_token_id: int | None = PAD_ID
     bos_token_id: int | None = EOS_ID
@@ -43,6 +48,15 @@ class SamOutHFConfig(PreTrainedConfig):
         # samout's own checks give the same one-line errors as everywhere else.
         self.to_samout_config()
         super().__post_init__(**kwargs)
+
+    def validate(self) -> None:
+        # transformers checks `layer_types` against its own kinds (validate_layer_type);
+        # SamOutConfig checks samout's ("maxstate", "attention", which transformers
+        # renames "full_attention" on loading). Every other check of transformers runs.
+        for validator in getattr(PreTrainedConfig, "__class_validators__", []):
+            if validator.__name__ != "validate_layer_type":
+                validator(self)
+        self.to_samout_config()
 
     def to_samout_config(self) -> SamOutConfig:
         """The samout config for `samout.models.samout.SamOut` (validated)."""
@@ -57,4 +71,5 @@ class SamOutHFConfig(PreTrainedConfig):
 
 
 SAMOUT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mixer", "padding_idx",
-                 "ffn_mult", "tie_word_embeddings", "final_norm", "kernel", "recompute")
+                 "ffn_mult", "tie_word_embeddings", "final_norm", "kernel", "recompute", "layer_types",
+                 "attention_every", "attention_window", "max_decay", "max_decay_init")

@@ -16,6 +16,8 @@ empty, so padding at the left is the same as no padding); padding anywhere else 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,8 +48,11 @@ class SamOutPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, DecoderLayer):
             init.constant_(module.alpha, 0.5)
-        elif isinstance(module, MaxStateSuper) and module.alpha is not None:
-            init.constant_(module.alpha, 0.5)
+        elif isinstance(module, MaxStateSuper):
+            if module.alpha is not None:
+                init.constant_(module.alpha, 0.5)
+            if module.decay_theta is not None:
+                init.constant_(module.decay_theta, math.log(math.expm1(self.config.max_decay_init)))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -154,6 +159,12 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
             row_logits, row_state = self.samout(input_ids[row : row + 1, start:])
             logits[row, start:] = row_logits[0]
             states.append(row_state)
+        for i, layer in enumerate(states[0]):
+            if len({s[i][k].shape for s in states for k in layer}) > 1:
+                raise ValueError(
+                    f"layer {i} is attention: prompts of different lengths (left padding) give key/value "
+                    "states of different lengths; run them one at a time or with equal lengths"
+                )
         return logits, State([{k: torch.cat([s[i][k] for s in states]) for k in states[0][i]}
                               for i in range(len(states[0]))])
 

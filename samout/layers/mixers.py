@@ -19,11 +19,19 @@ Kernels compute `mix` (`config.kernel`, or `SamOut.set_kernel`; see samout/ops/k
 - "auto" (default): "triton" on CUDA tensors when triton imports, else "fused".
 - "reference": the plain eager code (`torch.cummax` + autograd through `combine`).
 All give the same outputs, states and gradients (to float rounding; tests compare them).
+
+With `config.max_decay` the running max forgets (m_t = max(x_t, m_{t-1} - δ)), with a
+learnable δ = softplus(θ) per head-channel of the max stream (`decay_theta`, a 1-D
+parameter, so AdamW's weight decay leaves it alone). Without it, no parameter is made and
+the code is exactly the old one.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samout.config import KERNELS, SamOutConfig
@@ -50,6 +58,18 @@ class MaxStateSuper(nn.Module):
         self.proj = nn.Linear(config.hidden_size, self.num_streams * config.hidden_size, bias=False)
         # Learnable scalars of the polynomial, all initialised to 0.5 as in the seeds.
         self.alpha = nn.Parameter(torch.full((self.num_alphas,), 0.5)) if self.num_alphas else None
+        if config.max_decay:
+            # softplus(θ0) = max_decay_init: θ0 = log(exp(δ0) - 1).
+            theta0 = math.log(math.expm1(config.max_decay_init))
+            self.decay_theta = nn.Parameter(torch.full((config.hidden_size,), theta0))
+        else:
+            self.decay_theta = None
+
+    def decay(self) -> Tensor | None:
+        """δ = softplus(θ) as [H, dh], or None without max_decay."""
+        if self.decay_theta is None:
+            return None
+        return F.softplus(self.decay_theta).view(self.num_heads, self.head_dim)
 
     def project(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -59,11 +79,12 @@ class MaxStateSuper(nn.Module):
         kernel = resolve_kernel(self.kernel, streams)
         if kernel == "reference":
             return self.mix_reference(streams, state)
-        if kernel == "triton":
+        decay = self.decay()
+        if kernel == "triton" and decay is None:  # the Triton kernels have no forgetting max yet
             return self._mix_triton(streams, state)
         if self.fused is not None:
-            return fused_mix(self.fused, streams, state, self.alpha, self._fused_weight())
-        m = running_max(streams[:, :, self.max_stream], state, dim=1)
+            return fused_mix(self.fused, streams, state, self.alpha, self._fused_weight(), decay)
+        m = running_max(streams[:, :, self.max_stream], state, dim=1, decay=decay)
         return self.combine(streams, m), m[:, -1]
 
     def _mix_triton(self, streams: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -80,7 +101,7 @@ class MaxStateSuper(nn.Module):
 
     def mix_reference(self, streams: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The plain eager form: `torch.cummax`, then autograd through `combine`."""
-        m = running_max_cummax(streams[:, :, self.max_stream], state, dim=1)
+        m = running_max_cummax(streams[:, :, self.max_stream], state, dim=1, decay=self.decay())
         return self.combine(streams, m), m[:, -1]
 
     def set_kernel(self, kernel: str) -> None:

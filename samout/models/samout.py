@@ -5,6 +5,9 @@ wrapper (Hugging Face, ONNX export, training, generation) imports this class.
     for layer: x = layer(x) + x                         # the seeds' outer residual
     layer(x) = LayerNorm(α ⊙ FFN(mixer(x)) + (1 − α) ⊙ x)
     logits = Linear(D, V, bias=False)(x)
+
+Hybrid models (`config.layer_types` / `attention_every`) swap the mixer of some layers
+for causal softmax attention (samout/layers/attention.py); everything around it stays.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from samout.config import SamOutConfig
+from samout.layers.attention import STATE_KEYS, CausalAttention
 from samout.layers.mixers import build_mixer
 from samout.models.base import PretrainedModelMixin
 from samout.ops.blend_norm import blend_norm
@@ -39,20 +43,28 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: SamOutConfig) -> None:
+    """One layer; `kind` "maxstate" (the config's mixer) or "attention". Its state is a
+    dict: {"running_max": [B, H, dh]} or {"key", "value": [B, H, T_kept, dh]}."""
+
+    def __init__(self, config: SamOutConfig, kind: str = "maxstate") -> None:
         super().__init__()
-        self.mixer = build_mixer(config)
+        self.kind = kind
+        self.mixer = CausalAttention(config) if kind == "attention" else build_mixer(config)
         self.ffn = FeedForward(config.hidden_size, config.ffn_mult, lean=config.recompute)
         self.layer_norm = nn.LayerNorm(config.hidden_size)
         self.alpha = nn.Parameter(torch.tensor(0.5))
         self.lean = config.recompute  # the leaner blend + norm (samout/ops/blend_norm.py)
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        h, state = self.mixer(x, state)
+    def forward(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.kind == "attention":
+            h, new_state = self.mixer(x, state)
+        else:
+            h, running = self.mixer(x, None if state is None else state["running_max"])
+            new_state = {"running_max": running}
         if self.lean and torch.is_grad_enabled():
             ln = self.layer_norm
-            return blend_norm(self.ffn(h), x, self.alpha, ln.weight, ln.bias, ln.eps), state
-        return self.layer_norm(self.alpha * self.ffn(h) + (1 - self.alpha) * x), state
+            return blend_norm(self.ffn(h), x, self.alpha, ln.weight, ln.bias, ln.eps), new_state
+        return self.layer_norm(self.alpha * self.ffn(h) + (1 - self.alpha) * x), new_state
 
 
 class SamOut(PretrainedModelMixin, nn.Module):
@@ -60,7 +72,8 @@ class SamOut(PretrainedModelMixin, nn.Module):
 
     input_ids: LongTensor [B, T] with ids in [0, vocab_size).
     logits:    [B, T, vocab_size].
-    state:     `State` with layers[i] = {"running_max": [B, H, dh]}; pass it back to
+    state:     `State` with layers[i] = {"running_max": [B, H, dh]} (maxstate layers) or
+               {"key", "value": [B, H, T_kept, dh]} (attention layers); pass it back to
                continue exactly where this call stopped, any chunk length included.
     """
 
@@ -71,7 +84,7 @@ class SamOut(PretrainedModelMixin, nn.Module):
         config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_idx)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, kind) for kind in config.resolved_layer_types)
         self.norm = nn.LayerNorm(config.hidden_size) if config.final_norm else None
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -86,12 +99,12 @@ class SamOut(PretrainedModelMixin, nn.Module):
         for layer, s in zip(self.layers, layer_states):
             h, s = layer(x, s)
             x = h + x
-            new_states.append({"running_max": s})
+            new_states.append(s)
         if self.norm is not None:
             x = self.norm(x)
         return self.head(x), State(new_states)
 
-    def _check_state(self, state: State | None, batch_size: int) -> list[Tensor | None]:
+    def _check_state(self, state: State | None, batch_size: int) -> list[dict[str, Tensor] | None]:
         if state is None:
             return [None] * len(self.layers)
         if not isinstance(state, State) or len(state) != len(self.layers):
@@ -99,22 +112,38 @@ class SamOut(PretrainedModelMixin, nn.Module):
                 f"state must be a samout State with {len(self.layers)} layers, got "
                 f"{type(state).__name__} with {len(state) if isinstance(state, State) else '?'}"
             )
-        want = (batch_size, self.config.num_heads, self.config.head_dim)
+        h, dh = self.config.num_heads, self.config.head_dim
         out = []
-        for i, layer in enumerate(state):
-            t = layer.get("running_max")
+        for i, (layer, entry) in enumerate(zip(self.layers, state)):
+            if layer.kind == "attention":
+                _check_kv(i, entry, batch_size, h, dh, layer.mixer.window)
+                out.append(None if entry["key"].shape[2] == 0 else entry)
+                continue
+            want = (batch_size, h, dh)
+            t = entry.get("running_max")
             if t is None or tuple(t.shape) != want:
                 got = None if t is None else tuple(t.shape)
                 raise ValueError(f"state layer {i}: running_max must have shape {want}, got {got}")
-            out.append(t)
+            out.append(entry)
         return out
 
+    @property
+    def has_attention(self) -> bool:
+        return any(layer.kind == "attention" for layer in self.layers)
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        """An explicit empty state (running max = -inf), for graphs that need tensors."""
+        """An explicit empty state (running max = -inf; no keys or values), for graphs
+        that need tensors."""
         p = self.head.weight
+        device, dtype = device or p.device, dtype or p.dtype
         shape = (batch_size, self.config.num_heads, self.config.head_dim)
-        t = torch.full(shape, float("-inf"), device=device or p.device, dtype=dtype or p.dtype)
-        return State([{"running_max": t.clone()} for _ in self.layers])
+        layers = []
+        for layer in self.layers:
+            if layer.kind == "attention":
+                layers.append(layer.mixer.empty_state(batch_size, device, dtype))
+            else:
+                layers.append({"running_max": torch.full(shape, float("-inf"), device=device, dtype=dtype)})
+        return State(layers)
 
     def set_kernel(self, kernel: str) -> SamOut:
         """Switch every mixer between "auto", the "fused" or "triton" kernels and the eager
@@ -123,6 +152,20 @@ class SamOut(PretrainedModelMixin, nn.Module):
             layer.mixer.set_kernel(kernel)
         self.config.kernel = kernel
         return self
+
+
+def _check_kv(i: int, entry: dict[str, Tensor], batch_size: int, h: int, dh: int, window: int | None) -> None:
+    """An attention layer's state: key and value [B, H, T, dh], the same T, at most W - 1."""
+    k, v = (entry.get(name) for name in STATE_KEYS)
+    ok = k is not None and v is not None and k.dim() == 4 and k.shape == v.shape
+    ok = ok and tuple(k.shape[:2]) == (batch_size, h) and k.shape[3] == dh
+    if ok and window is not None and k.shape[2] > window - 1:
+        raise ValueError(f"state layer {i}: an attention window of {window} keeps at most {window - 1} "
+                         f"keys, got {k.shape[2]}")
+    if not ok:
+        got = {name: None if entry.get(name) is None else tuple(entry[name].shape) for name in STATE_KEYS}
+        raise ValueError(f"state layer {i} (attention): key and value must have shape ({batch_size}, {h}, "
+                         f"T, {dh}), got {got}")
 
 
 def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:

@@ -16,6 +16,10 @@ What the fused form changes, and why it is faster and leaner than eager autograd
 - the running max is the blocked scan of `samout.ops.running_max`; its backward routes
   gradients from the saved input and output (no indices).
 
+With `decay` δ [H, dh] (`max_decay`), the running max forgets: e_t = max(c_t, e_{t-1} - δ),
+computed and differentiated (δ included) by `samout.ops.running_max.scan_max_decay`.
+decay=None runs exactly the code that existed before the option.
+
 The polynomial is written with plain binary ops (no fused multiply-add), so every
 position is computed by the same IEEE operations whatever the chunk length: full,
 chunked and one-step calls stay bit-identical. Against the reference it agrees to
@@ -33,6 +37,8 @@ from samout.ops.running_max import (
     running_max_cummax,
     scan_max,
     scan_max_backward,
+    scan_max_decay,
+    scan_max_decay_backward,
 )
 
 MAX_STREAM = 2  # the stream whose running max carries the context, in gen3/gen4/openash
@@ -61,10 +67,11 @@ def openash_ref(alpha: Tensor, weight: Tensor, streams: Tensor, m: Tensor) -> Te
 
 
 def mix_ref(
-    kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor, weight: Tensor | None = None
+    kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor, weight: Tensor | None = None,
+    decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The eager reference: `torch.cummax` running max, then the polynomial."""
-    m = running_max_cummax(streams[:, :, MAX_STREAM], state, dim=1)
+    m = running_max_cummax(streams[:, :, MAX_STREAM], state, dim=1, decay=decay)
     if kind == "gen3":
         y = gen3_ref(alpha, streams, m)
     elif kind == "gen4":
@@ -222,20 +229,28 @@ class _OpenAsh:
 KERNELS = {"gen3": _Gen3, "gen4": _Gen4, "openash": _OpenAsh}
 
 
-def _scan_streams(streams: Tensor, state: Tensor | None) -> Tensor:
+def _decay_rows(decay: Tensor, b: int) -> Tensor:
+    return decay.reshape(1, -1).expand(b, -1)
+
+
+def _scan_streams(streams: Tensor, state: Tensor | None, decay: Tensor | None = None) -> Tensor:
     b, t, _, h, dh = streams.shape
     s2 = None if state is None else state.reshape(b, h * dh)
-    return scan_max(streams[:, :, MAX_STREAM].reshape(b, t, h * dh), s2).view(b, t, h, dh)
+    c = streams[:, :, MAX_STREAM].reshape(b, t, h * dh)
+    if decay is not None:
+        return scan_max_decay(c, s2, _decay_rows(decay, b)).view(b, t, h, dh)
+    return scan_max(c, s2).view(b, t, h, dh)
 
 
 def fused_mix(
-    kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor, weight: Tensor | None = None
+    kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor, weight: Tensor | None = None,
+    decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The fast path; same contract as `mix_ref`."""
     if kind not in KERNELS:
         raise ValueError(f"unknown fused mixer kind {kind!r}: choose gen3, gen4 or openash")
     if _tracing():
-        return mix_ref(kind, streams, state, alpha, weight)
+        return mix_ref(kind, streams, state, alpha, weight, decay)
     if state is not None and state.shape != streams.shape[:1] + streams.shape[3:]:
         want = tuple(streams.shape[:1] + streams.shape[3:])
         raise ValueError(f"mixer state must have shape {want}, got {tuple(state.shape)}")
@@ -244,36 +259,45 @@ def fused_mix(
         # head-mixing weight is fp32: compute in the streams' dtype, as nn.Linear would
         # under autocast (the cast is differentiable, so the fp32 weight gets its gradient).
         weight = weight.to(streams.dtype)
-    if _needs_grad(streams, state, alpha, weight):
-        return _FusedMix.apply(kind, streams, state, alpha, weight)
-    e = _scan_streams(streams, state)
+    if decay is not None and decay.dtype != streams.dtype:
+        decay = decay.to(streams.dtype)  # autocast, as for the weight
+    if _needs_grad(streams, state, alpha, weight, decay):
+        return _FusedMix.apply(kind, streams, state, alpha, weight, decay)
+    e = _scan_streams(streams, state, decay)
     return KERNELS[kind].forward(alpha, weight, streams, e), e[:, -1]
 
 
 class _FusedMix(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kind, streams, state, alpha, weight):
-        e = _scan_streams(streams, state)
+    def forward(ctx, kind, streams, state, alpha, weight, decay):
+        e = _scan_streams(streams, state, decay)
         y = KERNELS[kind].forward(alpha, weight, streams, e)
         ctx.kind = kind
         # e is not saved: recomputing it in backward costs one cheap scan and saves a
         # [B, T, D] tensor per layer.
-        ctx.save_for_backward(streams, state, alpha, weight)
+        ctx.save_for_backward(streams, state, alpha, weight, decay)
         return y, e[:, -1].clone()
 
     @staticmethod
     def backward(ctx, gy, gstate):
-        streams, state, alpha, weight = ctx.saved_tensors
-        e = _scan_streams(streams, state)
+        streams, state, alpha, weight, decay = ctx.saved_tensors
+        e = _scan_streams(streams, state, decay)
         b, t, k, h, dh = streams.shape
         gs = torch.empty((b, t, k, h, dh), dtype=streams.dtype, device=streams.device)
         ge, galpha, gweight = KERNELS[ctx.kind].backward(gy, alpha, weight, streams, e, gs)
         ge[:, -1].add_(gstate)  # the new state is e's last step
         c = streams[:, :, MAX_STREAM].reshape(b, t, h * dh)
         s2 = None if state is None else state.reshape(b, h * dh)
-        gc, gstate_in = scan_max_backward(
-            ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2, inplace=True
-        )
+        gdecay = None
+        if decay is None:
+            gc, gstate_in = scan_max_backward(
+                ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2, inplace=True
+            )
+        else:
+            gc, gstate_in, gdecay = scan_max_decay_backward(
+                ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2, _decay_rows(decay, b)
+            )
+            gdecay = gdecay.sum(0).view(decay.shape)
         gs[:, :, MAX_STREAM].add_(gc.view(b, t, h, dh))
         if gstate_in is not None:
             gstate_in = gstate_in.view(b, h, dh)
@@ -283,4 +307,5 @@ class _FusedMix(torch.autograd.Function):
             gstate_in if ctx.needs_input_grad[2] else None,
             galpha if ctx.needs_input_grad[3] else None,
             gweight if ctx.needs_input_grad[4] else None,
+            gdecay if ctx.needs_input_grad[5] else None,
         )

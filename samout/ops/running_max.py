@@ -13,6 +13,19 @@ Three implementations with the same semantics:
   state. Used by the reference mixers and under tracing/compilation.
 - `running_max_ref`: a plain loop over time in float64 that documents the semantics.
 
+With a decay (`max_decay`, a forgetting running max) every function takes `decay` δ ≥ 0,
+broadcastable to the state's shape (one per channel):
+
+    m_t = max(x_t, m_{t-1} - δ)  =  max over s <= t of (x_s + s δ)  -  t δ
+
+a running max of the shifted sequence u_s = x_s + s δ (the incoming state S enters as
+u_{-1} = S - δ). Positions s are counted from the start of a piece of at most
+`DECAY_CHUNK` steps, and each piece hands its last value to the next as the state, so the
+shift never exceeds DECAY_CHUNK δ whatever the length: float32 keeps its precision on long
+sequences. Any chunking gives the same values up to float rounding (the pieces fall at
+other places); without a decay (None) nothing of this runs, so the plain max is unchanged
+bit for bit, and δ = 0 gives the same bits too (u = x + 0, m = M - 0).
+
 They agree exactly on values (max is exact) and on gradients to rounding, ties included:
 
     On a tie, the gradient goes to the most recent position holding the maximum;
@@ -37,17 +50,23 @@ import torch
 from torch import Tensor
 
 
-def running_max(x: Tensor, state: Tensor | None = None, dim: int = 1) -> Tensor:
+def running_max(x: Tensor, state: Tensor | None = None, dim: int = 1, decay: Tensor | None = None) -> Tensor:
     """Inclusive running maximum of `x` along `dim`, continuing from `state`.
 
     x:     [..., T, ...] with time on `dim`.
     state: x's shape without `dim` (the running max before this call), or None.
+    decay: None, or δ >= 0 broadcastable to the state's shape (a forgetting max).
     Returns a tensor shaped like x; its last slice along `dim` is the new state.
     """
     if _tracing():
-        return running_max_cummax(x, state, dim)
+        return running_max_cummax(x, state, dim, decay)
     dim = dim % x.dim()
     x3, s2 = _to_ptq(x, state, dim)
+    if decay is not None:
+        d1 = _decay_q(decay, x, dim)
+        if _needs_grad(x, state, decay):
+            return _RunningMaxDecay.apply(x3, s2, d1).view(x.shape)
+        return scan_max_decay(x3, s2, d1).view(x.shape)
     if _needs_grad(x, state):
         m3 = _RunningMax.apply(x3, s2)
     else:
@@ -55,8 +74,13 @@ def running_max(x: Tensor, state: Tensor | None = None, dim: int = 1) -> Tensor:
     return m3.view(x.shape)
 
 
-def running_max_cummax(x: Tensor, state: Tensor | None = None, dim: int = 1) -> Tensor:
-    """The original eager form: `torch.cummax` (saves int64 indices for backward)."""
+def running_max_cummax(x: Tensor, state: Tensor | None = None, dim: int = 1,
+                       decay: Tensor | None = None) -> Tensor:
+    """The original eager form: `torch.cummax` (saves int64 indices for backward).
+    With a decay: the same on the shifted sequence, in pieces of DECAY_CHUNK steps
+    (one piece under tracing, where a graph cannot loop over a symbolic length)."""
+    if decay is not None:
+        return _cummax_decay(x, state, dim, decay)
     if x.shape[dim] == 1:
         return x if state is None else _max_with_state(x, state.unsqueeze(dim))
     out = torch.cummax(x, dim=dim).values
@@ -71,12 +95,17 @@ def _max_with_state(x: Tensor, state: Tensor) -> Tensor:
     return torch.where(x >= state, x, state)
 
 
-def running_max_ref(x: Tensor, state: Tensor | None = None, dim: int = 1) -> Tensor:
-    """Reference: a loop over time in float64. Slow, obviously correct, differentiable."""
+def running_max_ref(x: Tensor, state: Tensor | None = None, dim: int = 1,
+                    decay: Tensor | None = None) -> Tensor:
+    """Reference: a loop over time in float64. Slow, obviously correct, differentiable.
+    With a decay: m_t = max(x_t, m_{t-1} - δ), the recurrence itself."""
     xt = x.movedim(dim, 0).to(torch.float64)
     m = None if state is None else state.to(torch.float64)
+    d = None if decay is None else decay.to(torch.float64)
     outs = []
     for t in range(xt.shape[0]):
+        if m is not None and d is not None:
+            m = m - d
         # `>=`: a tie takes the newer value, so the gradient goes to the newer position.
         m = xt[t] if m is None else torch.where(xt[t] >= m, xt[t], m)
         outs.append(m)
@@ -229,3 +258,111 @@ class _RunningMax(torch.autograd.Function):
         x, m, state = ctx.saved_tensors
         gx, gs = scan_max_backward(grad, x, m, state)
         return gx, gs
+
+
+# -- the forgetting running max (decay) -------------------------------------------------
+# Pieces of DECAY_CHUNK steps: inside a piece the shift s δ stays below DECAY_CHUNK δ, so
+# x_s + s δ loses no more float32 precision than x_s itself at any sequence length.
+DECAY_CHUNK = 256
+
+
+def _decay_q(decay: Tensor, x: Tensor, dim: int) -> Tensor:
+    """δ as [P, Q], matching the [P, T, Q] view of x (a broadcast δ is expanded; autograd
+    sums its gradient back)."""
+    want = x.shape[:dim] + x.shape[dim + 1 :]
+    return decay.expand(want).reshape(math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1 :]))
+
+
+def _pieces(t: int) -> list[tuple[int, int]]:
+    return [(a, min(t, a + DECAY_CHUNK)) for a in range(0, t, DECAY_CHUNK)]
+
+
+def _offsets(n: int, like: Tensor) -> Tensor:
+    return torch.arange(n, dtype=like.dtype, device=like.device).view(1, n, 1)
+
+
+def scan_max_decay(x: Tensor, state: Tensor | None, decay: Tensor) -> Tensor:
+    """Forgetting running max of x [P, T, Q] from state [P, Q] or None, with decay
+    [P, Q] (>= 0): m_t = max(x_t, m_{t-1} - δ). Returns a new [P, T, Q] tensor."""
+    p, t, q = x.shape
+    m = torch.empty((p, t, q), dtype=x.dtype, device=x.device)
+    d = decay.unsqueeze(1)
+    s = state
+    for a, b in _pieces(t):
+        off = _offsets(b - a, x) * d  # [P, n, Q]
+        u = x[:, a:b] + off
+        su = None if s is None else s - decay
+        mm = scan_max(u, su)
+        torch.sub(mm, off, out=m[:, a:b])
+        s = m[:, b - 1]
+    return m
+
+
+def scan_max_decay_backward(
+    grad: Tensor, x: Tensor, m: Tensor, state: Tensor | None, decay: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Gradients of `scan_max_decay` for x, state and decay ([P, Q], summed over nothing:
+    the caller reduces over broadcast rows). Pieces are replayed from the last: each
+    piece's incoming state is the previous piece's last output, so its gradient is
+    added to that output's gradient before the previous piece is processed."""
+    p, t, q = x.shape
+    d = decay.unsqueeze(1)
+    gx = torch.empty_like(x)
+    gdecay = torch.zeros((p, q), dtype=x.dtype, device=x.device)
+    g = grad.clone(memory_format=torch.contiguous_format)
+    gstate = None
+    for a, b in reversed(_pieces(t)):
+        n = b - a
+        pos = _offsets(n, x)
+        off = pos * d
+        u = x[:, a:b] + off
+        s = state if a == 0 else m[:, a - 1]
+        su = None if s is None else s - decay
+        mm = scan_max(u, su)  # recomputed bit for bit: the events are exact
+        gp = g[:, a:b]
+        gu, gsu = scan_max_backward(gp, u, mm, su)
+        gx[:, a:b] = gu
+        # u_s = x_s + s δ, m_t = M_t - t δ, su = S - δ.
+        gdecay += (gu * pos).sum(1) - (gp * pos).sum(1)
+        if gsu is not None:
+            gdecay -= gsu
+            if a == 0:
+                gstate = gsu
+            else:
+                g[:, a - 1] += gsu
+    return gx, gstate, gdecay
+
+
+class _RunningMaxDecay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, state: Tensor | None, decay: Tensor) -> Tensor:
+        m = scan_max_decay(x, state, decay)
+        ctx.save_for_backward(x, m, state, decay)
+        return m
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, m, state, decay = ctx.saved_tensors
+        gx, gs, gd = scan_max_decay_backward(grad, x, m, state, decay)
+        return gx, gs, gd
+
+
+def _cummax_decay(x: Tensor, state: Tensor | None, dim: int, decay: Tensor) -> Tensor:
+    """Eager (autograd through torch.cummax) forgetting max, in DECAY_CHUNK pieces; one
+    piece under tracing (the graph's prefill length bounds the shift there)."""
+    t = x.shape[dim]
+    want = x.shape[:dim] + x.shape[dim + 1 :]
+    d = decay.expand(want).unsqueeze(dim)
+    pieces = [(0, t)] if _tracing() else _pieces(t)
+    outs = []
+    s = state
+    for a, b in pieces:
+        xp = x.narrow(dim, a, b - a)
+        shape = [1] * x.dim()
+        shape[dim] = b - a
+        off = torch.arange(b - a, dtype=x.dtype, device=x.device).view(shape) * d
+        su = None if s is None else s - decay.expand(want)
+        out = running_max_cummax(xp + off, su, dim) - off
+        outs.append(out)
+        s = out.select(dim, b - a - 1)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim)

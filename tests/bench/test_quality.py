@@ -39,3 +39,20 @@ def test_quality_needs_a_corpus_of_whole_documents(tmp_path, capsys):
         (tmp_path / f"{i}.txt").write_text("some text\n" * 50)
     assert main(["bench", "quality", "--corpus", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
     assert "needs at least 20 files" in capsys.readouterr().err
+
+
+def test_quality_runs_the_variants(tmp_path, shakespeare_dir):
+    corpus = tmp_path / "plays"
+    corpus.mkdir()
+    for play in sorted(shakespeare_dir.glob("*_gut.txt"))[:20]:
+        (corpus / play.name).write_text(play.read_text(encoding="utf-8")[5000:7000])
+    s = QualitySettings(corpus=str(corpus), preset="tiny", overrides={"num_layers": 4}, mixers=[],
+                        variants=["samout-decay", "hybrid-swa"], window=4, vocab_size=300, seq_len=8,
+                        batch_size=2, max_steps=2, warmup_steps=1, eval_every=2, eval_windows=1,
+                        final_eval_windows=1, context_multiples=[1, 4])
+    data = run_quality(s, tmp_path / "out", progress=False)
+    assert list(data["models"]) == ["samout-decay", "hybrid-swa", "transformer"]
+    swa = load_pretrained(tmp_path / "out" / "quality-work" / "runs" / "hybrid-swa")
+    assert swa.config.attention_window == 4 and swa.config.num_layers == 4
+    assert swa.config.resolved_layer_types[-1] == "attention"
+    assert [v["seq_len"] for v in data["models"]["hybrid-swa"]["contexts"].values()] == [8, 32]

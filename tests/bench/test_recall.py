@@ -61,3 +61,32 @@ def test_tiny_run_writes_results(tmp_path):
         ("samout-gen4", 16, 2), ("transformer", 16, 2), ("samout-gen4", 24, 4), ("transformer", 24, 4)]
     assert all(0 <= r["accuracy"] <= 1 and r["queries"] == 10 * r["num_pairs"] for r in data["runs"])
     assert (tmp_path / results["plots"][0]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_variants_run_and_are_parameter_matched(tmp_path):
+    # Issue 14's variants beside the Transformer; the hybrids need 4 layers.
+    s = RecallSettings(
+        preset="tiny", overrides={"vocab_size": 32, "hidden_size": 32, "num_layers": 4, "num_heads": 2},
+        mixers=[], variants=["samout", "samout-decay", "hybrid", "hybrid-swa"], window=8,
+        tasks=[(16, 2)], steps=2, batch_size=4, eval_examples=8,
+    )
+    results = run_recall(s, tmp_path, progress=False)
+    models = results["models"]
+    assert list(models) == ["samout", "samout-decay", "hybrid", "hybrid-swa", "transformer"]
+    assert models["hybrid"]["config"]["attention_every"] == 4
+    assert models["hybrid-swa"]["config"]["attention_window"] == 8
+    assert models["samout-decay"]["config"]["max_decay"] is True
+    base = models["samout"]["non_embedding_parameters"]
+    for name, m in models.items():  # all within 2% of the base SamOut
+        assert abs(m["non_embedding_parameters"] - base) <= 0.02 * base, name
+    assert all(r["seconds"] > 0 for r in results["runs"])
+
+
+def test_hybrid_variant_needs_four_layers(tmp_path):
+    s = RecallSettings(preset="tiny", overrides={"vocab_size": 32, "hidden_size": 32, "num_layers": 2,
+                                                 "num_heads": 2}, mixers=[], variants=["hybrid"],
+                       tasks=[(16, 2)], steps=1, batch_size=2, eval_examples=2)
+    with pytest.raises(SamoutError, match="needs --num-layers >= 4"):
+        run_recall(s, tmp_path, progress=False)
+    with pytest.raises(SamoutError, match="unknown variant 'mamba'"):
+        run_recall(RecallSettings(variants=["mamba"], mixers=[]), tmp_path, progress=False)

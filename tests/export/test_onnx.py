@@ -135,12 +135,26 @@ def test_int8_graphs_run_and_stay_close_in_the_top_token(exported, seed):
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
 
 
-@pytest.mark.parametrize("mixer", [m for m in MIXERS if m != "openash"])
-def test_every_mixer_exports(mixer, tmp_path, seed):
-    model = SamOut(SamOutConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=4, mixer=mixer)).eval()
+@pytest.mark.parametrize("mixer, decay", [(m, False) for m in MIXERS if m != "openash"]
+                         + [("openash", True), ("dual", True)])
+def test_every_mixer_exports(mixer, decay, tmp_path, seed):
+    model = SamOut(SamOutConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=4, mixer=mixer,
+                                max_decay=decay, max_decay_init=0.05)).eval()
     export_onnx(model, tmp_path, max_prefill_len=16, log=lambda _: None)
     checks = check_onnx(model, OnnxSamOut(tmp_path), steps=64, seed=seed, prompt_len=20)
     assert checks["prefill_max_abs_diff"] < 1e-4 and checks["greedy_equal"], checks
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "hybrid-swa"])
+def test_hybrid_export_is_a_clear_error(variant, tmp_path):
+    from samout.errors import SamoutError
+    from tests.helpers import MODEL_VARIANTS
+
+    model = SamOut(SamOutConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=4,
+                                **MODEL_VARIANTS[variant]))
+    with pytest.raises(SamoutError, match="ONNX export supports maxstate layers only: layer"):
+        export_onnx(model, tmp_path / "o", log=lambda _: None)
+    assert not (tmp_path / "o").exists()
 
 
 # -- the torch-free example ------------------------------------------------------

@@ -19,7 +19,10 @@ import samout  # noqa: E402  (registers with the Auto classes)
 from samout import SamOut, SamOutConfig  # noqa: E402
 from samout.hf import SamOutCache, SamOutForCausalLM, SamOutHFConfig, SamOutTokenizer  # noqa: E402
 from samout.hf.configuration_samout import SAMOUT_FIELDS  # noqa: E402
+from tests.helpers import MODEL_VARIANTS  # noqa: E402
 from tests.tiny_run import PROMPT, make_run_dir, samout_greedy  # noqa: E402
+
+VARIANTS = list(MODEL_VARIANTS)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,8 +95,9 @@ def test_weights_are_samouts_and_forward_is_samouts(run_dir, hf_model, seed):
     assert out.past_key_values.state.equal(ref_state)
 
 
-def test_chunked_forward_with_cache_equals_one_call(seed):
-    model = tiny_hf()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_forward_with_cache_equals_one_call(seed, variant):
+    model = tiny_hf(**MODEL_VARIANTS[variant])
     ids = torch.randint(0, 97, (3, 12))
     full = model(ids, use_cache=False)
     assert full.past_key_values is None
@@ -119,8 +123,9 @@ def test_cache_counts_tokens_but_never_grows(seed):
     assert cache.get_max_length() == -1 and cache.batch_size == 2 and len(cache) == 2
 
 
-def test_cache_reorder_is_state_index_select(seed):
-    model = tiny_hf()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_reorder_is_state_index_select(seed, variant):
+    model = tiny_hf(**MODEL_VARIANTS[variant])
     cache = model(torch.randint(0, 97, (4, 6))).past_key_values
     before = cache.state.clone()
     idx = torch.tensor([2, 2, 0, 3])
@@ -173,8 +178,9 @@ class InputLengths:
         self.handle.remove()
 
 
-def test_greedy_with_cache_equals_without_cache_and_samouts_own_decoding(seed):
-    model = tiny_hf(mixer="openash")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_with_cache_equals_without_cache_and_samouts_own_decoding(seed, variant):
+    model = tiny_hf(mixer="openash", **MODEL_VARIANTS[variant])
     ids = torch.randint(2, 97, (2, 7))
     steps = 24
     rec = InputLengths(model)
@@ -242,8 +248,9 @@ def reference_beam_search(model: SamOut, prompt: torch.Tensor, beams: int, steps
     return seqs[scores.argmax()]
 
 
-def test_beam_search_with_cache_equals_without_and_a_reference(seed):
-    model = tiny_hf()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_beam_search_with_cache_equals_without_and_a_reference(seed, variant):
+    model = tiny_hf(**MODEL_VARIANTS[variant])
     ids = torch.randint(2, 97, (2, 6))
     steps, beams = 12, 4
     reorders = []
@@ -269,8 +276,9 @@ def test_beam_search_with_cache_equals_without_and_a_reference(seed):
         assert torch.equal(with_cache[row], ref)
 
 
-def test_sampling_with_cache_equals_without(seed):
-    model = tiny_hf()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sampling_with_cache_equals_without(seed, variant):
+    model = tiny_hf(**MODEL_VARIANTS[variant])
     ids = torch.randint(2, 97, (2, 4))
     kw = dict(max_new_tokens=16, do_sample=True, top_k=20, temperature=0.9)
     torch.manual_seed(seed)
@@ -290,6 +298,33 @@ def test_left_padded_batch_equals_prompts_one_by_one(hf_model, hf_tokenizer):
         alone = hf_model.generate(**hf_tokenizer(prompt, return_tensors="pt"), **kw)
         assert hf_tokenizer.decode(out[row], skip_special_tokens=True) == \
             hf_tokenizer.decode(alone[0], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("variant", ["decay", "hybrid-swa"])
+def test_config_and_weights_of_new_variants_round_trip(tmp_path, seed, variant):
+    model = tiny_hf(**MODEL_VARIANTS[variant])
+    model.save_pretrained(tmp_path)
+    core = samout.load_pretrained(tmp_path)
+    assert core.config == model.config.to_samout_config()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    torch.testing.assert_close(core(ids)[0], model(ids).logits, rtol=0, atol=0)
+    if variant == "decay":  # a fresh HF model starts with δ = max_decay_init, as SamOut does
+        fresh = tiny_hf(**MODEL_VARIANTS[variant])
+        torch.testing.assert_close(fresh.layers[0].mixer.decay(), torch.full((4, 8), 0.05))
+
+
+def test_left_padding_of_a_hybrid(seed):
+    model = tiny_hf(**MODEL_VARIANTS["hybrid"])
+    ids = torch.randint(2, 97, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    # Rows of different lengths leave attention states of different lengths: refused.
+    with pytest.raises(ValueError, match="attention: prompts of different lengths"):
+        model(ids, attention_mask=mask)
+    mask[0, :2] = 0  # equal lengths: the same as the unpadded prompts
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits[:, 2:], model(ids[:, 2:]).logits)
 
 
 def test_right_padding_is_refused(hf_model, hf_tokenizer):

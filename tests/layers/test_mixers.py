@@ -14,8 +14,9 @@ from tests.helpers import random_chunks
 KERNELS = ("auto", "fused", "reference")
 
 
-def _mixer(name: str, kernel: str = "fused"):
-    config = SamOutConfig.from_preset("tiny", mixer=name, hidden_size=48, num_heads=6, kernel=kernel)
+def _mixer(name: str, kernel: str = "fused", decay: bool = False):
+    config = SamOutConfig.from_preset("tiny", mixer=name, hidden_size=48, num_heads=6, kernel=kernel,
+                                      max_decay=decay, max_decay_init=0.05)
     mixer = build_mixer(config)
     with torch.no_grad():  # move the alphas off 0.5 so every term is exercised
         for p in mixer.parameters():
@@ -23,11 +24,20 @@ def _mixer(name: str, kernel: str = "fused"):
     return mixer
 
 
+def _same(a, b, decay: bool) -> bool:
+    # Without decay: bit for bit. With it, the shifts x + s δ are counted from each call's
+    # start, so they round differently: equal to float32 rounding.
+    if not decay:
+        return torch.equal(a, b)
+    return bool((a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max()))
+
+
+@pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", MIXERS)
-def test_full_chunked_and_step_forms_are_bit_identical(seed, name, kernel):
+def test_full_chunked_and_step_forms_are_bit_identical(seed, name, kernel, decay):
     rng = random.Random(seed)
-    mixer = _mixer(name, kernel)
+    mixer = _mixer(name, kernel, decay)
     x = torch.randn(3, 29, 48)
     with torch.no_grad():
         streams = mixer.project(x)
@@ -38,15 +48,15 @@ def test_full_chunked_and_step_forms_are_bit_identical(seed, name, kernel):
             y, state = mixer.mix(streams[:, t : t + n], state)
             chunks.append(y)
             t += n
-        assert torch.equal(torch.cat(chunks, 1), full)
-        assert torch.equal(state, full_state)
+        assert _same(torch.cat(chunks, 1), full, decay)
+        assert _same(state, full_state, decay)
 
         steps, state = [], None
         for t in range(29):
             y, state = mixer.mix(streams[:, t : t + 1], state)
             steps.append(y)
-        assert torch.equal(torch.cat(steps, 1), full)
-        assert torch.equal(state, full_state)
+        assert _same(torch.cat(steps, 1), full, decay)
+        assert _same(state, full_state, decay)
 
 
 @pytest.mark.parametrize("name", MIXERS)
@@ -59,10 +69,11 @@ def test_state_is_the_running_max_of_one_stream(seed, name):
     assert torch.equal(state, expected)
 
 
+@pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", MIXERS)
-def test_mixer_gradients_match_full_vs_chunked(seed, name, kernel):
-    mixer = _mixer(name, kernel).double()
+def test_mixer_gradients_match_full_vs_chunked(seed, name, kernel, decay):
+    mixer = _mixer(name, kernel, decay).double()
     x = torch.randn(2, 17, 48, dtype=torch.float64)
     streams = mixer.project(x).detach().requires_grad_()
     g = torch.randn(2, 17, 6, 8, dtype=torch.float64)
@@ -92,12 +103,14 @@ def test_conv_mixer_slides_over_heads_not_time(seed):
     assert {h for _, h in changed} <= {0, 1, 2, 3, 4}
 
 
+@pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("name", MIXERS)
-def test_fused_kernel_equals_reference(seed, name):
+def test_fused_kernel_equals_reference(seed, name, decay):
     # Same weights, both kernels: outputs, states and every gradient (input, incoming
-    # state, all parameters) agree; the state (a running max) is bit-identical.
-    fast = _mixer(name, "fused").double()
-    ref = _mixer(name, "reference").double()
+    # state, all parameters, δ's θ included) agree; the state (a running max) is
+    # bit-identical without decay.
+    fast = _mixer(name, "fused", decay).double()
+    ref = _mixer(name, "reference", decay).double()
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 21, 48, dtype=torch.float64)
     state = torch.randn(2, 6, 8, dtype=torch.float64)
@@ -110,7 +123,7 @@ def test_fused_kernel_equals_reference(seed, name):
         grads = torch.autograd.grad((y * g).sum() + new_state.sum(), [xs, ss] + params)
         results.append((y, new_state, grads))
     (y, s, grads), (y_ref, s_ref, grads_ref) = results
-    assert torch.equal(s, s_ref)
+    assert torch.equal(s, s_ref) if not decay else torch.allclose(s, s_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -123,11 +136,12 @@ def test_unknown_kernel_is_a_clear_error():
         _mixer("gen4").set_kernel("nope")
 
 
+@pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("name", MIXERS)
-def test_bfloat16_autocast_trains_with_both_kernels(seed, name):
+def test_bfloat16_autocast_trains_with_both_kernels(seed, name, decay):
     # The fused kernels must accept bf16 streams from an autocast projection with fp32
     # parameters, and give the same forward as the reference under the same autocast.
-    mixer = _mixer(name)
+    mixer = _mixer(name, decay=decay)
     x = torch.randn(2, 11, 48)
     outs = {}
     for kernel in ("reference", "fused"):

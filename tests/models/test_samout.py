@@ -6,15 +6,17 @@ import torch
 
 from samout import SamOut, SamOutConfig, State
 from samout.config import MIXERS, PRESETS
-from tests.helpers import random_chunks
+from tests.helpers import MODEL_VARIANTS, random_chunks
+
+VARIANTS = list(MODEL_VARIANTS)
 
 # The seed article for seed-001 prints 2,763,532 parameters; the real model has this many.
 SEED_001_PARAMETERS = 21_266_480
 OPENASH_85M_PARAMETERS = 84_930_864
 
 
-def _tiny(mixer: str, **kw) -> SamOut:
-    model = SamOut(SamOutConfig.from_preset("tiny", mixer=mixer, **kw))
+def _tiny(mixer: str, variant: str = "maxstate", **kw) -> SamOut:
+    model = SamOut(SamOutConfig.from_preset("tiny", mixer=mixer, **MODEL_VARIANTS[variant], **kw))
     with torch.no_grad():  # alphas away from 0.5 so every term matters
         for name, p in model.named_parameters():
             if "alpha" in name:
@@ -22,9 +24,10 @@ def _tiny(mixer: str, **kw) -> SamOut:
     return model.eval()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_causal_exactly(seed, mixer):
-    model = _tiny(mixer)
+def test_causal_exactly(seed, mixer, variant):
+    model = _tiny(mixer, variant)
     ids = torch.randint(0, 512, (2, 24))
     t = random.Random(seed).randrange(1, 24)
     other = ids.clone()
@@ -36,10 +39,11 @@ def test_causal_exactly(seed, mixer):
     assert not torch.equal(a[:, t], b[:, t])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_chunked_equals_full(seed, mixer):
+def test_chunked_equals_full(seed, mixer, variant):
     rng = random.Random(seed)
-    model = _tiny(mixer)
+    model = _tiny(mixer, variant)
     ids = torch.randint(0, 512, (3, 40))
     with torch.no_grad():
         full, full_state = model(ids)
@@ -51,14 +55,15 @@ def test_chunked_equals_full(seed, mixer):
                 outs.append(out)
                 t += n
             assert (torch.cat(outs, 1) - full).abs().max() <= 1e-5 * scale, chunking
-            for a, b in zip(state, full_state):
-                a, b = a["running_max"], b["running_max"]
+            for a, b in zip(state.to_tensors().values(), full_state.to_tensors().values()):
+                assert a.shape == b.shape
                 assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+@pytest.mark.parametrize("variant", ["maxstate", "decay"])  # attention: test_attention_state_size
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_state_size_does_not_grow(mixer):
-    model = _tiny(mixer)
+def test_state_size_does_not_grow(mixer, variant):
+    model = _tiny(mixer, variant)
     with torch.no_grad():
         _, s1 = model(torch.randint(0, 512, (2, 3)))
         _, s2 = model(torch.randint(0, 512, (2, 300)))
@@ -69,8 +74,9 @@ def test_state_size_does_not_grow(mixer):
     assert s1.nbytes == model.config.num_layers * 2 * h * dh * 4
 
 
-def test_init_state_is_the_same_as_no_state(seed):
-    model = _tiny("gen4")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_init_state_is_the_same_as_no_state(seed, variant):
+    model = _tiny("gen4", variant)
     ids = torch.randint(0, 512, (2, 9))
     with torch.no_grad():
         a, sa = model(ids)
@@ -78,15 +84,31 @@ def test_init_state_is_the_same_as_no_state(seed):
     assert torch.equal(a, b) and sa.equal(sb)
 
 
-def test_state_round_trips_and_reorders(seed):
-    model = _tiny("openash")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_round_trips_and_reorders(seed, variant, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny("openash", variant)
+    ids = torch.randint(0, 512, (3, 5))
+    more = torch.randint(0, 512, (3, 2))
     with torch.no_grad():
-        _, state = model(torch.randint(0, 512, (3, 5)))
-    again = State.from_tensors(state.to_tensors())
-    assert again.equal(state)
-    picked = state.index_select(torch.tensor([2, 0, 0]))
-    assert picked.batch_size == 3
-    assert torch.equal(picked[0]["running_max"][1], state[0]["running_max"][0])
+        _, state = model(ids)
+        again = State.from_tensors(state.to_tensors())
+        assert again.equal(state)
+        save_file(state.map(torch.Tensor.contiguous).to_tensors(), tmp_path / "state.safetensors")
+        loaded = State.from_tensors(load_file(tmp_path / "state.safetensors"))
+        assert loaded.equal(state)
+        idx = torch.tensor([2, 0, 0])
+        picked = state.index_select(idx)
+        assert picked.batch_size == 3
+        for name, t in state[0].items():
+            assert torch.equal(picked[0][name][1], t[0])
+        # Continuing from the reordered state is continuing the reordered rows.
+        a, _ = model(more[idx], picked)
+        b, _ = model(torch.cat([ids[idx], more[idx]], 1))
+        torch.testing.assert_close(a, b[:, 5:], rtol=1e-5, atol=1e-5)
+        c, _ = model(more, loaded)
+        assert torch.equal(c, model(more, state)[0])
 
 
 def test_parameter_counts():
@@ -156,9 +178,10 @@ def test_config_from_another_format_version():
         SamOutConfig.from_dict(data)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("tie", [False, True])
-def test_save_and_load(tmp_path, seed, tie):
-    model = _tiny("conv", tie_word_embeddings=tie)
+def test_save_and_load(tmp_path, seed, tie, variant):
+    model = _tiny("conv", variant, tie_word_embeddings=tie)
     model.save_pretrained(tmp_path)
     loaded = SamOut.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 512, (2, 7))
@@ -178,12 +201,13 @@ def test_load_errors(tmp_path):
         SamOut.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
-def test_overfits_a_small_batch_of_real_text(shakespeare_text, mixer):
+@pytest.mark.parametrize("mixer, variant", [(m, "maxstate") for m in MIXERS]
+                         + [("openash", v) for v in VARIANTS if v != "maxstate"])
+def test_overfits_a_small_batch_of_real_text(shakespeare_text, mixer, variant):
     torch.manual_seed(0)
     data = torch.tensor(list(shakespeare_text[5000:7000].encode("utf-8")), dtype=torch.long)
     batch = data[: 4 * 65].view(4, 65)
-    model = SamOut(SamOutConfig.from_preset("tiny", mixer=mixer))
+    model = SamOut(SamOutConfig.from_preset("tiny", mixer=mixer, **MODEL_VARIANTS[variant]))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(150):
@@ -196,10 +220,11 @@ def test_overfits_a_small_batch_of_real_text(shakespeare_text, mixer):
     assert losses[-1] < 0.2 * losses[0], losses[::15]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mixer", ["gen4", "openash", "conv"])
-def test_fused_model_equals_reference_model(seed, mixer):
+def test_fused_model_equals_reference_model(seed, mixer, variant):
     # The whole model with either kernel: logits, states and every parameter gradient.
-    model = _tiny(mixer).double()
+    model = _tiny(mixer, variant).double()
     ids = torch.randint(0, 512, (2, 19))
     outs = []
     for kernel in ("fused", "reference"):
@@ -211,7 +236,8 @@ def test_fused_model_equals_reference_model(seed, mixer):
     (lf, sf, gf), (lr, sr, gr) = outs
     # Layer 0's state is a running max of identical streams; later layers see inputs
     # that differ by rounding.
-    assert torch.equal(sf[0]["running_max"], sr[0]["running_max"])
+    if variant == "maxstate":
+        assert torch.equal(sf[0]["running_max"], sr[0]["running_max"])
     torch.testing.assert_close(sf.to_tensors(), sr.to_tensors(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lf, lr, rtol=1e-10, atol=1e-10)
     for a, b in zip(gf, gr):
@@ -240,3 +266,121 @@ def test_fused_model_saves_less_for_backward(seed):
     ref, _ = saved_bytes("reference")
     assert not any(t.dtype == torch.int64 and t.dim() == 4 for t in fused_tensors)
     assert fused < 0.9 * ref
+
+
+# -- issue 14: hybrid layers and the forgetting running max -----------------------
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_max_decay_with_zero_delta_is_bit_identical(seed, mixer):
+    # δ = softplus(-inf) = 0 exactly: the decayed scans must give today's bits, with
+    # either kernel, in the full and the chunked form, values and state.
+    plain = _tiny(mixer)
+    decayed = SamOut(SamOutConfig.from_preset("tiny", mixer=mixer, max_decay=True)).eval()
+    missing, unexpected = decayed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("decay_theta" in k for k in missing)
+    with torch.no_grad():
+        for layer in decayed.layers:
+            layer.mixer.decay_theta.fill_(float("-inf"))
+    ids = torch.randint(0, 512, (2, 30))
+    for kernel in ("fused", "reference"):
+        plain.set_kernel(kernel)
+        decayed.set_kernel(kernel)
+        with torch.no_grad():
+            a, sa = plain(ids)
+            b, sb = decayed(ids)
+            assert torch.equal(a, b) and sa.equal(sb)
+            a2, _ = plain(ids[:, 7:], plain(ids[:, :7])[1])
+            b2, _ = decayed(ids[:, 7:], decayed(ids[:, :7])[1])
+            assert torch.equal(a2, b2)
+
+
+def test_max_decay_is_learnable_and_starts_small():
+    model = SamOut(SamOutConfig.from_preset("tiny", max_decay=True))
+    names = [n for n, _ in model.named_parameters() if "decay_theta" in n]
+    assert len(names) == 2
+    mixer = model.layers[0].mixer
+    torch.testing.assert_close(mixer.decay(), torch.full((4, 16), 1e-3))
+    # One per head-channel; 1-D, so AdamW's weight decay (matrices only) leaves it alone.
+    assert mixer.decay_theta.shape == (64,)
+    ids = torch.randint(0, 512, (2, 12))
+    model(ids)[0].square().mean().backward()
+    assert mixer.decay_theta.grad.abs().sum() > 0
+
+
+def test_decay_forgets_an_old_maximum():
+    # A spike early in the max stream must fade out of the state at rate δ per step.
+    model = SamOut(SamOutConfig.from_preset("tiny", max_decay=True, max_decay_init=0.5))
+    mixer = model.layers[0].mixer
+    streams = torch.full((1, 21, 4, 4, 16), -100.0)
+    streams[:, 0, 2] = 10.0
+    _, state = mixer.mix(streams)
+    torch.testing.assert_close(state, torch.full((1, 4, 16), 10.0 - 20 * 0.5))
+
+
+def test_hybrid_layers_and_parameter_matching():
+    config = SamOutConfig.from_preset("hybrid-small")
+    assert config.resolved_layer_types == ["maxstate", "maxstate", "maxstate", "attention"]
+    with torch.device("meta"):
+        hybrid, plain = SamOut(config), SamOut(SamOutConfig.from_preset("small"))
+    h, d = config.num_heads, config.hidden_size
+    # The attention layer's q, k, v, o (4 D^2) replace openash's 4-stream projection
+    # (4 D^2) and its head mixing and alphas (5 H^2 + 3).
+    assert plain.num_parameters() - hybrid.num_parameters() == 5 * h * h + 3
+    assert sum(p.numel() for p in hybrid.layers[3].mixer.parameters()) == 4 * d * d
+    swa = SamOutConfig.from_preset("hybrid-small-swa")
+    assert swa.attention_window == 256 and swa.resolved_layer_types == config.resolved_layer_types
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_state_size(window):
+    model = _tiny("openash", layer_types=["maxstate", "attention"], attention_window=window)
+    with torch.no_grad():
+        _, s = model(torch.randint(0, 512, (2, 3)))
+        sizes = [s.nbytes]
+        for _ in range(6):
+            _, s = model(torch.randint(0, 512, (2, 1)), state=s)
+            sizes.append(s.nbytes)
+    kept = s[1]["key"].shape[2]
+    if window is None:
+        assert kept == 9 and sizes == sorted(set(sizes))  # a KV cache: grows every token
+    else:
+        assert kept == window - 1 and len(set(sizes[1:])) == 1  # bounded by the window
+
+
+def test_window_hides_tokens_outside_it_from_attention(seed):
+    # An attention-only model: a token W or more positions back cannot change the output.
+    model = _tiny("openash", layer_types=["attention", "attention"], attention_window=4)
+    ids = torch.randint(2, 512, (1, 12))
+    other = ids.clone()
+    other[0, 2] = 1
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(other)
+    # Position 2 reaches positions 2..5 in layer 1, and 2..8 after two layers.
+    assert torch.equal(a[:, 9:], b[:, 9:])
+    assert not torch.equal(a[:, 2:9], b[:, 2:9])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layer_types=["maxstate"]), "one kind per layer"),
+    (dict(layer_types=["maxstate", "mamba", "maxstate", "maxstate"]), "unknown layer type 'mamba'"),
+    (dict(layer_types=["maxstate"] * 4, attention_every=2), "not both"),
+    (dict(attention_every=0), "attention_every must be a positive integer"),
+    (dict(attention_window=-1), "attention_window must be a positive integer"),
+    (dict(max_decay="yes"), "max_decay must be true or false"),
+    (dict(max_decay_init=0), "max_decay_init must be a positive number"),
+])
+def test_impossible_hybrid_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamOutConfig(**kwargs)
+
+
+def test_attention_state_of_the_wrong_shape_is_rejected():
+    model = _tiny("openash", layer_types=["attention", "maxstate"], attention_window=3)
+    _, state = model(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="key and value must have shape"):
+        model(torch.zeros(3, 1, dtype=torch.long), state=state)
+    state[0]["key"] = torch.zeros(2, 4, 5, 16)
+    state[0]["value"] = torch.zeros(2, 4, 5, 16)
+    with pytest.raises(ValueError, match="keeps at most 2 keys"):
+        model(torch.zeros(2, 1, dtype=torch.long), state=state)

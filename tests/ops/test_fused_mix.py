@@ -1,6 +1,8 @@
 """The fused mixer kernels against the eager reference: outputs, states and gradients
 (streams, incoming state, alphas, head-mix weight), ties included."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -22,29 +24,57 @@ def _inputs(kind, b=2, t=13, h=3, dh=4, dtype=torch.float64, ties=False):
     return streams, state, alpha, weight
 
 
-def _grads(fn, kind, streams, state, alpha, weight, gy, gs):
+def _grads(fn, kind, streams, state, alpha, weight, gy, gs, decay=None):
     leaves = [v.detach().clone().requires_grad_() for v in (streams, state, alpha)]
     w = weight.detach().clone().requires_grad_() if weight is not None else None
-    y, new_state = fn(kind, leaves[0], leaves[1], leaves[2], w)
+    d = decay.detach().clone().requires_grad_() if decay is not None else None
+    y, new_state = fn(kind, leaves[0], leaves[1], leaves[2], w, d)
     loss = (y * gy).sum() + (new_state * gs).sum()
-    grads = torch.autograd.grad(loss, leaves + ([w] if w is not None else []))
+    extra = [v for v in (w, d) if v is not None]
+    grads = torch.autograd.grad(loss, leaves + extra)
     return y.detach(), new_state.detach(), grads
 
 
+@pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("ties", [False, True])
-def test_fused_equals_reference(seed, kind, ties):
+def test_fused_equals_reference(seed, kind, ties, decay, monkeypatch):
+    if decay:  # pieces of 5 steps, so the chunk-relative offsets are exercised
+        monkeypatch.setattr(importlib.import_module("samout.ops.running_max"), "DECAY_CHUNK", 5)
     t = int(torch.randint(1, 40, ()).item())
     streams, state, alpha, weight = _inputs(kind, t=t, ties=ties)
+    d = torch.rand(3, 4, dtype=torch.float64) * 0.2 if decay else None
     gy = torch.randn(2, t, 3, 4, dtype=torch.float64)
     gs = torch.randn(2, 3, 4, dtype=torch.float64)
-    y, s, grads = _grads(fused_mix, kind, streams, state, alpha, weight, gy, gs)
-    y_ref, s_ref, grads_ref = _grads(mix_ref, kind, streams, state, alpha, weight, gy, gs)
-    assert torch.equal(s, s_ref)
+    y, s, grads = _grads(fused_mix, kind, streams, state, alpha, weight, gy, gs, d)
+    y_ref, s_ref, grads_ref = _grads(mix_ref, kind, streams, state, alpha, weight, gy, gs, d)
+    if decay:
+        torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+        # And both against the float64 recurrence.
+        want = running_max_ref(streams[:, :, 2], state, 1, d)[:, -1]
+        torch.testing.assert_close(s, want, rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.equal(s, s_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    for name, a, b in zip(["streams", "state", "alpha", "weight"], grads, grads_ref):
+    for name, a, b in zip(["streams", "state", "alpha", "weight/decay", "decay"], grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
     assert grads[1].abs().sum() > 0  # the incoming state really received gradient
+    if decay:
+        assert grads[-1].abs().sum() > 0  # and δ too
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fused_zero_decay_is_bit_identical(seed, kind):
+    streams, state, alpha, weight = _inputs(kind, t=29, dtype=torch.float32)
+    zero = torch.zeros(3, 4)
+    for fn in (fused_mix, mix_ref):
+        with torch.no_grad():
+            y, s = fn(kind, streams, state, alpha, weight)
+            y0, s0 = fn(kind, streams, state, alpha, weight, zero)
+        assert torch.equal(y, y0) and torch.equal(s, s0)
+        # The autograd path too.
+        y1, s1 = fn(kind, streams.clone().requires_grad_(), state, alpha, weight, zero)
+        assert torch.equal(y1.detach(), y) and torch.equal(s1.detach(), s)
 
 
 def test_openash_head_mix_in_chunks(seed, monkeypatch):
@@ -76,19 +106,22 @@ def test_fused_without_state_and_float32(seed, kind):
     assert torch.equal(y2.detach(), y) and torch.equal(s2.detach(), s)
 
 
+@pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_fused_gradcheck(seed, kind):
+def test_fused_gradcheck(seed, kind, decay):
     streams, state, alpha, weight = _inputs(kind, b=1, t=6, h=2, dh=2)
     # Distinct values in the max stream and state: the max is differentiable there.
     distinct = (torch.randperm(28).double() / 28 - 0.5).reshape(1, 7, 2, 2)
     streams[:, :, 2] = distinct[:, :6]
     state = distinct[:, 6].clone()
-    args = [streams.requires_grad_(), state.requires_grad_(), alpha.requires_grad_()]
+    args = [streams.requires_grad_(), state.requires_grad_(), alpha.requires_grad_(), weight]
     if weight is not None:
-        args.append(weight.requires_grad_())
+        weight.requires_grad_()
+    # A continuous δ (no exact ties of c_s - k δ with another c); [H, dh].
+    args.append(torch.rand(2, 2, dtype=torch.float64).mul(0.05).requires_grad_() if decay else None)
 
     def fn(*a):
-        return fused_mix(kind, a[0], a[1], a[2], a[3] if len(a) > 3 else None)
+        return fused_mix(kind, *a)
 
     assert torch.autograd.gradcheck(fn, tuple(args))
 

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -98,3 +100,92 @@ def test_chunked_equals_full(seed):
         state = out[:, -1]
         parts.append(out)
     assert torch.equal(torch.cat(parts, 1), full)
+
+
+# -- the forgetting running max (decay) ------------------------------------------------
+
+from samout.ops import running_max_cummax  # noqa: E402
+from tests.helpers import random_chunks  # noqa: E402
+
+rm = importlib.import_module("samout.ops.running_max")
+DECAY_FNS = [running_max, running_max_cummax, running_max_ref]
+
+
+@pytest.fixture(params=[256, 4])
+def decay_chunk(request, monkeypatch):
+    """The real piece length, and a tiny one so the tests' short inputs cross pieces."""
+    monkeypatch.setattr(rm, "DECAY_CHUNK", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("fn", DECAY_FNS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_zero_decay_is_bit_identical(seed, fn, with_state, decay_chunk):
+    x = torch.randn(3, 17, 5)
+    state = torch.randn(3, 5) if with_state else None
+    assert torch.equal(fn(x, state, 1, torch.zeros(5)), fn(x, state, 1))
+
+
+@pytest.mark.parametrize("fn", [running_max, running_max_cummax])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_decay_equals_the_recurrence(seed, fn, with_state, decay_chunk):
+    x = torch.randn(2, 19, 3, 4, dtype=torch.float64)
+    state = torch.randn(2, 3, 4, dtype=torch.float64) if with_state else None
+    decay = torch.rand(3, 4, dtype=torch.float64) * 0.3
+    got = fn(x, state, 1, decay)
+    want = running_max_ref(x, state, 1, decay)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    assert not torch.allclose(got, fn(x, state, 1))  # the decay really changes the result
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_decay_gradients_equal_the_reference(seed, with_state, decay_chunk):
+    x, state = _no_ties((2, 13, 3, 4), (2, 3, 4))
+    x.requires_grad_()
+    state = state.add(0.3).requires_grad_() if with_state else None
+    # Continuous δ: x - k δ never ties exactly with another x (a δ on x's grid could).
+    decay = torch.rand(3, 4, dtype=torch.float64).mul(0.1).requires_grad_()
+    g = torch.randn(2, 13, 3, 4, dtype=torch.float64)
+    inputs = [x, decay] + ([state] if state is not None else [])
+    results = [torch.autograd.grad((fn(x, state, 1, decay) * g).sum(), inputs) for fn in DECAY_FNS]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    assert results[0][1].abs().sum() > 0  # δ received gradient
+
+
+@pytest.mark.parametrize("fn", DECAY_FNS)
+def test_decay_gradcheck(seed, fn, decay_chunk):
+    x, state = _no_ties((2, 9, 3), (2, 3))
+    decay = torch.rand(3, dtype=torch.float64).mul(0.05)  # continuous: no ties (see above)
+    args = (x.requires_grad_(), state.requires_grad_(), decay.requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, s, d: fn(a, s, 1, d), args)
+    assert torch.autograd.gradcheck(lambda a, d: fn(a, None, 1, d), (x, decay))
+
+
+def test_decay_chunked_equals_full_for_any_chunking(seed, decay_chunk):
+    import random
+
+    rng = random.Random(seed)
+    x = torch.randn(2, 40, 6)
+    decay = torch.rand(6) * 0.2
+    full = running_max(x, None, 1, decay)
+    for chunks in (random_chunks(40, rng), [1] * 40):
+        state, parts, t = None, [], 0
+        for n in chunks:
+            out = running_max(x[:, t : t + n], state, 1, decay)
+            state, t = out[:, -1], t + n
+            parts.append(out)
+        # Pieces fall elsewhere, so x + s δ rounds elsewhere: float32 rounding of values up
+        # to |x| + 40 δ (about 10), nothing more.
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+
+
+def test_decay_keeps_float32_precision_on_long_sequences(seed):
+    # 20k steps with δ = 0.5: a shift counted from the start of the sequence would reach
+    # 1e4 and cost float32 about 1e-3 of absolute precision; pieces keep it at the inputs'.
+    x = torch.randn(1, 20_000, 4)
+    decay = torch.full((4,), 0.5)
+    want = running_max_ref(x.double(), None, 1, decay.double())
+    for fn in (running_max, running_max_cummax):
+        assert (fn(x, None, 1, decay).double() - want).abs().max() < 1e-5
