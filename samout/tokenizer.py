@@ -15,11 +15,11 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from samout.errors import SamoutError
+from samout.run_dir import TOKENIZER_NAME
 
 PAD_TOKEN, EOT_TOKEN = "<|pad|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOT_TOKEN]
 PAD_ID, EOT_ID = 0, 1
-TOKENIZER_NAME = "tokenizer.json"
 DEFAULT_VOCAB_SIZE = 8192
 # Special tokens plus the 256 byte symbols every byte-level BPE starts from.
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256

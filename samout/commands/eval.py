@@ -9,9 +9,8 @@ from pathlib import Path
 from samout.data.dataset import TokenData
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
-from samout.generation import load_for_generation
-from samout.tokenizer import TOKENIZER_NAME, token_byte_lengths
-from samout.training.trainer import TRAIN_CONFIG_NAME
+from samout.run_dir import TOKENIZER_NAME, load_run, read_train_config
+from samout.tokenizer import token_byte_lengths
 
 
 def register(subparsers) -> None:
@@ -35,10 +34,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    model, tokenizer = load_for_generation(run_dir, device=args.device)
-    saved = {}
-    if (run_dir / TRAIN_CONFIG_NAME).is_file():
-        saved = json.loads((run_dir / TRAIN_CONFIG_NAME).read_text())
+    model, tokenizer = load_run(run_dir, device=args.device)
+    saved = read_train_config(run_dir)
     data_dir = args.data or saved.get("data_dir")
     if data_dir is None:
         raise SamoutError(f"{run_dir} does not say which data it was trained on: pass --data DATA_DIR")

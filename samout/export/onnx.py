@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from samout.errors import SamoutError
 from samout.models.samout import SamOut
+from samout.run_dir import TOKENIZER_NAME
 from samout.state import State
 
 DECODE_NAME, PREFILL_NAME, MANIFEST_NAME = "decode.onnx", "prefill.onnx", "samout_onnx.json"
@@ -300,9 +301,9 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def copy_tokenizer(run_dir: Path, out_dir: Path) -> Path | None:
-    src = Path(run_dir) / "tokenizer.json"
+    src = Path(run_dir) / TOKENIZER_NAME
     if not src.is_file():
         return None
-    dst = Path(out_dir) / "tokenizer.json"
+    dst = Path(out_dir) / TOKENIZER_NAME
     shutil.copyfile(src, dst)
     return dst

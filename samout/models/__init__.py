@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from samout.checkpoint import CheckpointError, read_config_dict, verify_checksums
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer, TransformerConfig, match_transformer_to
 
@@ -14,15 +13,11 @@ MODEL_CLASSES: dict[str, type] = {"samout": SamOut, "transformer": Transformer}
 
 def load_pretrained(directory: str | Path, map_location: str = "cpu", verify: bool = True):
     """Load whichever model `directory/config.json` describes (checking `checksums.json`, if
-    the directory has one, unless `verify=False`)."""
-    if verify and Path(directory).is_dir():
-        verify_checksums(directory)
-    model_type = read_config_dict(directory).get("model_type", "samout")
-    if model_type not in MODEL_CLASSES:
-        raise CheckpointError(
-            f"{directory}: unknown model_type {model_type!r} (known: {', '.join(MODEL_CLASSES)})"
-        )
-    return MODEL_CLASSES[model_type].from_pretrained(directory, map_location=map_location)
+    the directory has one, unless `verify=False`); exactly that directory, no fallback
+    (`samout.run_dir.load_model` falls back to the newest intact checkpoint)."""
+    from samout.run_dir import load_model
+
+    return load_model(directory, device=map_location, verify=verify, fallback=False)
 
 
 __all__ = [

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -29,30 +28,31 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from samout.checkpoint import CheckpointError, atomic_write
 from samout.data.dataset import TokenData
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
 from samout.models import MODEL_CLASSES, load_pretrained
-from samout.tokenizer import PAD_ID, TOKENIZER_NAME, load_tokenizer, token_byte_lengths
-from samout.training import distributed as dist_utils
-from samout.training import fsdp, step
-from samout.training.checkpointing import (
-    CHECKPOINTS_DIR,
+from samout.run_dir import (
+    LOG_NAME,
+    PLOT_NAME,
+    TOKENIZER_NAME,
+    CheckpointError,
+    atomic_write,
     find_resumable,
     latest_checkpoint,
     list_checkpoints,
-    rng_state,
+    remove_partial_checkpoints,
     save_checkpoint,
     set_aside,
-    set_rng_state,
+    write_train_config,
 )
+from samout.tokenizer import PAD_ID, load_tokenizer, token_byte_lengths
+from samout.training import distributed as dist_utils
+from samout.training import fsdp, step
 from samout.training.config import TrainConfig, load_config_file
+from samout.training.rng import rng_state, set_rng_state
 from samout.training.schedule import build_scheduler
 
-LOG_NAME = "log.jsonl"
-PLOT_NAME = "loss.png"
-TRAIN_CONFIG_NAME = "train_config.json"
 DEFAULT_PRESET = "small"
 
 
@@ -518,9 +518,7 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
     trainer = Trainer(model, data, cfg, run_dir, rank=env.rank, world_size=env.world_size, quiet=quiet)
     if resume:
         if env.is_main:
-            # Leftovers of a save cut short by a crash (never resumed from: not step-* names).
-            for partial in (run_dir / CHECKPOINTS_DIR).glob(".*-step-*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            remove_partial_checkpoints(run_dir)
             for bad, why in skipped:
                 moved = set_aside(bad)
                 print(f"warning: skipped checkpoint {bad.name} ({why}); moved it to {moved.name}",
@@ -540,8 +538,7 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
     if env.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / TRAIN_CONFIG_NAME,
-                         json.dumps({**cfg.to_dict(), "data_dir": str(data.dir.resolve())}, indent=2) + "\n")
+            write_train_config(run_dir, {**cfg.to_dict(), "data_dir": str(data.dir.resolve())})
             if not (run_dir / TOKENIZER_NAME).exists():
                 atomic_write(run_dir / TOKENIZER_NAME, data.tokenizer_path.read_bytes())
         except OSError as err:

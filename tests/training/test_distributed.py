@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from samout.models import load_pretrained
-from samout.training.checkpointing import list_checkpoints, load_training_state
+from samout.run_dir import list_checkpoints, load_training_state
 from samout.training.trainer import parameter_digest, train
 
 SETTINGS = ["--preset", "tiny", "--seq-len", "32", "--warmup-steps", "2", "--eval-every", "1000",

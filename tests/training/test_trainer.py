@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from samout.errors import SamoutError
 from samout.models import load_pretrained
-from samout.training.checkpointing import list_checkpoints, load_training_state
+from samout.run_dir import list_checkpoints, load_training_state
 from samout.training.config import TrainConfig, load_config_file, parse_duration
 from samout.training.schedule import Schedule, lr_multiplier
 from samout.training.trainer import train
