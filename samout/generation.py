@@ -24,11 +24,15 @@ from samout.errors import SamoutError
 from samout.run_dir import load_run
 from samout.tokenizer import EOT_ID
 
+# The defaults of the API and of `samout generate`.
+DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_TEMPERATURE = 0.8
+
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 = greedy
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
@@ -124,7 +128,8 @@ def stream_ids(model: torch.nn.Module, prompt_ids: list[int], params: SamplingPa
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids after <|endoftext|>: documents start after it in the training stream."""
+    """Prompt ids after <|endoftext|>: documents start after it in the training stream (so an
+    empty prompt samples a document from its start)."""
     return [EOT_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
 
 

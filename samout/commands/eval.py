@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from samout.data.dataset import TokenData
+from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
 from samout.run_dir import TOKENIZER_NAME, load_run, read_train_config
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="context length (default: the training seq_len)")
     p.add_argument("--max-windows", type=int, help="evaluate only this many windows (default all)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from samout.commands import DefaultsHelpFormatter
 from samout.errors import SamoutError
 from samout.run_dir import TOKENIZER_NAME, check_model_dir, load_model, resolve_model_dir
 
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
         description="Write decode.onnx (one token + state in, logits + new state out) and "
                     "prefill.onnx (a chunk of tokens + state), compare them with PyTorch in "
                     "onnxruntime, and optionally quantize the weights to int8.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="run or model directory (config.json + model.safetensors)")

@@ -40,6 +40,7 @@ from samout.errors import SamoutError
 from samout.models.samout import SamOut
 from samout.run_dir import TOKENIZER_NAME
 from samout.state import State
+from samout.tokenizer import EOT_ID, PAD_ID
 
 DECODE_NAME, PREFILL_NAME, MANIFEST_NAME = "decode.onnx", "prefill.onnx", "samout_onnx.json"
 DEFAULT_MAX_PREFILL_LEN = 1024
@@ -144,7 +145,7 @@ def export_onnx(model: SamOut, out_dir: str | Path, max_prefill_len: int = DEFAU
         "max_prefill_len": max_prefill_len, "num_layers": n,
         "state_shape": ["batch", model.config.num_heads, model.config.head_dim],
         "state_inputs": in_names, "state_outputs": out_names, "vocab_size": model.config.vocab_size,
-        "eos_token_id": 1, "pad_token_id": 0, "samout_config": model.config.to_dict(),
+        "eos_token_id": EOT_ID, "pad_token_id": PAD_ID, "samout_config": model.config.to_dict(),
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     files[MANIFEST_NAME] = out_dir / MANIFEST_NAME

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-PAD_TOKEN, EOT_TOKEN = "<|pad|>", "<|endoftext|>"
+from samout.run_dir import TOKENIZER_NAME
+from samout.tokenizer import EOT_TOKEN, PAD_TOKEN
 
 
 class SamOutTokenizer(PreTrainedTokenizerFast):
@@ -42,7 +43,7 @@ class SamOutTokenizer(PreTrainedTokenizerFast):
         # transformers bakes the leading <|endoftext|> into tokenizer.json as a
         # post-processor; keep the file samout's (bare ids for `tokenizers` users):
         # this class adds the token again when it loads the file.
-        path = Path(save_directory) / "tokenizer.json"
+        path = Path(save_directory) / TOKENIZER_NAME
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
             if (data.get("post_processor") or {}).get("type") == "TemplateProcessing":
