@@ -16,6 +16,8 @@ empty, so padding at the left is the same as no padding); padding anywhere else 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +29,7 @@ from samout.hf.cache import SamOutCache
 from samout.hf.configuration_samout import SamOutHFConfig
 from samout.layers.mixers import MaxStateSuper
 from samout.models.samout import DecoderLayer, SamOut
+from samout.run_dir import MODEL_FILES, verify_checksums
 from samout.state import State
 
 
@@ -48,6 +51,15 @@ class SamOutPreTrainedModel(PreTrainedModel):
             init.constant_(module.alpha, 0.5)
         elif isinstance(module, MaxStateSuper) and module.alpha is not None:
             init.constant_(module.alpha, 0.5)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A samout run directory carries checksums.json: a truncated or mixed set of model
+        # files is named here (as `samout generate` does) instead of loading wrong weights.
+        path = Path(str(pretrained_model_name_or_path))
+        if path.is_dir():
+            verify_checksums(path, names=MODEL_FILES)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
