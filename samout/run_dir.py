@@ -173,6 +173,10 @@ def read_config_dict(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"not a directory: {directory}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint in {directory}: {CONFIG_NAME} is missing")
+    return _read_json_object(path)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -417,15 +421,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
 def read_train_config(run_dir: str | Path) -> dict[str, Any]:
     """The training settings saved in `run_dir/train_config.json` ({} if there are none)."""
     path = Path(run_dir) / TRAIN_CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
+    return _read_json_object(path) if path.is_file() else {}
 
 
 def write_train_config(run_dir: str | Path, settings: dict[str, Any]) -> None:
