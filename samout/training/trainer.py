@@ -271,14 +271,14 @@ class Trainer:
             loss = self.train_step()
             self.elapsed += time.perf_counter() - t0
             window_tokens += cfg.tokens_per_step * self.world_size
-            fields = {}
+            lr = self.scheduler.get_last_lr()[0]
+            fields = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}")  # speed and time left: at log steps
             if self.step % cfg.log_every == 0 or self.step == 1:
                 tok_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
-                lr = self.scheduler.get_last_lr()[0]
                 self.log({"type": "train", "step": self.step, "loss": loss, "lr": lr,
                           "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed": self.elapsed})
-                fields = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", eta=self._eta(tok_s))
+                fields.update(tok_s=f"{tok_s:,.0f}", eta=self._eta(tok_s))
             progress.update(self.step, **fields)
             self._sync_stop()
             reason = self.stop_reason()
