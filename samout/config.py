@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-MIXERS = ("gen3", "dual", "gen4", "openash", "conv")
 DEFAULT_MIXER = "openash"
+# The mixers' names: `MIXERS` (below) reads them from the one registry,
+# samout.layers.mixers.MIXER_CLASSES, which imports this module.
 # What a decoder layer mixes tokens with: a MaxStateSuper mixer (`mixer`) or causal
 # softmax attention (samout/layers/attention.py), named per layer in `layer_types`.
 LAYER_TYPES = ("maxstate", "attention")
@@ -156,9 +157,10 @@ class SamOutConfig(JsonConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.mixer not in MIXERS:
+        mixers = _mixer_names()
+        if self.mixer not in mixers:
             raise ValueError(
-                f"unknown mixer {self.mixer!r}: choose one of {', '.join(MIXERS)}"
+                f"unknown mixer {self.mixer!r}: choose one of {', '.join(mixers)}"
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(
@@ -223,3 +225,17 @@ class SamOutConfig(JsonConfig):
         if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _mixer_names() -> tuple[str, ...]:
+    from samout.layers.mixers import MIXER_CLASSES
+
+    return tuple(MIXER_CLASSES)
+
+
+def __getattr__(name: str) -> Any:
+    # `from samout.config import MIXERS`: the registry's names, looked up on first use
+    # (the registry's module imports this one, so it cannot be imported at the top).
+    if name == "MIXERS":
+        return _mixer_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

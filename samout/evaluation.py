@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from samout.data.dataset import TokenData
+from samout.device import resolve_device
 
 
 @dataclass
@@ -47,7 +48,7 @@ def evaluate(model: torch.nn.Module, data: TokenData, token_bytes: np.ndarray, s
     pos_sum = torch.zeros(width, dtype=torch.float64)
     pos_count = torch.zeros(width, dtype=torch.float64)
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
-    device = torch.device(device)
+    device = resolve_device(device)
     # Windows of equal length batch together; only the last may be shorter.
     bar = tqdm(range(0, len(windows), batch_size), desc=f"eval {split}", disable=None if progress else True)
     for i in bar:

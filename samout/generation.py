@@ -13,7 +13,6 @@ including one whose state grows (a Transformer's KV cache).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +20,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from samout.checkpoint import CheckpointError
 from samout.errors import SamoutError
-from samout.models import load_pretrained
-from samout.tokenizer import EOT_ID, TOKENIZER_NAME, load_tokenizer
+from samout.run_dir import load_run
+from samout.tokenizer import EOT_ID
+
+# The defaults of the API and of `samout generate`.
+DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_TEMPERATURE = 0.8
 
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 = greedy
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
@@ -126,7 +128,8 @@ def stream_ids(model: torch.nn.Module, prompt_ids: list[int], params: SamplingPa
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids after <|endoftext|>: documents start after it in the training stream."""
+    """Prompt ids after <|endoftext|>: documents start after it in the training stream (so an
+    empty prompt samples a document from its start)."""
     return [EOT_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
 
 
@@ -149,31 +152,6 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> str:
 
 
 def load_for_generation(run_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) from a run or model directory; `dtype`: see samout.quant."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SamoutError(f"run directory not found: {run_dir}")
-    if not (run_dir / "config.json").is_file():
-        raise SamoutError(f"no checkpoint in {run_dir} (config.json is missing): train a model there first")
-    try:
-        model = load_pretrained(run_dir, map_location=device, dtype=dtype)
-    except CheckpointError as err:
-        # The top-level files of a run are replaced one by one, checksums.json last: a crash in
-        # between leaves a mixed set, which the checksums catch. The checkpoints are whole.
-        fallback = _newest_good_checkpoint(run_dir)
-        if fallback is None:
-            raise
-        print(f"warning: {err}; loading {fallback} instead", file=sys.stderr)
-        run_dir = fallback
-        model = load_pretrained(run_dir, map_location=device, verify=False, dtype=dtype)
-    tokenizer = load_tokenizer(run_dir / TOKENIZER_NAME)
-    return model, tokenizer
-
-
-def _newest_good_checkpoint(run_dir: Path) -> Path | None:
-    from samout.training.checkpointing import find_resumable
-
-    try:
-        return find_resumable(run_dir)[0]
-    except (CheckpointError, FileNotFoundError):
-        return None
+    """(model, tokenizer) from a run or model directory (see `samout.run_dir.load_run`: falls
+    back to the newest intact checkpoint; never reads optimizer state). `dtype`: see samout.quant."""
+    return load_run(run_dir, device, dtype=dtype)

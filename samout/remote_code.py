@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from samout.checkpoint import CONFIG_NAME, atomic_write
 from samout.openash_tokenizer import VOCAB_NAME
+from samout.run_dir import CONFIG_NAME, atomic_write
 from samout.tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, update_tokenizer_config
 
 _HEADER = '''"""Hugging Face remote code of a samout model directory (written by samout).

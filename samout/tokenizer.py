@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from samout.checkpoint import atomic_write
 from samout.errors import SamoutError
+from samout.run_dir import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, atomic_write
 
 PAD_TOKEN, EOT_TOKEN = "<|pad|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOT_TOKEN]
@@ -31,9 +31,6 @@ SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN = "<|system|>", "<|user|>", "<|assista
 END_OF_TURN_TOKEN = "<|end|>"
 ROLE_TOKENS = {"system": SYSTEM_TOKEN, "user": USER_TOKEN, "assistant": ASSISTANT_TOKEN}
 CHAT_TOKENS = [SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_OF_TURN_TOKEN]
-TOKENIZER_NAME = "tokenizer.json"
-# Hugging Face's per-directory tokenizer settings (auto_map, chat_template, ...).
-TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 DEFAULT_VOCAB_SIZE = 8192
 # Special tokens plus the 256 byte symbols every byte-level BPE starts from.
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256

@@ -21,8 +21,7 @@ from samout.generation import generate, stream_ids
 from samout.models.samout import SamOut
 from samout.models.transformer_config import TransformerConfig
 from samout.tokenizer import EOT_TOKEN, PAD_TOKEN, train_tokenizer
-from samout.training.config import TRAIN_FIELDS, load_config_file
-from samout.training.trainer import resolve_settings
+from samout.training.config import TRAIN_FIELDS, load_config_file, resolve_settings
 
 CLEAN = (SamoutError, ValueError)
 # SAMOUT_FUZZ_EXAMPLES=2000 for a deeper run than the suite's.

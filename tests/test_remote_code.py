@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from samout.checkpoint import CHECKSUMS_NAME  # noqa: E402
 from samout.generation import encode_prompt, load_for_generation, stream_ids  # noqa: E402
 from samout.remote_code import HF_FILES, MODEL_AUTO_MAP, REMOTE_FILES  # noqa: E402
+from samout.run_dir import CHECKSUMS_NAME  # noqa: E402
 from samout.tokenizer import TOKENIZER_CONFIG_NAME, update_tokenizer_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from torch import nn
 
 import samout
 from samout.config import MIXERS, SamOutConfig
+from samout.device import resolve_device  # noqa: F401  (the benchmarks' import of it)
 from samout.errors import SamoutError
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
@@ -73,13 +74,6 @@ def header_line(header: dict[str, Any]) -> str:
     where = header.get("gpu") or f"{header['machine']}, {header['cpu_cores']} cores"
     return (f"{where}, torch {header['torch']} ({header['torch_threads']} threads), "
             f"commit {header['git_commit'][:12]}")
-
-
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SamoutError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 def check_mixers(mixers: list[str]) -> list[str]:
@@ -229,7 +223,7 @@ def _quiet_stderr():
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from samout.checkpoint import atomic_write
+    from samout.run_dir import atomic_write
 
     atomic_write(path, json.dumps(data, indent=2) + "\n")
 

@@ -122,7 +122,6 @@ def decode_table(s: LowpSettings, device: torch.device, progress=print) -> dict[
 @torch.no_grad()
 def accuracy_table(s: LowpSettings, device: torch.device) -> dict[str, Any]:
     """Held-out perplexity per dtype and teacher-forced greedy agreement with float32."""
-    import json
     import math
 
     import numpy as np
@@ -130,10 +129,10 @@ def accuracy_table(s: LowpSettings, device: torch.device) -> dict[str, Any]:
 
     from samout.data.dataset import TokenData
     from samout.models import load_pretrained
-    from samout.training.trainer import TRAIN_CONFIG_NAME
+    from samout.run_dir import read_train_config
 
     run = Path(s.accuracy_run)
-    saved = json.loads((run / TRAIN_CONFIG_NAME).read_text()) if (run / TRAIN_CONFIG_NAME).is_file() else {}
+    saved = read_train_config(run)
     data = TokenData(saved["data_dir"])
     seq_len = saved.get("seq_len", 256)
     windows = data.eval_windows(seq_len, s.accuracy_windows, "val")

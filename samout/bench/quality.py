@@ -32,6 +32,7 @@ from samout.bench.common import (
 )
 from samout.config import MIXERS, SamOutConfig
 from samout.errors import SamoutError
+from samout.run_dir import LOG_NAME
 
 
 @dataclass
@@ -82,7 +83,7 @@ def corpus_files(corpus: str) -> list[str]:
 
 def _curve(run_dir: Path) -> list[dict[str, Any]]:
     """Eval records of a run's log, each with the training seconds at that step."""
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run_dir / LOG_NAME).read_text().splitlines() if line.strip()]
     elapsed = {r["step"]: r["elapsed"] for r in records if r["type"] == "train"}
     return [{"step": r["step"], "tokens": r["tokens"], "elapsed": elapsed.get(r["step"]),
              "val_bpb": r["val_bpb"], "val_loss": r["val_loss"]} for r in records if r["type"] == "eval"]

@@ -19,9 +19,9 @@ from samout.bench import recall as recall_bench
 from samout.bench import serve as serve_bench
 from samout.bench import speed as speed_bench
 from samout.bench.common import VARIANTS, prepare_out_dir, write_json
-from samout.checkpoint import atomic_write
 from samout.config import MIXERS, PRESETS
 from samout.errors import SamoutError
+from samout.run_dir import atomic_write
 
 
 def _ints(text: str) -> list[int]:

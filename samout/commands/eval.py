@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 from samout.data.dataset import TokenData
+from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
-from samout.generation import load_for_generation
 from samout.quant import add_dtype_argument
-from samout.tokenizer import TOKENIZER_NAME, token_byte_lengths
-from samout.training.trainer import TRAIN_CONFIG_NAME
+from samout.run_dir import TOKENIZER_NAME, load_run, read_train_config
+from samout.tokenizer import token_byte_lengths
 
 
 def register(subparsers) -> None:
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="context length (default: the training seq_len)")
     p.add_argument("--max-windows", type=int, help="evaluate only this many windows (default all)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     add_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -37,10 +37,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    model, tokenizer = load_for_generation(run_dir, device=args.device, dtype=args.dtype)
-    saved = {}
-    if (run_dir / TRAIN_CONFIG_NAME).is_file():
-        saved = json.loads((run_dir / TRAIN_CONFIG_NAME).read_text())
+    model, tokenizer = load_run(run_dir, device=args.device, dtype=args.dtype)
+    saved = read_train_config(run_dir)
     data_dir = args.data or saved.get("data_dir")
     if data_dir is None:
         raise SamoutError(f"{run_dir} does not say which data it was trained on: pass --data DATA_DIR")

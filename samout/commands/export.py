@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from samout.commands import DefaultsHelpFormatter
 from samout.errors import SamoutError
+from samout.run_dir import TOKENIZER_NAME, check_model_dir, load_model, resolve_model_dir
 
 
 def register(subparsers) -> None:
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
         description="Write decode.onnx (one token + state in, logits + new state out) and "
                     "prefill.onnx (a chunk of tokens + state), compare them with PyTorch in "
                     "onnxruntime, and optionally quantize the weights to int8.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="run or model directory (config.json + model.safetensors)")
@@ -45,20 +47,22 @@ def run(args: argparse.Namespace) -> int:
         export_onnx,
         quantize_int8,
     )
-    from samout.models import load_pretrained
     from samout.models.samout import SamOut
 
     if args.check_steps < 1:
         raise SamoutError(f"--check-steps must be at least 1, got {args.check_steps}")
+    # Like generate and eval: a run whose top-level files were cut short by a crash exports
+    # its newest intact checkpoint (with a warning).
+    model_dir = resolve_model_dir(check_model_dir(args.run_dir))
     text_ids = None
     if args.text is not None:
-        text_ids = _text_ids(Path(args.run_dir), Path(args.text), args.text_tokens)
-    model = load_pretrained(args.run_dir)
+        text_ids = _text_ids(model_dir, Path(args.text), args.text_tokens)
+    model = load_model(model_dir, verify=False)
     if not isinstance(model, SamOut):
         raise SamoutError(f"{args.run_dir}: ONNX export supports SamOut models, got {type(model).__name__}")
     out_dir = Path(args.onnx)
     result = export_onnx(model, out_dir, max_prefill_len=args.max_prefill_len)
-    tokenizer = copy_tokenizer(Path(args.run_dir), out_dir)
+    tokenizer = copy_tokenizer(model_dir, out_dir)
     print(f"exported in {result.seconds:.1f} s to {out_dir}")
     for path in [*result.files.values(), *([tokenizer] if tokenizer else [])]:
         print(f"  {path.name:<24} {_size(path)}")
@@ -98,7 +102,7 @@ def _text_ids(run_dir: Path, text: Path, limit: int):
 
     if not text.is_file():
         raise SamoutError(f"--text file not found: {text}")
-    tok_path = run_dir / "tokenizer.json"
+    tok_path = run_dir / TOKENIZER_NAME
     if not tok_path.is_file():
         raise SamoutError(f"--text needs a tokenizer: {tok_path} is missing")
     ids = Tokenizer.from_file(str(tok_path)).encode(text.read_text(encoding="utf-8", errors="replace")).ids

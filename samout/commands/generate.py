@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-import torch
-
+from samout.commands import DefaultsHelpFormatter
+from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
-from samout.generation import load_for_generation, stream
+from samout.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams, stream
 from samout.quant import add_dtype_argument
+from samout.run_dir import load_run
 
 
 def register(subparsers) -> None:
@@ -18,19 +20,22 @@ def register(subparsers) -> None:
         "generate",
         help="generate text from a trained model",
         description="Stream text from a run or model directory using the recurrent state "
-                    "(constant work per token).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "(constant work per token). Without --prompt, generates from the start of a "
+                    "document (after <|endoftext|>).",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run or model directory")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
     p.add_argument("--prompts-file", metavar="FILE", help="a file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens (>1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     add_dtype_argument(p)
     p.set_defaults(func=run)
 
@@ -44,18 +49,17 @@ def run(args: argparse.Namespace) -> int:
         lines = path.read_text(encoding="utf-8").splitlines()
         prompts += [line for line in lines if line.strip()]
     if not prompts:
-        raise SamoutError("give a prompt with --prompt TEXT or --prompts-file FILE")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    model, tokenizer = load_for_generation(args.run_dir, device=device if device != "auto" else "cpu",
-                                           dtype=args.dtype)
+        prompts = [""]  # unconditional: a document from its start
+    # Checked before anything is printed or loaded.
+    params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             seed=None if args.seed is None else args.seed + i) for i in range(len(prompts))]
+    model, tokenizer = load_run(args.run_dir, device=args.device, dtype=args.dtype)
     for i, prompt in enumerate(prompts):
         if i:
             print("\n" + "-" * 40)
         sys.stdout.write(prompt)
-        for piece in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty,
-                            seed=None if args.seed is None else args.seed + i):
+        for piece in stream(model, tokenizer, prompt, **dataclasses.asdict(params[i])):
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()

@@ -17,16 +17,16 @@ def register(subparsers) -> None:
                     "validation token files plus meta.json. Inputs: text files, directories (recursive), "
                     f"globs, .jsonl files with a \"text\" field, or a built-in corpus "
                     f"({', '.join(BUILTIN_CORPORA)}; default {DEFAULT_CORPUS}).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help=f"inputs (default: {DEFAULT_CORPUS})")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="output data directory")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
-                   help="tokenizer vocabulary size, special tokens included")
+                   help=f"tokenizer vocabulary size, special tokens included (default: {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--tokenizer", metavar="tokenizer.json", help="use this tokenizer instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of documents held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+                   help="fraction of documents held out for validation (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the train/validation split (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

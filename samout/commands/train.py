@@ -3,50 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 
-from samout.errors import SamoutError
+from samout.config import MIXERS
 from samout.models import MODEL_CLASSES
-from samout.training.config import parse_duration
-from samout.training.trainer import DEFAULT_PRESET, train
+from samout.training.config import DEFAULT_PRESET, TrainConfig
+from samout.training.trainer import train
 
-# CLI flag -> TrainConfig field. Defaults are None: unset flags leave the config file's
-# (or, on --resume, the saved) value alone.
-TRAIN_FLAGS = {
-    "max_steps": (int, "total optimizer steps (a resumed run continues up to this)"),
-    "max_tokens": (int, "stop after this many training tokens"),
-    "max_time": (lambda text: _duration(text), "stop after this much training time, e.g. 240s, 4m, 1h"),
-    "seq_len": (int, "tokens per training sequence"),
-    "batch_size": (int, "sequences per micro-batch"),
-    "grad_accum": (int, "micro-batches per optimizer step"),
-    "lr": (float, "peak learning rate"),
-    "warmup_steps": (int, "linear warmup steps"),
-    "weight_decay": (float, "AdamW weight decay (matrices only)"),
-    "grad_clip": (float, "gradient norm clipping"),
-    "dtype": (str, "float32 or bfloat16 (autocast)"),
-    "device": (str, "auto, cpu, cuda, cuda:1, ..."),
-    "seed": (int, "seed of initialisation and data order"),
-    "eval_every": (int, "evaluate every N steps"),
-    "eval_windows": (int, "validation windows per periodic evaluation"),
-    "save_every": (int, "checkpoint every N steps"),
-    "keep_checkpoints": (int, "how many checkpoints to keep"),
-    "log_every": (int, "log training loss every N steps"),
-    "max_bad_steps": (int, "stop after this many consecutive non-finite steps (each is skipped)"),
-}
+
+def train_flags() -> dict[str, dict]:
+    """TrainConfig field -> argparse keywords, from the fields' metadata (their `help`): a new
+    setting gets its flag by being declared. Defaults are None: an unset flag leaves the config
+    file's (or, on --resume, the saved) value alone. Values are checked by TrainConfig, so a
+    bad one (`--max-time 3x`) is one line, like a bad value in a config file."""
+    hints = typing.get_type_hints(TrainConfig)
+    flags = {}
+    for f in dataclasses.fields(TrainConfig):
+        if "help" not in f.metadata or f.metadata.get("flag") is False:
+            continue
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        if kind is bool:
+            flags[f.name] = dict(action="store_true", default=None, help=f.metadata["help"])
+            continue
+        default = f"{f.default:g}" if isinstance(f.default, float) else f.default
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        help_text += "" if f.default is None else f" (default {default})"
+        flags[f.name] = dict(type=str if f.metadata.get("parse") else kind, default=None, help=help_text)
+    return flags
+
+
 MODEL_FLAGS = {
     "hidden_size": (int, "model width D"),
     "num_layers": (int, "number of layers"),
     "num_heads": (int, "number of heads"),
-    "mixer": (str, "token mixer (samout: gen3, dual, gen4, openash, conv)"),
+    "mixer": (str, f"token mixer (samout: {', '.join(MIXERS)})"),
 }
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except SamoutError as err:  # argparse reports ArgumentTypeError as a usage error
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def register(subparsers) -> None:
@@ -68,17 +62,15 @@ def register(subparsers) -> None:
     p.add_argument("--arch", choices=sorted(MODEL_CLASSES), help="model architecture (default samout)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--fsdp", action="store_true", default=None,
-                   help="under torchrun: shard the model with FSDP2 instead of DDP (see README)")
-    for table in (TRAIN_FLAGS, MODEL_FLAGS):
-        for name, (kind, help_text) in table.items():
-            p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    for name, kwargs in train_flags().items():
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+    for name, (kind, help_text) in MODEL_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS}
-    overrides["fsdp"] = args.fsdp
+    overrides = {name: getattr(args, name) for name in train_flags()}
     model_overrides = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
     if args.arch:
         model_overrides["model_type"] = args.arch

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from samout.checkpoint import CONFIG_NAME, WEIGHTS_NAME, write_checksums
 from samout.config import SamOutConfig
 from samout.errors import SamoutError
 from samout.models.samout import SamOut
 from samout.openash_tokenizer import CHAT_TEMPLATE, VOCAB_NAME, OpenAshVocab, read_vocab
 from samout.remote_code import write_hf_files
+from samout.run_dir import CONFIG_NAME, WEIGHTS_NAME, write_checksums
 from samout.tokenizer import update_tokenizer_config
 
 _LAYER = re.compile(r"decoder_layers\.(\d+)\.")

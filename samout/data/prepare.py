@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from samout.checkpoint import atomic_write
 from samout.data.sources import Document, load_documents
 from samout.errors import SamoutError
+from samout.run_dir import atomic_write
 from samout.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     EOT_ID,

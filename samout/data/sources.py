@@ -94,13 +94,18 @@ def _read_jsonl(path: Path) -> list[str]:
 def _read_file(path: Path, skipped: list[Path], strict: bool) -> list[str]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
+    data = path.read_bytes()
     try:
-        return [path.read_text(encoding="utf-8")]
+        # NUL is valid UTF-8 but never in text: a file holding it is binary.
+        text = None if b"\0" in data else data.decode("utf-8")
     except UnicodeDecodeError:
+        text = None
+    if text is None:
         if strict:
-            raise SamoutError(f"{path} is not UTF-8 text") from None
+            raise SamoutError(f"{path} is binary, not UTF-8 text")
         skipped.append(path)  # binary files inside a directory are skipped, not fatal
         return []
+    return [text]
 
 
 def _expand(item: str) -> tuple[str, list[Path]]:

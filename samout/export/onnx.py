@@ -38,7 +38,9 @@ from torch import Tensor, nn
 
 from samout.errors import SamoutError
 from samout.models.samout import SamOut
+from samout.run_dir import TOKENIZER_NAME
 from samout.state import State
+from samout.tokenizer import EOT_ID, PAD_ID
 
 DECODE_NAME, PREFILL_NAME, MANIFEST_NAME = "decode.onnx", "prefill.onnx", "samout_onnx.json"
 DEFAULT_MAX_PREFILL_LEN = 1024
@@ -150,7 +152,7 @@ def export_onnx(model: SamOut, out_dir: str | Path, max_prefill_len: int = DEFAU
         "max_prefill_len": max_prefill_len, "num_layers": n,
         "state_shape": ["batch", model.config.num_heads, model.config.head_dim],
         "state_inputs": in_names, "state_outputs": out_names, "vocab_size": model.config.vocab_size,
-        "eos_token_id": 1, "pad_token_id": 0, "samout_config": model.config.to_dict(),
+        "eos_token_id": EOT_ID, "pad_token_id": PAD_ID, "samout_config": model.config.to_dict(),
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     files[MANIFEST_NAME] = out_dir / MANIFEST_NAME
@@ -307,9 +309,9 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def copy_tokenizer(run_dir: Path, out_dir: Path) -> Path | None:
-    src = Path(run_dir) / "tokenizer.json"
+    src = Path(run_dir) / TOKENIZER_NAME
     if not src.is_file():
         return None
-    dst = Path(out_dir) / "tokenizer.json"
+    dst = Path(out_dir) / TOKENIZER_NAME
     shutil.copyfile(src, dst)
     return dst

@@ -1,47 +1,44 @@
 """`SamOutHFConfig`: the Hugging Face view of a samout `config.json`.
 
-It holds exactly the fields of `samout.config.SamOutConfig` (a test keeps the two in
-step) plus the token ids `generate()` needs, so a samout run directory's config.json
-loads as is, and a config saved by `save_pretrained` loads back into samout.
+Its fields are those of `samout.config.SamOutConfig` (types and defaults copied from that
+dataclass when this module is imported, so the two cannot drift apart) plus the token ids
+`generate()` needs, so a samout run directory's config.json loads as is, and a config saved
+by `save_pretrained` loads back into samout.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from typing import Any
+
 from transformers import PreTrainedConfig
 
-from samout.config import DEFAULT_MAX_DECAY_INIT, DEFAULT_MIXER, FORMAT_VERSION, SamOutConfig
-
-# Fixed by the project's tokenizers: <|pad|> = 0, <|endoftext|> = 1.
-PAD_ID, EOS_ID = 0, 1
+from samout.config import FORMAT_VERSION, SamOutConfig
+from samout.tokenizer import EOT_ID, PAD_ID
 
 
-class SamOutHFConfig(PreTrainedConfig):
-    """Sizes and options of a SamOut model (see `samout.config.SamOutConfig`)."""
+def _samout_fields() -> dict[str, tuple[Any, Any]]:
+    """SamOutConfig's fields but model_type (the HF config has its own): name -> (type, default)."""
+    hints = typing.get_type_hints(SamOutConfig)
+    return {f.name: (hints[f.name], f.default) for f in dataclasses.fields(SamOutConfig)
+            if f.name != "model_type"}
+
+
+SAMOUT_FIELDS = tuple(_samout_fields())
+
+
+class _SamOutHFConfigBase(PreTrainedConfig):
+    """What the HF config adds to SamOutConfig's fields (added by `SamOutHFConfig` below)."""
 
     model_type = "samout"
     # Names other Hugging Face code looks for.
     attribute_map = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
 
-    vocab_size: int = 8192
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 8
-    mixer: str = DEFAULT_MIXER
-    padding_idx: int | None = 0
-    ffn_mult: int = 1
-    tie_word_embeddings: bool = False
-    final_norm: bool = False
-    kernel: str = "auto"
-    recompute: bool = False
-    layer_types: list[str] | None = None
-    attention_every: int | None = None
-    attention_window: int | None = None
-    max_decay: bool = False
-    max_decay_init: float = DEFAULT_MAX_DECAY_INIT
     format_version: int = FORMAT_VERSION
     pad_token_id: int | None = PAD_ID
-    bos_token_id: int | None = EOS_ID
-    eos_token_id: int | list[int] | None = EOS_ID
+    bos_token_id: int | None = EOT_ID
+    eos_token_id: int | list[int] | None = EOT_ID
     use_cache: bool = True
 
     def __post_init__(self, **kwargs) -> None:
@@ -70,6 +67,12 @@ class SamOutHFConfig(PreTrainedConfig):
         return cls(**data, **kwargs)
 
 
-SAMOUT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mixer", "padding_idx",
-                 "ffn_mult", "tie_word_embeddings", "final_norm", "kernel", "recompute", "layer_types",
-                 "attention_every", "attention_window", "max_decay", "max_decay_init")
+# transformers turns every PreTrainedConfig subclass into a dataclass of its annotated
+# fields when the class is created, so SamOutConfig's fields are put in its namespace then.
+SamOutHFConfig = type("SamOutHFConfig", (_SamOutHFConfigBase,), {
+    "__module__": __name__,
+    "__qualname__": "SamOutHFConfig",
+    "__doc__": "Sizes and options of a SamOut model (the fields of `samout.config.SamOutConfig`).",
+    "__annotations__": {name: kind for name, (kind, _) in _samout_fields().items()},
+    **{name: default for name, (_, default) in _samout_fields().items()},
+})

@@ -17,6 +17,7 @@ empty, so padding at the left is the same as no padding); padding anywhere else 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from samout.hf.cache import SamOutCache
 from samout.hf.configuration_samout import SamOutHFConfig
 from samout.layers.mixers import MaxStateSuper
 from samout.models.samout import DecoderLayer, SamOut
+from samout.run_dir import MODEL_FILES, verify_checksums
 from samout.state import State
 
 
@@ -53,6 +55,15 @@ class SamOutPreTrainedModel(PreTrainedModel):
                 init.constant_(module.alpha, 0.5)
             if module.decay_theta is not None:
                 init.constant_(module.decay_theta, math.log(math.expm1(self.config.max_decay_init)))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A samout run directory carries checksums.json: a truncated or mixed set of model
+        # files is named here (as `samout generate` does) instead of loading wrong weights.
+        path = Path(str(pretrained_model_name_or_path))
+        if path.is_dir():
+            verify_checksums(path, names=MODEL_FILES)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -25,16 +25,16 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
-from samout.openash_tokenizer import IM_END, PAD_TOKEN, SPECIAL_TOKENS, VOCAB_NAME, OpenAshVocab
-
-EOT_TOKEN = "<|endoftext|>"
+from samout.openash_tokenizer import IM_END, SPECIAL_TOKENS, VOCAB_NAME, OpenAshVocab
+from samout.run_dir import TOKENIZER_NAME
+from samout.tokenizer import EOT_TOKEN, PAD_TOKEN  # the OpenASH vocabulary's pad is the same "<|pad|>"
 
 
 class SamOutTokenizer(PreTrainedTokenizerFast):
     padding_side = "left"
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("pad_token", "<|pad|>")
+        kwargs.setdefault("pad_token", PAD_TOKEN)
         kwargs.setdefault("eos_token", EOT_TOKEN)
         kwargs.setdefault("bos_token", EOT_TOKEN)
         kwargs.setdefault("unk_token", None)
@@ -52,7 +52,7 @@ class SamOutTokenizer(PreTrainedTokenizerFast):
         files = super().save_pretrained(save_directory, *args, **kwargs)
         # Keep tokenizer.json samout's (bare ids for `tokenizers` users) should transformers
         # bake a template post-processor into it.
-        path = Path(save_directory) / "tokenizer.json"
+        path = Path(save_directory) / TOKENIZER_NAME
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
             if (data.get("post_processor") or {}).get("type") == "TemplateProcessing":

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
-from samout.checkpoint import load_model_weights, save_model_weights
 from samout.remote_code import write_hf_files
+from samout.run_dir import load_model_weights, save_model_weights
 
 ModelT = TypeVar("ModelT", bound="PretrainedModelMixin")
 

@@ -1,5 +1,6 @@
-"""`TrainConfig`: every training setting, and config files (YAML or JSON) that may hold
-model fields and training fields side by side:
+"""The settings of a run: `TrainConfig` (every training setting), config files (YAML or
+JSON) that may hold model fields and training fields side by side, and how flags, a file
+and a preset combine into the model config (`resolve_settings`):
 
     preset: small          # optional: start from a preset
     model_type: samout     # which architecture (samout.models.MODEL_CLASSES)
@@ -14,49 +15,71 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
+from samout.models import MODEL_CLASSES
+from samout.tokenizer import PAD_ID
+
+DEFAULT_PRESET = "small"
+
+
+def setting(default: Any, help: str, **metadata: Any) -> Any:
+    """A TrainConfig field; `help` is its `samout train --flag` help (flags are generated from
+    the fields, see samout/commands/train.py). metadata: `parse` (a function of the flag's
+    text), `flag=False` (a setting of config files only)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+# Warmup when --warmup-steps is not given: it ends at the first of WARMUP_MAX_STEPS steps or
+# WARMUP_FRACTION of any budget of the run (max_steps, max_tokens, max_time), so that short
+# runs reach their peak learning rate (see samout.training.schedule).
+WARMUP_MAX_STEPS = 100
+WARMUP_FRACTION = 0.05
 
 
 @dataclass
 class TrainConfig:
     # When to stop: the first of steps, tokens or wall time that is reached.
-    max_steps: int = 2000
-    max_tokens: int | None = None
-    max_time: float | None = None  # seconds
+    max_steps: int = setting(2000, "total optimizer steps (a resumed run continues up to this)")
+    max_tokens: int | None = setting(None, "stop after this many training tokens")
+    max_time: float | None = setting(None, "stop after this much training time, e.g. 240s, 4m, 1h",
+                                     parse="duration")  # seconds
     # Batches: tokens per optimizer step = batch_size * grad_accum * seq_len (* world size).
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
+    seq_len: int = setting(256, "tokens per training sequence")
+    batch_size: int = setting(16, "sequences per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
     # AdamW, linear warmup then cosine decay to min_lr_ratio * lr.
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dtype: str = "float32"  # or "bfloat16" (autocast)
-    device: str = "auto"
-    seed: int = 0
+    lr: float = setting(2e-3, "peak learning rate")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of --lr", flag=False)
+    warmup_steps: int | None = setting(
+        None, f"linear warmup steps (default: until the first of {WARMUP_MAX_STEPS} steps or "
+              f"{WARMUP_FRACTION:.0%} of --max-steps, --max-tokens or --max-time)")
+    weight_decay: float = setting(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = setting(0.9, "AdamW beta1", flag=False)
+    beta2: float = setting(0.95, "AdamW beta2", flag=False)
+    grad_clip: float = setting(1.0, "gradient norm clipping")
+    dtype: str = setting("float32", "float32 or bfloat16 (autocast)")
+    device: str = setting("auto", DEVICE_HELP)
+    seed: int = setting(0, "seed of initialisation and data order")
     # Bookkeeping.
-    eval_every: int = 200
-    eval_windows: int = 32
-    save_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 10
+    eval_every: int = setting(200, "evaluate every N steps")
+    eval_windows: int = setting(32, "validation windows per periodic evaluation")
+    save_every: int = setting(500, "checkpoint every N steps")
+    keep_checkpoints: int = setting(3, "how many checkpoints to keep")
+    log_every: int = setting(10, "log training loss every N steps")
     # Stop with an error after this many consecutive steps with a non-finite loss or
     # gradient (each one is skipped: no weight or optimizer change).
-    max_bad_steps: int = 5
+    max_bad_steps: int = setting(5, "stop after this many consecutive non-finite steps (each is skipped)")
     # Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of
     # replicating them (DDP).
-    fsdp: bool = False
+    fsdp: bool = setting(False, "under torchrun: shard the model with FSDP2 instead of DDP (see README)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,7 +98,7 @@ class TrainConfig:
         if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise SamoutError(f"lr must be positive, got {self.lr!r}")
         warmup = self.warmup_steps
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        if warmup is not None and (not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0):
             raise SamoutError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise SamoutError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -93,7 +116,7 @@ class TrainConfig:
             if self.device != "auto":
                 torch.device(self.device)
         except (RuntimeError, ValueError):
-            raise SamoutError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N") from None
+            raise SamoutError(f"unknown device {self.device!r}: use {DEVICE_HELP}") from None
         if not isinstance(self.fsdp, bool):
             raise SamoutError(f"fsdp must be true or false, got {self.fsdp!r}")
 
@@ -157,3 +180,59 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     train = {k: v for k, v in data.items() if k in TRAIN_FIELDS}
     model = {k: v for k, v in data.items() if k not in TRAIN_FIELDS}
     return model, train
+
+
+def build_model_config(model_fields: dict[str, Any], vocab_size: int, preset: str | None):
+    """The model's config: preset (if any) + fields, with the vocab taken from the tokenizer."""
+    fields = dict(model_fields)
+    model_type = fields.pop("model_type", "samout")
+    if not isinstance(model_type, str) or model_type not in MODEL_CLASSES:
+        raise SamoutError(f"unknown model_type {model_type!r}: choose one of {', '.join(MODEL_CLASSES)}")
+    config_class = MODEL_CLASSES[model_type].config_class
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(str(k) for k in set(fields) - known)
+    if unknown:
+        raise SamoutError(f"unknown setting(s) {', '.join(unknown)}: not a training setting nor a field "
+                          f"of the {model_type} model config")
+    if preset is not None and not isinstance(preset, str):
+        raise SamoutError(f"preset must be a name, got {preset!r}")
+    fields.update(vocab_size=vocab_size, padding_idx=PAD_ID)
+    try:
+        if preset is not None:
+            return model_type, config_class.from_preset(preset, **fields)
+        return model_type, config_class.from_dict(fields)
+    except TypeError as err:
+        raise SamoutError(f"bad model setting: {err}") from None
+
+
+def resolve_settings(file_model: dict[str, Any], file_train: dict[str, Any], overrides: dict[str, Any],
+                     model_overrides: dict[str, Any] | None, preset: str | None, vocab_size: int,
+                     from_file: bool = False):
+    """(TrainConfig, model_type, model config) of a new run from a config file's model and
+    training fields, flags and a preset. Bad values raise SamoutError or ValueError only."""
+    cfg = TrainConfig.from_dict({**file_train, **overrides})
+    fields = {**file_model, **(model_overrides or {})}
+    preset = preset or fields.pop("preset", None) or (None if from_file else DEFAULT_PRESET)
+    fields.pop("preset", None)
+    model_type, model_config = build_model_config(fields, vocab_size, preset)
+    return cfg, model_type, model_config
+
+
+def check_same_model(config, fields: dict[str, Any], preset: str | None) -> None:
+    """On resume the model comes from the checkpoint: model settings given again (the same
+    command re-run with --resume) must describe that model; a change is an error, not ignored."""
+    fields = dict(fields)
+    preset = preset or fields.pop("preset", None)
+    fields.pop("preset", None)
+    if not fields and preset is None:
+        return
+    fields.setdefault("model_type", config.model_type)
+    if fields["model_type"] != config.model_type:
+        raise SamoutError(f"--resume cannot change the model: the run's model is {config.model_type}, "
+                          f"not {fields['model_type']}")
+    _, asked = build_model_config(fields, config.vocab_size, preset)
+    have, want = config.to_dict(), asked.to_dict()
+    diff = [f"{k} {have.get(k)!r} (asked {want[k]!r})" for k in want if want[k] != have.get(k)]
+    if diff:
+        raise SamoutError(f"--resume cannot change the model: the checkpoint has {', '.join(diff)}; "
+                          "drop those settings or train a new run")

@@ -8,6 +8,7 @@ CUDA). Without those variables everything here is a no-op on a single process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -102,3 +103,13 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of the model's state dict (names and bytes, in order): equal on
+    every rank while the replicas are identical."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -15,56 +15,40 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
-import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from samout.checkpoint import CheckpointError, atomic_write
 from samout.data.dataset import TokenData
+from samout.device import resolve_device
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
 from samout.models import MODEL_CLASSES, load_pretrained
-from samout.tokenizer import PAD_ID, TOKENIZER_NAME, load_tokenizer, token_byte_lengths
-from samout.training import distributed as dist_utils
-from samout.training import fsdp, step
-from samout.training.checkpointing import (
-    CHECKPOINTS_DIR,
+from samout.run_dir import (
+    TOKENIZER_NAME,
+    CheckpointError,
+    atomic_write,
     find_resumable,
     latest_checkpoint,
     list_checkpoints,
-    rng_state,
+    remove_partial_checkpoints,
     save_checkpoint,
     set_aside,
-    set_rng_state,
+    write_train_config,
 )
-from samout.training.config import TrainConfig, load_config_file
+from samout.tokenizer import load_tokenizer, token_byte_lengths
+from samout.training import distributed as dist_utils
+from samout.training import fsdp, step
+from samout.training.config import TrainConfig, check_same_model, load_config_file, resolve_settings
+from samout.training.progress import Progress
+from samout.training.rng import rng_state, set_rng_state
+from samout.training.run_log import RunLog, write_error
 from samout.training.schedule import build_scheduler
-
-LOG_NAME = "log.jsonl"
-PLOT_NAME = "loss.png"
-TRAIN_CONFIG_NAME = "train_config.json"
-DEFAULT_PRESET = "small"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
-    return step.build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                betas=(cfg.beta1, cfg.beta2), fused=fused)
+from samout.training.signals import StopSignals
 
 
 class NonFiniteError(SamoutError):
@@ -91,7 +75,8 @@ class Trainer:
 
             self.model = DistributedDataParallel(
                 self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = build_optimizer(self.raw_model, cfg, fused=not self.fsdp)
+        self.optimizer = step.build_optimizer(self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                              betas=(cfg.beta1, cfg.beta2), fused=not self.fsdp)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         self.token_bytes = token_byte_lengths(load_tokenizer(data.tokenizer_path))
@@ -99,8 +84,8 @@ class Trainer:
         self.tokens_seen = 0
         self.elapsed = 0.0  # training seconds over all sessions of this run
         self.bad_steps = 0  # consecutive skipped steps
-        self.stop_requested = False
-        self.signal_received: int | None = None
+        self.signals = StopSignals()
+        self.run_log = RunLog(self.run_dir, enabled=self.is_main)
         self.last_eval: dict[str, float] | None = None
 
     # -- state for checkpoints -------------------------------------------------
@@ -145,7 +130,7 @@ class Trainer:
                 path = save_checkpoint(self.run_dir, self.step, model, self.data.tokenizer_path,
                                        state, self.cfg.keep_checkpoints)
             except OSError as err:
-                error = _write_error(self.run_dir, self.step, err)
+                error = write_error(self.run_dir, self.step, err)
         error = dist_utils.broadcast_object(error)
         if error:
             raise SamoutError(error)
@@ -205,9 +190,8 @@ class Trainer:
     # -- stopping, evaluation, logging -----------------------------------------
     def stop_reason(self) -> str | None:
         cfg = self.cfg
-        if self.stop_requested:
-            name = signal.Signals(self.signal_received).name if self.signal_received else "a signal"
-            return f"interrupted by {name}"
+        if self.signals.requested:
+            return f"interrupted by {self.signals.name()}"
         if self.step >= cfg.max_steps:
             return f"reached max_steps={cfg.max_steps}"
         if cfg.max_tokens is not None and self.tokens_seen >= cfg.max_tokens:
@@ -220,28 +204,18 @@ class Trainer:
         """Agree over ranks on a stop request and on the clock (the LR schedule and
         max_time follow it), so every rank stops after the same step."""
         if self.world_size > 1:
-            stop, sig, self.elapsed = dist_utils.all_reduce(
-                [float(self.stop_requested), float(self.signal_received or 0), self.elapsed], op="max",
-                device=self.device)
-            self.stop_requested = bool(stop)
-            self.signal_received = int(sig) or None
+            sig, self.elapsed = dist_utils.all_reduce([float(self.signals.signum or 0), self.elapsed],
+                                                      op="max", device=self.device)
+            self.signals.signum = int(sig) or None
 
     def _check_replicas(self) -> None:
         """DDP keeps the replicas identical by construction; check it (one hash per rank) and
         record it in the log, since a silent divergence would make the saved model rank 0's alone."""
-        digests = dist_utils.gather_objects(parameter_digest(self.raw_model))
+        digests = dist_utils.gather_objects(dist_utils.parameter_digest(self.raw_model))
         self.log({"type": "replicas", "step": self.step, "param_sha256": digests})
         if len(set(digests)) != 1:
             raise SamoutError(f"the ranks' weights diverged by step {self.step} (parameter hashes differ): "
                               "this is a bug, please report it")
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if not self.stop_requested:
-            self.stop_requested, self.signal_received = True, signum
-        # A second Ctrl-C aborts at once (KeyboardInterrupt); a repeated SIGTERM (torchrun sends
-        # one to every worker when it is interrupted itself) does not cut the final save short.
-        if signal.SIGINT in self._old_handlers:
-            signal.signal(signal.SIGINT, self._old_handlers[signal.SIGINT])
 
     def _eta(self, tokens_per_s: float) -> str:
         """Time left until the nearest stopping rule (the bar's own ETA only knows steps)."""
@@ -273,47 +247,21 @@ class Trainer:
         return self.last_eval
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            try:
-                with (self.run_dir / LOG_NAME).open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as err:
-                raise SamoutError(_write_error(self.run_dir, self.step, err, what=LOG_NAME)) from None
-
-    def _truncate_log(self) -> None:
-        """On resume, drop log lines written after the checkpoint (they will be redone)."""
-        path = self.run_dir / LOG_NAME
-        if self.is_main and path.is_file():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= self.step:
-                        kept.append(line)
-                except (json.JSONDecodeError, AttributeError):
-                    continue  # a line cut short by a crash
-            atomic_write(path, "".join(line + "\n" for line in kept))
+        self.run_log.append(record, self.step)
 
     # -- the loop --------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train until a stopping rule; returns a summary. SIGINT/SIGTERM end the current step,
         save a checkpoint and return with `signal` set (the CLI exits 128 + signal)."""
-        self._old_handlers: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-        try:
+        with self.signals:
             return self._fit()
-        finally:
-            for sig, handler in self._old_handlers.items():
-                signal.signal(sig, handler)
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_log()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=True if self.quiet else None, dynamic_ncols=True)  # None: off if not a TTY
+        self.run_log.truncate_after(self.step)
+        progress = Progress(cfg.max_steps, self.step, enabled=not self.quiet)
         window_tokens, window_start = 0, time.perf_counter()
         last_saved = self.step if self.step else None
         self._sync_stop()
@@ -323,137 +271,36 @@ class Trainer:
             loss = self.train_step()
             self.elapsed += time.perf_counter() - t0
             window_tokens += cfg.tokens_per_step * self.world_size
+            lr = self.scheduler.get_last_lr()[0]
+            fields = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}")  # speed and time left: at log steps
             if self.step % cfg.log_every == 0 or self.step == 1:
                 tok_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
-                self.log({"type": "train", "step": self.step, "loss": loss,
-                          "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens_seen,
-                          "tokens_per_s": tok_s, "elapsed": self.elapsed})
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", eta=self._eta(tok_s),
-                                refresh=False)
-            bar.update(1)
+                self.log({"type": "train", "step": self.step, "loss": loss, "lr": lr,
+                          "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed": self.elapsed})
+                fields.update(tok_s=f"{tok_s:,.0f}", eta=self._eta(tok_s))
+            progress.update(self.step, **fields)
             self._sync_stop()
             reason = self.stop_reason()
             if self.step % cfg.eval_every == 0 or reason is not None:
-                model = self.full_model() if not self.stop_requested else None
-                if self.is_main and not self.stop_requested:  # an interrupted run saves, no eval
+                model = self.full_model() if not self.signals.requested else None
+                if self.is_main and not self.signals.requested:  # an interrupted run saves, no eval
                     ev = self.evaluate(model)
                     self.log({"type": "eval", "step": self.step, **ev, "tokens": self.tokens_seen})
-                    if not self.quiet:  # also the progress report when stderr is not a terminal
-                        bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {ev['val_loss']:.4f}, "
-                                  f"val bits/byte {ev['val_bpb']:.4f}, {self.elapsed:.0f}s")
+                    progress.write(f"step {self.step}: train loss {loss:.4f}, val loss {ev['val_loss']:.4f}, "
+                                   f"val bits/byte {ev['val_bpb']:.4f}, {self.elapsed:.0f}s")
                 dist_utils.barrier()
             if self.step % cfg.save_every == 0 or reason is not None:
                 self.save()
                 last_saved = self.step
-        bar.close()
+        progress.close()
         if last_saved != self.step:
             self.save()
         if self.world_size > 1 and not self.fsdp:
             self._check_replicas()
-        if self.is_main:
-            plot_losses(self.run_dir / LOG_NAME, self.run_dir / PLOT_NAME)
+        self.run_log.plot()
         return {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed, "stop_reason": reason,
-                "signal": self.signal_received if self.stop_requested else None, **(self.last_eval or {})}
-
-
-def parameter_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of the model's state dict (names and bytes, in order)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _write_error(run_dir: Path, step: int, err: OSError, what: str = "checkpoint") -> str:
-    where = err.filename or run_dir
-    kept = latest_checkpoint(run_dir)
-    previous = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
-    return (f"could not write the {what} at step {step} to {where}: {err.strerror or err} "
-            f"({previous}; free space or fix permissions, then --resume)")
-
-
-def plot_losses(log_path: Path, out_path: Path) -> None:
-    """Training and validation loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_path)
-
-
-def build_model_config(model_fields: dict[str, Any], vocab_size: int, preset: str | None):
-    """The model's config: preset (if any) + fields, with the vocab taken from the tokenizer."""
-    fields = dict(model_fields)
-    model_type = fields.pop("model_type", "samout")
-    if not isinstance(model_type, str) or model_type not in MODEL_CLASSES:
-        raise SamoutError(f"unknown model_type {model_type!r}: choose one of {', '.join(MODEL_CLASSES)}")
-    config_class = MODEL_CLASSES[model_type].config_class
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(str(k) for k in set(fields) - known)
-    if unknown:
-        raise SamoutError(f"unknown setting(s) {', '.join(unknown)}: not a training setting nor a field "
-                          f"of the {model_type} model config")
-    if preset is not None and not isinstance(preset, str):
-        raise SamoutError(f"preset must be a name, got {preset!r}")
-    fields.update(vocab_size=vocab_size, padding_idx=PAD_ID)
-    try:
-        if preset is not None:
-            return model_type, config_class.from_preset(preset, **fields)
-        return model_type, config_class.from_dict(fields)
-    except TypeError as err:
-        raise SamoutError(f"bad model setting: {err}") from None
-
-
-def resolve_settings(file_model: dict[str, Any], file_train: dict[str, Any], overrides: dict[str, Any],
-                     model_overrides: dict[str, Any] | None, preset: str | None, vocab_size: int,
-                     from_file: bool = False):
-    """(TrainConfig, model_type, model config) of a new run from a config file's model and
-    training fields, flags and a preset. Bad values raise SamoutError or ValueError only."""
-    cfg = TrainConfig.from_dict({**file_train, **overrides})
-    fields = {**file_model, **(model_overrides or {})}
-    preset = preset or fields.pop("preset", None) or (None if from_file else DEFAULT_PRESET)
-    fields.pop("preset", None)
-    model_type, model_config = build_model_config(fields, vocab_size, preset)
-    return cfg, model_type, model_config
-
-
-def _check_same_model(config, fields: dict[str, Any], preset: str | None) -> None:
-    """On resume the model comes from the checkpoint: model settings given again (the same
-    command re-run with --resume) must describe that model; a change is an error, not ignored."""
-    fields = dict(fields)
-    preset = preset or fields.pop("preset", None)
-    fields.pop("preset", None)
-    if not fields and preset is None:
-        return
-    fields.setdefault("model_type", config.model_type)
-    if fields["model_type"] != config.model_type:
-        raise SamoutError(f"--resume cannot change the model: the run's model is {config.model_type}, "
-                          f"not {fields['model_type']}")
-    _, asked = build_model_config(fields, config.vocab_size, preset)
-    have, want = config.to_dict(), asked.to_dict()
-    diff = [f"{k} {have.get(k)!r} (asked {want[k]!r})" for k in want if want[k] != have.get(k)]
-    if diff:
-        raise SamoutError(f"--resume cannot change the model: the checkpoint has {', '.join(diff)}; "
-                          "drop those settings or train a new run")
+                "signal": self.signals.signum, **(self.last_eval or {})}
 
 
 def train(data_dir: str | Path, run_dir: str | Path, *, preset: str | None = None,
@@ -490,7 +337,7 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
         cfg = TrainConfig.from_dict({**state["train_config"], **file_train, **overrides})
         data.check_seq_len(cfg.seq_len)
         model = load_pretrained(checkpoint, verify=False)  # verified just above
-        _check_same_model(model.config, {**file_model, **(model_overrides or {})}, preset)
+        check_same_model(model.config, {**file_model, **(model_overrides or {})}, preset)
         if model.config.vocab_size != data.vocab_size:
             raise SamoutError(f"{data_dir} has vocab {data.vocab_size} but the run's model has "
                               f"{model.config.vocab_size}: resume with the data it was trained on")
@@ -507,6 +354,7 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = MODEL_CLASSES[model_type](model_config)
 
+    resolve_device(cfg.device)  # an unavailable device is one line, before any work
     env, device = dist_utils.init_distributed(cfg.device)
     if env.enabled:
         cfg = dataclasses.replace(cfg, device=device)
@@ -518,9 +366,7 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
     trainer = Trainer(model, data, cfg, run_dir, rank=env.rank, world_size=env.world_size, quiet=quiet)
     if resume:
         if env.is_main:
-            # Leftovers of a save cut short by a crash (never resumed from: not step-* names).
-            for partial in (run_dir / CHECKPOINTS_DIR).glob(".*-step-*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            remove_partial_checkpoints(run_dir)
             for bad, why in skipped:
                 moved = set_aside(bad)
                 print(f"warning: skipped checkpoint {bad.name} ({why}); moved it to {moved.name}",
@@ -540,8 +386,7 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
     if env.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / TRAIN_CONFIG_NAME,
-                         json.dumps({**cfg.to_dict(), "data_dir": str(data.dir.resolve())}, indent=2) + "\n")
+            write_train_config(run_dir, {**cfg.to_dict(), "data_dir": str(data.dir.resolve())})
             if not (run_dir / TOKENIZER_NAME).exists():
                 atomic_write(run_dir / TOKENIZER_NAME, data.tokenizer_path.read_bytes())
         except OSError as err:

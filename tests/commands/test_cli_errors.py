@@ -1,6 +1,7 @@
 """Every user error: one line on stderr naming the problem, exit status 1, no traceback."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -100,3 +101,68 @@ def test_every_command_has_help(capsys, command):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: samout {command}" in capsys.readouterr().out
+
+
+# -- defects a new user hit (issue 11) ---------------------------------------------
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA, whatever this one has."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_an_unavailable_device_is_one_line_in_every_command(no_cuda, capsys, tmp_path, prepared_data,
+                                                             trained_run):
+    commands = [
+        ["train", "--data", str(prepared_data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+         "--max-steps", "1", "--seq-len", "16", "--device", "cuda", "--quiet"],
+        ["generate", str(trained_run), "--prompt", "To", "--device", "cuda"],
+        ["eval", str(trained_run), "--device", "cuda", "--quiet"],
+        ["bench", "speed", "--device", "cuda", "--out", str(tmp_path / "bench")],
+    ]
+    for argv in commands:
+        code, out, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "--device cuda", "CUDA is not available")
+        assert "corrupt" not in err and out == ""
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_generate_checks_its_options_before_printing_the_prompt(capsys, trained_run):
+    code, out, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "To be", "--temperature", "-1")
+    assert_one_line_error(code, err, "temperature")
+    assert out == ""
+
+
+def test_generate_without_a_prompt_starts_a_document(capsys, trained_run):
+    code, out, err = run_cli(capsys, "generate", str(trained_run), "--max-new-tokens", "8", "--seed", "1",
+                             "--temperature", "0")
+    assert code == 0 and err == ""
+    from samout.generation import generate, load_for_generation
+
+    model, tokenizer = load_for_generation(trained_run)
+    assert out == generate(model, tokenizer, "", max_new_tokens=8, temperature=0) + "\n"
+
+
+def test_a_bad_duration_is_one_line_not_the_usage(capsys, prepared_data, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data", str(prepared_data), "--out", str(tmp_path / "r"),
+                           "--max-time", "3x")
+    assert_one_line_error(code, err, "not a duration", "3x")
+    assert "usage" not in err
+
+
+def test_nul_bytes_are_reported_as_binary(capsys, tmp_path):
+    (tmp_path / "zeros.txt").write_bytes(b"\0" * 100_000)
+    code, _, err = run_cli(capsys, "prepare", str(tmp_path / "zeros.txt"), "--out", str(tmp_path / "d"))
+    assert_one_line_error(code, err, "zeros.txt", "binary")
+    assert "too small" not in err
+
+
+def test_help_states_each_default_once(capsys):
+    for command in ("prepare", "train", "generate", "eval", "export"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text, command
+        assert not re.search(r"\(default:? [^)]*\) \(default", text), command

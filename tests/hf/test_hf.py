@@ -425,3 +425,17 @@ def test_transformers_imported_before_samout_also_registers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("SamOutHFConfig")
+
+
+def test_a_damaged_run_directory_is_named_not_loaded(tmp_path, trained_run):
+    import shutil
+
+    from samout.run_dir import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert AutoModelForCausalLM.from_pretrained(run).config.hidden_size == 64  # intact: loads
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(run)

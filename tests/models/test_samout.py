@@ -191,7 +191,7 @@ def test_save_and_load(tmp_path, seed, tie, variant):
 
 
 def test_load_errors(tmp_path):
-    from samout.checkpoint import CheckpointError
+    from samout.run_dir import CheckpointError
 
     with pytest.raises(CheckpointError, match="config.json is missing"):
         SamOut.from_pretrained(tmp_path)

@@ -155,7 +155,7 @@ def test_save_and_load(tmp_path, seed, kw):
 
 
 def test_a_samout_checkpoint_is_not_a_transformer(tmp_path):
-    from samout.checkpoint import CheckpointError
+    from samout.run_dir import CheckpointError
 
     SamOut(SamOutConfig.from_preset("tiny")).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="model_type must be 'transformer'"):

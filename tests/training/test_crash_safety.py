@@ -11,13 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import samout.training.checkpointing as checkpointing
-from samout.checkpoint import CheckpointError, verify_checksums
+import samout.run_dir as checkpointing
 from samout.cli import main
 from samout.errors import SamoutError
 from samout.models import load_pretrained
 from samout.remote_code import HF_FILES
-from samout.training.checkpointing import find_resumable, list_checkpoints
+from samout.run_dir import CheckpointError, find_resumable, list_checkpoints, verify_checksums
 from samout.training.trainer import train
 from tests.commands.test_cli_errors import assert_one_line_error
 from tests.fixtures_pipeline import TINY_TRAIN

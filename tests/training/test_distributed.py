@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from samout.models import load_pretrained
-from samout.training.checkpointing import list_checkpoints, load_training_state
-from samout.training.trainer import parameter_digest, train
+from samout.run_dir import list_checkpoints, load_training_state
+from samout.training.distributed import parameter_digest
+from samout.training.trainer import train
 
 SETTINGS = ["--preset", "tiny", "--seq-len", "32", "--warmup-steps", "2", "--eval-every", "1000",
             "--eval-windows", "2", "--save-every", "3", "--log-every", "1", "--device", "cpu", "--seed", "5",

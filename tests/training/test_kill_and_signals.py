@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from samout.checkpoint import verify_checksums
-from samout.training.checkpointing import list_checkpoints
+from samout.run_dir import list_checkpoints, verify_checksums
 from samout.training.trainer import train
 
 # One thread in every process: the same float results in the reference and the resumed run

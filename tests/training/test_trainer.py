@@ -1,6 +1,7 @@
 """Training: run directory layout, exact resume, stopping rules, config files, schedule."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from samout.errors import SamoutError
 from samout.models import load_pretrained
-from samout.training.checkpointing import list_checkpoints, load_training_state
+from samout.run_dir import list_checkpoints, load_training_state
 from samout.training.config import TrainConfig, load_config_file, parse_duration
 from samout.training.schedule import Schedule, lr_multiplier
 from samout.training.trainer import train
@@ -138,3 +139,28 @@ def test_bfloat16_and_grad_accum_train(tmp_path, prepared_data):
                    overrides=dict(TINY_TRAIN, max_steps=2, dtype="bfloat16", grad_accum=2), quiet=True)
     assert result["step"] == 2 and result["tokens"] == 2 * 2 * 4 * 32
     assert torch.isfinite(torch.tensor(result["val_loss"]))
+
+
+def test_default_warmup_is_a_fraction_of_the_run():
+    from samout.training.schedule import warmup_steps
+
+    def lr(cfg, step, elapsed=0.0, tokens=0):
+        return Schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg).set_lr(
+            step, tokens, elapsed)
+
+    assert warmup_steps(TrainConfig()) == 100  # 5% of 2000 steps
+    assert warmup_steps(TrainConfig(max_steps=40)) == 2
+    assert warmup_steps(TrainConfig(max_steps=40, warmup_steps=7)) == 7  # given: used as is
+    # A 3-minute run that makes only a few slow steps: warm after 5% of its time (9 s), then decaying.
+    cfg = TrainConfig(lr=1.0, max_time=180.0)
+    assert lr(cfg, step=0, elapsed=0.0) < 0.05
+    assert lr(cfg, step=1, elapsed=4.5) == pytest.approx(0.5)
+    peak = lr(cfg, step=2, elapsed=9.0)
+    assert peak == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 9 / 180)))
+    assert peak > 0.97 and lr(cfg, step=20, elapsed=180.0) == pytest.approx(0.1)
+    # A token budget likewise.
+    cfg = TrainConfig(lr=1.0, max_tokens=100_000)
+    assert lr(cfg, step=3, tokens=5_000) > 0.99
+    # An explicit --warmup-steps keeps the step rule whatever the clock says.
+    assert lr(TrainConfig(lr=1.0, max_time=180.0, warmup_steps=100), step=3, elapsed=100.0) \
+        == pytest.approx(4 / 101)
