@@ -1,4 +1,5 @@
-"""Shared fixtures. Real text comes from ../shared/corpora (beside the repository)."""
+"""Shared fixtures. Real text is the Shakespeare shipped inside the package
+(samout.data.sources.shakespeare_works), so the suite needs nothing outside the repository."""
 
 from __future__ import annotations
 
@@ -8,24 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPORA = Path(os.environ.get("SAMOUT_CORPORA", ROOT.parent / "shared" / "corpora"))
+from samout.data.sources import shakespeare_works
 
 # Keep the suite predictable on small CI machines.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
-def shakespeare_dir() -> Path:
-    path = CORPORA / "shakespeare"
-    if not path.is_dir():
-        pytest.fail(f"test corpus not found at {path}; set SAMOUT_CORPORA to shared/corpora")
+def shakespeare_dir(tmp_path_factory) -> Path:
+    """The shipped works written out as files (one per work), for tests that need paths."""
+    path = tmp_path_factory.mktemp("corpora") / "shakespeare"
+    path.mkdir()
+    for name, text in shakespeare_works().items():
+        (path / name).write_text(text, encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="session")
-def shakespeare_text(shakespeare_dir: Path) -> str:
-    return (shakespeare_dir / "sonnets_gut.txt").read_text(encoding="utf-8")
+def shakespeare_text() -> str:
+    return shakespeare_works()["sonnets_gut.txt"]
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from samout.errors import SamoutError
 
 @dataclass
 class QualitySettings:
-    corpus: str | None = None  # a directory of text files (one document each) or a glob
+    corpus: str | None = None  # a built-in corpus of named works ("shakespeare"), a directory or a glob
     preset: str = "small"
     mixers: list[str] = field(default_factory=lambda: ["openash", "gen3", "dual", "gen4", "conv"])
     vocab_size: int = 4096
@@ -58,7 +58,16 @@ QUICK = dict(preset="tiny", vocab_size=1024, seq_len=128, batch_size=16, max_ste
 
 
 def corpus_files(corpus: str) -> list[str]:
+    """The inputs for `prepare`: [corpus] for a built-in corpus, else its .txt files in name order.
+
+    The built-in `shakespeare` holds the same files, in the same order, as a directory of
+    the plays, so both give the same split and the same validation files.
+    """
+    from samout.data.sources import BUILTIN_CORPORA
+
     path = Path(corpus)
+    if corpus in BUILTIN_CORPORA and not path.exists():
+        return [corpus]
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix == ".txt"
                        and not p.name.isupper() and p.name != "COPYING.txt")
@@ -90,7 +99,8 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     from samout.training.trainer import train
 
     if not s.corpus:
-        raise SamoutError("give the text to train on with --corpus DIR (one document per file)")
+        raise SamoutError("give the text to train on with --corpus shakespeare (built in) or --corpus DIR "
+                          "(one document per file)")
     for m in s.mixers:
         if m not in MIXERS:
             raise SamoutError(f"unknown mixer {m!r}: choose from {', '.join(MIXERS)}")
@@ -100,7 +110,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     docs, _ = load_documents(files)
     if len(docs) < MIN_SPLIT_UNITS:  # prepare() would cut documents into pieces instead
         raise SamoutError(f"--corpus {s.corpus}: {len(docs)} documents; a split by whole documents needs "
-                          f"at least {MIN_SPLIT_UNITS} files")
+                          f"at least {MIN_SPLIT_UNITS} documents")
     _, val_idx = split_documents(docs, s.val_fraction, s.seed)  # the split prepare() makes
     val_files = [Path(docs[i].source).name for i in val_idx]
     work = Path(s.work_dir) if s.work_dir else out / "quality-work"
@@ -120,8 +130,8 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     results: dict[str, Any] = {
         "benchmark": "quality", "work_dir": str(work), "header": run_header(device, command),
         "settings": asdict(s),
-        "split": {"unit": "document (one per file)", "validation_files": val_files,
-                  "training_files": len(files) - len(val_files), "seed": s.seed,
+        "split": {"unit": "document (one per file or work)", "validation_files": val_files,
+                  "training_files": len(docs) - len(val_files), "seed": s.seed,
                   "val_fraction": s.val_fraction},
         "train_config": train_settings, "models": {},
     }
