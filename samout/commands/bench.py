@@ -91,8 +91,8 @@ def register(subparsers) -> None:
     quality = sub.add_parser("quality", help="validation bits per byte: SamOut mixers vs the matched"
                              " Transformer, trained alike", description=quality_bench.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    quality.add_argument("--corpus", help="built-in corpus of named works (shakespeare), or a directory or glob "
-                         "of .txt files, one document each")
+    quality.add_argument("--corpus", help="built-in corpus of named works (shakespeare), or a directory "
+                         "or glob of .txt files, one document each")
     quality.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small)")
     quality.add_argument("--mixers", type=_mixers, help="SamOut mixers to train (default: all)")
     for name, kind in (("vocab_size", int), ("seq_len", int), ("batch_size", int), ("max_steps", int),

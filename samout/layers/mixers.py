@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from samout.config import KERNELS, SamOutConfig
-from samout.ops import running_max, running_max_cummax
+from samout.ops import cummax_values, running_max, running_max_cummax
 from samout.ops.fused_mix import fused_mix, gen3_ref, gen4_ref, openash_ref
 
 
@@ -98,7 +98,7 @@ class DualMixer(MaxStateSuper):
 
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
         _, b, c = streams.unbind(2)
-        s = torch.cummax(m, dim=2).values  # over the head axis
+        s = cummax_values(m, dim=2)  # over the head axis
         return (s + b) * c + b
 
 
