@@ -22,6 +22,7 @@ from typing import Any
 
 from samout.bench.common import (
     header_line,
+    header_lines,
     plot_lines,
     prepare_out_dir,
     resolve_device,
@@ -175,7 +176,7 @@ def plot_quality(results: dict[str, Any], out: Path) -> list[str]:
 def format_quality(results: dict[str, Any]) -> str:
     h = results["header"]
     mult = results["settings"]["context_multiples"]
-    lines = [f"# samout bench quality — {header_line(h)}", f"# {h['command']}",
+    lines = [*header_lines("quality", h),
              f"validation files: {', '.join(results['split']['validation_files'])}", "",
              f"{'model':>16} {'non-emb. params':>16} {'tokens':>10} {'seconds':>8} "
              + " ".join(f"{f'bpb@{k}x':>9}" for k in mult)]
