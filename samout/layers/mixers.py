@@ -1,4 +1,4 @@
-"""MaxStateSuper token mixers: every variant of SPEC.md.
+"""MaxStateSuper token mixers: every variant of docs/architecture.md, "Mixers".
 
 Each mixer works in two stages, so that tests can feed the same projected streams to
 the full, chunked and one-step forms and demand bit-identical results:
