@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,19 +81,12 @@ def decode_latency(step, state, repeats: int, tokens: int) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `samout bench onnx` (also `python -m samout.bench.onnx_export`)."""
+    """The flags of `samout bench onnx`."""
     p.add_argument("--run-dir", type=Path, help="a trained run directory (default: train a small model)")
     p.add_argument("--steps", type=int, default=300, help="training steps of the small model")
     p.add_argument("--preset", default="tiny", help="preset of the small model")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     p.add_argument("--decode-tokens", type=int, default=200, help="decode steps per timed repeat")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv), command=" ".join([COMMAND, *(argv or sys.argv[1:])]))
 
 
 def run(args: argparse.Namespace, command: str = COMMAND) -> int:
@@ -145,7 +137,3 @@ def run(args: argparse.Namespace, command: str = COMMAND) -> int:
               f"pytorch {t_torch * 1e3:.3f} ms, onnxruntime float32 {t_ort * 1e3:.3f} ms "
               f"({t_torch / t_ort:.2f}x), int8 {t_int8 * 1e3:.3f} ms ({t_torch / t_int8:.2f}x)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
