@@ -33,7 +33,7 @@ bench: venv
 	$(BIN)/samout bench params --out $(BENCH_OUT)
 	$(BIN)/samout bench speed --quick --out $(BENCH_OUT) $(BENCH_FLAGS)
 	$(BIN)/samout bench recall --quick --out $(BENCH_OUT) $(BENCH_FLAGS)
-	$(BIN)/samout bench quality --quick --corpus ../shared/corpora/shakespeare --work-dir build/bench-quality --out $(BENCH_OUT) $(BENCH_FLAGS)
+	$(BIN)/samout bench quality --quick --corpus shakespeare --work-dir build/bench-quality --out $(BENCH_OUT) $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,6 @@
 """SamOutConfig: every size and option of a SamOut model, with named presets.
 
-The presets reproduce the seed articles (see SPEC.md); `tiny` is for tests and demos.
+The presets reproduce the seed articles (docs/architecture.md, "Presets"); `tiny` is for tests and demos.
 A config round-trips through JSON (`to_json` / `from_json`), which is also the
 `config.json` of a checkpoint directory.
 """

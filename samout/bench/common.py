@@ -76,6 +76,13 @@ def header_line(header: dict[str, Any]) -> str:
             f"commit {header['git_commit'][:12]}")
 
 
+def header_lines(benchmark: str, header: dict[str, Any]) -> list[str]:
+    """The lines every benchmark's printed summary starts with: machine, torch version and
+    threads, commit (`header_line`), then the command that produced the figures."""
+    return [f"# samout bench {benchmark} — {header_line(header)}, {header['date_utc']}",
+            f"# {header['command']}"]
+
+
 def check_mixers(mixers: list[str]) -> list[str]:
     for m in mixers:
         if m not in MIXERS:

@@ -23,6 +23,7 @@ from typing import Any
 from samout.bench.common import (
     check_variants,
     header_line,
+    header_lines,
     plot_lines,
     prepare_out_dir,
     resolve_device,
@@ -37,7 +38,7 @@ from samout.run_dir import LOG_NAME
 
 @dataclass
 class QualitySettings:
-    corpus: str | None = None  # a directory of text files (one document each) or a glob
+    corpus: str | None = None  # a built-in corpus of named works ("shakespeare"), a directory or a glob
     preset: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)  # model fields on top of the preset (every run)
     mixers: list[str] = field(default_factory=lambda: ["openash", "gen3", "dual", "gen4", "conv"])
@@ -64,11 +65,16 @@ QUICK = dict(preset="tiny", vocab_size=1024, seq_len=128, batch_size=16, max_ste
 
 
 def corpus_files(corpus: str) -> list[str]:
+    """The inputs for `prepare`: [corpus] for a built-in corpus, else its .txt files in name order.
+
+    The built-in `shakespeare` holds the same files, in the same order, as a directory of
+    the plays, so both give the same split and the same validation files.
+    """
     from samout.data.sources import BUILTIN_CORPORA
 
     path = Path(corpus)
     if corpus in BUILTIN_CORPORA and not path.exists():
-        return [corpus]  # a built-in corpus (e.g. kjv: one document per chapter)
+        return [corpus]  # a built-in corpus (shakespeare: one document per work; kjv: per chapter)
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix == ".txt"
                        and not p.name.isupper() and p.name != "COPYING.txt")
@@ -100,7 +106,8 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     from samout.training.trainer import train
 
     if not s.corpus:
-        raise SamoutError("give the text to train on with --corpus DIR (one document per file)")
+        raise SamoutError("give the text to train on with --corpus shakespeare (built in) or --corpus DIR "
+                          "(one document per file)")
     for m in s.mixers:
         if m not in MIXERS:
             raise SamoutError(f"unknown mixer {m!r}: choose from {', '.join(MIXERS)}")
@@ -110,12 +117,11 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     docs, _ = load_documents(files)
     if len(docs) < MIN_SPLIT_UNITS:  # prepare() would cut documents into pieces instead
         raise SamoutError(f"--corpus {s.corpus}: {len(docs)} documents; a split by whole documents needs "
-                          f"at least {MIN_SPLIT_UNITS} files")
+                          f"at least {MIN_SPLIT_UNITS} documents")
     _, val_idx = split_documents(docs, s.val_fraction, s.seed)  # the split prepare() makes
-    if files == [s.corpus]:  # a built-in corpus: every document has the corpus's name
+    val_files = [Path(docs[i].source).name for i in val_idx]
+    if len({Path(d.source).name for d in docs}) < len(docs):  # e.g. kjv: every chapter is "kjv"
         val_files = [f"{s.corpus} document {i}" for i in val_idx]
-    else:
-        val_files = [Path(docs[i].source).name for i in val_idx]
     work = Path(s.work_dir) if s.work_dir else out / "quality-work"
     data_dir = work / "data"
     prepare(files, data_dir, vocab_size=s.vocab_size, val_fraction=s.val_fraction, seed=s.seed, quiet=True)
@@ -135,8 +141,8 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     results: dict[str, Any] = {
         "benchmark": "quality", "work_dir": str(work), "header": run_header(device, command),
         "settings": asdict(s),
-        "split": {"unit": "document (one per file)", "validation_files": val_files,
-                  "training_files": len(files) - len(val_files), "seed": s.seed,
+        "split": {"unit": "document (one per file or work)", "validation_files": val_files,
+                  "training_files": len(docs) - len(val_files), "seed": s.seed,
                   "val_fraction": s.val_fraction},
         "train_config": train_settings, "models": {},
     }
@@ -186,7 +192,7 @@ def _short_list(items: list[str], keep: int = 8) -> str:
 def format_quality(results: dict[str, Any]) -> str:
     h = results["header"]
     mult = results["settings"]["context_multiples"]
-    lines = [f"# samout bench quality — {header_line(h)}", f"# {h['command']}",
+    lines = [*header_lines("quality", h),
              f"validation files: {_short_list(results['split']['validation_files'])}", "",
              f"{'model':>16} {'non-emb. params':>16} {'tokens':>10} {'seconds':>8} "
              + " ".join(f"{f'bpb@{k}x':>9}" for k in mult)]

@@ -34,6 +34,7 @@ from samout.bench.common import (
     build_model,
     check_mixers,
     header_line,
+    header_lines,
     matched_target,
     model_specs,
     plot_lines,
@@ -239,7 +240,7 @@ def plot_recall(results: dict[str, Any], out: Path) -> list[str]:
 def format_recall(results: dict[str, Any]) -> str:
     h = results["header"]
     names = list(results["models"])
-    lines = [f"# samout bench recall — {header_line(h)}", f"# {h['command']}", ""]
+    lines = [*header_lines("recall", h), ""]
     for name, m in results["models"].items():
         lines.append(f"{name:>16}: {m['non_embedding_parameters']:>10,} non-embedding parameters")
     lines += ["", "accuracy on held-out queries", f"{'LxPAIRS':>10} " + " ".join(f"{n:>16}" for n in names)]

@@ -34,6 +34,7 @@ from samout.bench.common import (
     build_model,
     check_mixers,
     header_line,
+    header_lines,
     matched_target,
     median,
     model_specs,
@@ -280,7 +281,7 @@ def plot_speed(results: dict[str, Any], out: Path) -> list[str]:
 def format_speed(results: dict[str, Any]) -> str:
     """The human summary printed after a run."""
     h = results["header"]
-    lines = [f"# samout bench speed — {header_line(h)}", f"# {h['command']}", ""]
+    lines = [*header_lines("speed", h), ""]
     for name, m in results["models"].items():
         lines.append(f"{name:>16}: {m['non_embedding_parameters']:>12,} non-embedding parameters "
                      f"({m['parameters']:,} in all)")

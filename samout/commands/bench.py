@@ -1,7 +1,9 @@
-"""`samout bench speed|recall|quality|params|serve`: SamOut against the matched Transformer.
+"""`samout bench params|speed|recall|quality|serve|chat|mixers|onnx`: every benchmark of samout.
 
-Each writes JSON and PNG plots into --out and print a summary with the machine, torch
-version and git commit. `--quick` runs a small version in a few minutes on 2 cores.
+speed, recall, quality and serve compare SamOut with the matched Transformer and write JSON
+and PNG plots into --out; mixers compares the fused and reference kernels; onnx measures the
+exported graphs. Each prints a header with the machine, torch version, threads and git
+commit (`samout.bench.common.header_lines`). `--quick` runs a small version.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 import torch
 
 from samout.bench import lowp as lowp_bench
+from samout.bench import mixers as mixers_bench
+from samout.bench import onnx_export as onnx_bench
 from samout.bench import params as params_bench
 from samout.bench import quality as quality_bench
 from samout.bench import recall as recall_bench
@@ -112,7 +116,8 @@ def register(subparsers) -> None:
     quality = sub.add_parser("quality", help="validation bits per byte: SamOut mixers vs the matched"
                              " Transformer, trained alike", description=quality_bench.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    quality.add_argument("--corpus", help="directory of .txt files, one document each (e.g. the plays)")
+    quality.add_argument("--corpus", help="built-in corpus of named works (shakespeare), or a directory "
+                         "or glob of .txt files, one document each")
     quality.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small)")
     quality.add_argument("--mixers", type=_mixers, help="SamOut mixers to train (default: all)")
     _add_variant_args(quality)
@@ -147,6 +152,18 @@ def register(subparsers) -> None:
     params.add_argument("--out", help="also write params.json (and params.md) into this directory")
     params.set_defaults(func=run_params_command)
 
+    mixers = sub.add_parser("mixers", help="fused vs reference mixer kernels: training speed, memory, MFU,"
+                            " decode latency", description=mixers_bench.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    mixers_bench.add_arguments(mixers)
+    mixers.set_defaults(func=lambda args: mixers_bench.run(args, command=_command_line(args, spread=True)))
+
+    onnx = sub.add_parser("onnx", help="ONNX export: graph accuracy, int8 size and accuracy, decode latency",
+                          description=onnx_bench.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    onnx_bench.add_arguments(onnx)
+    onnx.set_defaults(func=lambda args: onnx_bench.run(args, command=_command_line(args, spread=True)))
+
 
 def _common(args, settings_cls, quick: dict) -> object:
     settings = settings_cls(**quick) if args.quick else settings_cls()
@@ -165,8 +182,9 @@ def _common(args, settings_cls, quick: dict) -> object:
     return settings
 
 
-def _command_line(args) -> str:
-    """The command as it would be typed (recorded with every figure)."""
+def _command_line(args, spread: bool = False) -> str:
+    """The command as it would be typed (recorded with every figure). spread: list values
+    are separate words (flags with nargs), not one comma-separated word."""
     parts = ["samout", "bench", args.bench]
     for name, value in vars(args).items():
         if name in ("func", "command", "bench") or value is None or value is False:
@@ -174,6 +192,8 @@ def _command_line(args) -> str:
         flag = "--" + name.replace("_", "-")
         if value is True:
             parts.append(flag)
+        elif spread and isinstance(value, list):
+            parts += [flag, *(shlex.quote(str(v)) for v in value)]
         else:
             text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             parts += [flag, shlex.quote(text)]

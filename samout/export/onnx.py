@@ -9,10 +9,11 @@ all -inf (`SamOut.init_state`), which onnxruntime handles exactly. A prompt long
 `max_prefill_len` is fed in chunks (the state carries over exactly); a 1-token prompt
 goes through the decode graph.
 
-ONNX has no cumulative max, so while exporting, `torch.cummax` is replaced by
-`scan_max`: log2(T) rounds of "max with the copy shifted by 1, 2, 4, ... steps". Max is
-exact, so it equals torch.cummax bit for bit (tests/export/test_onnx.py). A graph has a
-fixed number of rounds, which is what bounds the prefill length.
+ONNX has no cumulative max, so while exporting, the model's cumulative max is the
+doubling scan `samout.ops.doubling_max`: log2(T) rounds of "max with the copy shifted by
+1, 2, 4, ... steps". Max is exact, so it equals torch.cummax bit for bit
+(tests/ops/test_doubling_max.py). A graph has a fixed number of rounds, which is what
+bounds the prefill length (`export_length_bound`).
 """
 
 from __future__ import annotations
@@ -28,16 +29,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from unittest import mock
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samout.errors import SamoutError
 from samout.models.samout import SamOut
+from samout.ops.doubling_max import export_length_bound
 from samout.run_dir import TOKENIZER_NAME
 from samout.state import State
 from samout.tokenizer import EOT_ID, PAD_ID
@@ -45,42 +44,6 @@ from samout.tokenizer import EOT_ID, PAD_ID
 DECODE_NAME, PREFILL_NAME, MANIFEST_NAME = "decode.onnx", "prefill.onnx", "samout_onnx.json"
 DEFAULT_MAX_PREFILL_LEN = 1024
 OPSET = 18
-
-
-# -- an exportable cumulative max ------------------------------------------------
-
-def scan_max(x: Tensor, dim: int, max_len: int | None = None) -> Tensor:
-    """Inclusive cumulative max along `dim` with doubling shifts (Hillis-Steele scan).
-
-    Equal to `torch.cummax(x, dim).values`. A static length needs ceil(log2(n)) rounds;
-    a symbolic one (while exporting) gets enough rounds for `max_len` positions.
-    """
-    n = x.shape[dim]
-    length = n if isinstance(n, int) else max_len
-    if length is None:
-        raise ValueError("scan_max on a dynamic length needs max_len")
-    if isinstance(n, int) and max_len is not None and n > max_len:
-        raise ValueError(f"scan_max: length {n} exceeds max_len {max_len}")
-    y = x.movedim(dim, -1)
-    shift = 1
-    for _ in range(max(0, (length - 1).bit_length())):
-        # Shift right by `shift` positions, filling with -inf (the identity of max).
-        shifted = F.pad(y, (shift, 0), value=float("-inf"))[..., :n]
-        y = torch.maximum(y, shifted)
-        shift *= 2
-    return y.movedim(-1, dim)
-
-
-@contextlib.contextmanager
-def exportable_cummax(max_len: int):
-    """Within the block, torch.cummax(x, dim).values is computed by `scan_max`."""
-
-    def cummax(x, dim):
-        # Only the values: SamOut never uses the indices, and None fails loudly if one did.
-        return SimpleNamespace(values=scan_max(x, dim, max_len), indices=None)
-
-    with mock.patch.object(torch, "cummax", cummax):
-        yield
 
 
 # -- the graphs -----------------------------------------------------------------
@@ -139,7 +102,7 @@ def export_onnx(model: SamOut, out_dir: str | Path, max_prefill_len: int = DEFAU
     ):
         log(f"exporting {name} ...")
         path = out_dir / name
-        with exportable_cummax(max_prefill_len), _quiet(), torch.no_grad():
+        with export_length_bound(max_prefill_len), _quiet(), torch.no_grad():
             torch.onnx.export(
                 _Graph(model), (ids, *state), str(path), dynamo=True, opset_version=OPSET,
                 input_names=["input_ids", *in_names], output_names=["logits", *out_names],

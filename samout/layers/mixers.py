@@ -1,4 +1,4 @@
-"""MaxStateSuper token mixers: every variant of SPEC.md.
+"""MaxStateSuper token mixers: every variant of docs/architecture.md, "Mixers".
 
 Each mixer works in two stages, so that tests can feed the same projected streams to
 the full, chunked and one-step forms and demand bit-identical results:
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samout.config import KERNELS, SamOutConfig
-from samout.ops import running_max, running_max_cummax
+from samout.ops import cummax_values, running_max, running_max_cummax
 from samout.ops.fused_mix import fused_mix, gen3_ref, gen4_ref, openash_ref
 from samout.ops.kernels import resolve_kernel
 from samout.ops.recompute import project_and_mix_recomputed
@@ -143,7 +143,7 @@ class DualMixer(MaxStateSuper):
 
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
         _, b, c = streams.unbind(2)
-        s = torch.cummax(m, dim=2).values  # over the head axis
+        s = cummax_values(m, dim=2)  # over the head axis
         return (s + b) * c + b
 
 

@@ -1,5 +1,5 @@
-"""The SamOut language model (SPEC.md, "Layer and model"). One source of truth: every
-wrapper (Hugging Face, ONNX export, training, generation) imports this class.
+"""The SamOut language model (docs/architecture.md, "Layer and model").
+One source of truth: every wrapper (Hugging Face, ONNX export, training, generation) imports this class.
 
     x = Embedding(ids)                                  # no positional encoding
     for layer: x = layer(x) + x                         # the seeds' outer residual

@@ -1,6 +1,6 @@
-"""The softmax baseline (SPEC.md, "seed 004"): a standard decoder-only Transformer with
-the same call signature and state contract as SamOut, so every tool that runs SamOut
-(training, generation, benchmarks) runs it unchanged.
+"""The softmax baseline (docs/architecture.md, "The Transformer baseline (seed 004)"):
+a standard decoder-only Transformer with the same call signature and state contract as
+SamOut, so every tool that runs SamOut (training, generation, benchmarks) runs it unchanged.
 
     x = Embedding(ids) (+ sinusoidal position)          # or rotary inside attention
     pre-norm (default):  x = x + Attn(LN(x));  x = x + FFN(LN(x));  final LN

@@ -1,4 +1,5 @@
-"""TransformerConfig: the softmax baseline of SPEC.md ("seed 004"), and the rule that
+"""TransformerConfig: the softmax baseline of docs/architecture.md
+("The Transformer baseline (seed 004)"), and the rule that
 sizes it against a SamOut config.
 
 Matching rule (`match_transformer_to`): keep the SamOut config's vocabulary, width,

@@ -3,8 +3,8 @@
     y, new_state = fused_mix(kind, streams, state, alpha, weight)   # the model's path
     y, new_state = mix_ref(kind, streams, state, alpha, weight)     # plain eager reference
 
-kind is "gen3", "gen4" or "openash" (SPEC.md, "Mixers"); streams [B, T, k, H, dh] come
-from the mixer's fused projection; the running max is taken over stream 2 in all three.
+kind is "gen3", "gen4" or "openash" (docs/architecture.md, "Mixers"); streams
+[B, T, k, H, dh] come from the mixer's fused projection; the running max is taken over stream 2 in all three.
 
 What the fused form changes, and why it is faster and leaner than eager autograd:
 - backward keeps only the streams (which the projection produced anyway) and the state,
@@ -43,7 +43,7 @@ from samout.ops.running_max import (
 
 MAX_STREAM = 2  # the stream whose running max carries the context, in gen3/gen4/openash
 
-# -- references: the eager polynomials, as written in SPEC.md -------------------------
+# -- references: the eager polynomials of docs/architecture.md, "Mixers" -------------
 
 
 def gen3_ref(alpha: Tensor, streams: Tensor, m: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ Three implementations with the same semantics:
   arg-max indices are kept for backward. (Small inputs use one `torch.cummax`, whose
   indices the backward recomputes as a temporary.)
 - `running_max_cummax`: the original eager form, `torch.cummax` plus a `where` for the
-  state. Used by the reference mixers and under tracing/compilation.
+  state. Used by the reference mixers and under tracing/compilation; while exporting to
+  ONNX its cumulative max is the doubling scan of `samout.ops.doubling_max`.
 - `running_max_ref`: a plain loop over time in float64 that documents the semantics.
 
 With a decay (`max_decay`, a forgetting running max) every function takes `decay` δ ≥ 0,
@@ -49,6 +50,8 @@ import math
 import torch
 from torch import Tensor
 
+from samout.ops.doubling_max import cummax_values
+
 
 def running_max(x: Tensor, state: Tensor | None = None, dim: int = 1, decay: Tensor | None = None) -> Tensor:
     """Inclusive running maximum of `x` along `dim`, continuing from `state`.
@@ -83,7 +86,7 @@ def running_max_cummax(x: Tensor, state: Tensor | None = None, dim: int = 1,
         return _cummax_decay(x, state, dim, decay)
     if x.shape[dim] == 1:
         return x if state is None else _max_with_state(x, state.unsqueeze(dim))
-    out = torch.cummax(x, dim=dim).values
+    out = cummax_values(x, dim)
     if state is not None:
         out = _max_with_state(out, state.unsqueeze(dim))
     return out

@@ -1,6 +1,6 @@
 import json
 
-from samout.bench.quality import QualitySettings, run_quality
+from samout.bench.quality import QualitySettings, corpus_files, run_quality
 from samout.cli import main
 from samout.models import load_pretrained
 
@@ -38,7 +38,7 @@ def test_quality_needs_a_corpus_of_whole_documents(tmp_path, capsys):
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text("some text\n" * 50)
     assert main(["bench", "quality", "--corpus", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
-    assert "needs at least 20 files" in capsys.readouterr().err
+    assert "needs at least 20 documents" in capsys.readouterr().err
 
 
 def test_quality_runs_the_variants(tmp_path, shakespeare_dir):
@@ -56,3 +56,10 @@ def test_quality_runs_the_variants(tmp_path, shakespeare_dir):
     assert swa.config.attention_window == 4 and swa.config.num_layers == 4
     assert swa.config.resolved_layer_types[-1] == "attention"
     assert [v["seq_len"] for v in data["models"]["hybrid-swa"]["contexts"].values()] == [8, 32]
+
+
+def test_builtin_shakespeare_is_a_corpus_of_whole_works(tmp_path, shakespeare_dir, monkeypatch):
+    assert corpus_files("shakespeare") == ["shakespeare"]
+    # the same name as a directory (here: the works written out) means the directory
+    monkeypatch.chdir(shakespeare_dir.parent)
+    assert len(corpus_files("shakespeare")) == 38

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from samout.data.sources import load_documents
+from samout.data.prepare import split_documents
+from samout.data.sources import load_documents, shakespeare_works
 from samout.errors import SamoutError
 
 
@@ -27,6 +28,25 @@ def test_pystdlib_is_one_document_per_module():
     assert len(docs) > 200
     assert sum("def " in d.text for d in docs) > 100
     assert records[0]["documents"] == len(docs)
+
+
+def test_shakespeare_is_shipped_one_document_per_work(tmp_path):
+    works = shakespeare_works()
+    assert len(works) == 38 and list(works) == sorted(works)
+    assert works["lear_gut.txt"].startswith("THE TRAGEDY OF KING LEAR")
+    assert "Shall I compare thee to a summer's day?" in works["sonnets_gut.txt"]
+    docs, records = load_documents(["shakespeare"])
+    assert [d.source for d in docs] == [f"shakespeare/{name}" for name in works]
+    assert [d.text for d in docs] == list(works.values())
+    assert records[0]["kind"] == "builtin" and records[0]["documents"] == 38
+    assert records[0]["bytes"] == sum(len(t.encode("utf-8")) for t in works.values())
+    # The same works as a directory of files give the same documents in the same order,
+    # so a split by whole works (the quality benchmark's) names the same validation plays.
+    for name, text in list(works.items())[:25]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    from_dir, _ = load_documents([str(tmp_path)])
+    assert [d.text for d in from_dir] == [d.text for d in docs[:25]]
+    assert split_documents(from_dir, 0.1, 0) == split_documents(docs[:25], 0.1, 0)
 
 
 def test_directory_glob_and_jsonl(tmp_path):

@@ -1,7 +1,8 @@
-"""ONNX export: the exportable cumulative max, graphs vs PyTorch, int8, the CLI, the torch-free example."""
+"""ONNX export: the model on its export path, graphs vs PyTorch, int8, the CLI, the torch-free example."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -21,50 +22,41 @@ from samout.export.onnx import (  # noqa: E402
     OnnxSamOut,
     check_onnx,
     export_onnx,
-    exportable_cummax,
     greedy_tokens,
-    scan_max,
     torch_step,
 )
-from samout.ops import running_max  # noqa: E402
+from samout.ops.doubling_max import doubling_max, export_length_bound  # noqa: E402
 from tests.tiny_run import PROMPT, make_run_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_PREFILL = 32
+# The module, not the function of the same name that samout.ops exports.
+doubling_module = importlib.import_module("samout.ops.doubling_max")
 
 
-# -- the exportable cumulative max ----------------------------------------------
-
-@pytest.mark.parametrize("length", [1, 2, 3, 7, 8, 9, 31, 32, 33, 100])
-def test_scan_max_equals_cummax_exactly(length, seed):
-    # Few distinct values, so ties are everywhere; some -inf, as in an empty state.
-    x = torch.randint(-3, 4, (2, length, 3, 5)).float()
-    x[x == -3] = float("-inf")
-    for dim in range(4):
-        assert torch.equal(scan_max(x, dim), torch.cummax(x, dim).values)
-    y = torch.randn(3, length, 4, 6)
-    assert torch.equal(scan_max(y, 1, max_len=128), torch.cummax(y, 1).values)
-
-
-def test_scan_max_refuses_a_length_over_its_bound(seed):
-    with pytest.raises(ValueError, match="exceeds max_len"):
-        scan_max(torch.randn(1, 9), 1, max_len=8)
-
+# -- the model on its export path ---------------------------------------------
 
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_model_with_exportable_cummax_equals_the_model(mixer, seed):
-    # The export swaps torch.cummax inside the model; outputs and states must not change.
+def test_model_on_the_export_path_equals_the_model(mixer, seed, monkeypatch):
+    # While exporting, the model takes its eager reference form (no Python loops over
+    # time) and every cumulative max (over time, and over heads in "dual") is the
+    # doubling scan: outputs and states equal the reference model's, bit for bit.
     model = SamOut(SamOutConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4, mixer=mixer))
     ids = torch.randint(0, 50, (2, 40))
-    ref, ref_state = model(ids)
-    original = torch.cummax
-    with exportable_cummax(64):
-        assert torch.cummax is not original
+    ref, ref_state = model.set_kernel("reference")(ids)
+    model.set_kernel("fused")
+    calls = []
+
+    def spy(x, dim, max_len=None):
+        calls.append(x.shape[dim])
+        return doubling_max(x, dim, max_len)
+
+    monkeypatch.setattr(doubling_module, "doubling_max", spy)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    with export_length_bound(64):
         got, got_state = model(ids)
-        x = torch.randn(2, 40, 4, 4)
-        assert torch.equal(running_max(x, None, 1), torch.cummax(x, 1).values)
+    assert 40 in calls  # the running max over time took the doubling scan
     assert torch.equal(got, ref) and got_state.equal(ref_state)
-    assert torch.cummax is original
 
 
 # -- export through the CLI ------------------------------------------------------

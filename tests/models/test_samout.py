@@ -384,3 +384,28 @@ def test_attention_state_of_the_wrong_shape_is_rejected():
     state[0]["value"] = torch.zeros(2, 4, 5, 16)
     with pytest.raises(ValueError, match="keeps at most 2 keys"):
         model(torch.zeros(2, 1, dtype=torch.long), state=state)
+@pytest.mark.parametrize("mixer", ["gen4", "openash"])
+def test_channel_major_head_merge_is_the_same_layer_up_to_a_column_permutation(mixer, seed):
+    # docs/architecture.md, "Head merge order": the author's code merges heads
+    # channel-major (feature c*H + h), samout head-major (h*dh + c). A channel-major layer
+    # whose ffn1 and gate weights are W_o computes what samout computes with W_o[:, perm].
+    config = SamOutConfig.from_preset("tiny", mixer=mixer, hidden_size=24, num_heads=4)
+    layer = SamOut(config).layers[0]
+    h, dh, d = config.num_heads, config.head_dim, config.hidden_size
+    perm = torch.arange(d).view(dh, h).T.reshape(-1)  # perm[h*dh + c] = c*H + h
+    assert perm[1 * dh + 2] == 2 * h + 1
+    x = torch.randn(2, 7, d)
+    streams = layer.mixer.project(x)
+    y, _ = layer.mixer.mix(streams)  # [B, T, H, dh]
+    head_major = y.reshape(2, 7, d)
+    channel_major = y.transpose(-1, -2).reshape(2, 7, d)  # the author's transpose(1, 2).view
+    w_o = {name: torch.randn(d, d) for name in ("ffn1", "gate")}
+    with torch.no_grad():
+        for name, w in w_o.items():
+            getattr(layer.ffn, name).weight.copy_(w[:, perm])
+    ffn = layer.ffn
+    theirs = ffn.ffn2(torch.nn.functional.linear(channel_major, w_o["ffn1"], ffn.ffn1.bias)
+                      * torch.relu(torch.nn.functional.linear(channel_major, w_o["gate"], ffn.gate.bias)))
+    torch.testing.assert_close(ffn(head_major), theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x)[0], layer.layer_norm(layer.alpha * theirs + (1 - layer.alpha) * x),
+                               rtol=1e-5, atol=1e-5)

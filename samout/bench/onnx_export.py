@@ -1,30 +1,30 @@
-"""ONNX export figures: accuracy of the graphs, int8 size and accuracy, decode latency.
+"""`samout bench onnx`: ONNX export figures: accuracy of the graphs, int8 size and
+accuracy, decode latency.
 
-    .venv/bin/python benchmarks/bench_onnx.py                 # trains a small model briefly first
-    .venv/bin/python benchmarks/bench_onnx.py --run-dir RUN   # or uses a trained run directory
+    samout bench onnx                  # trains a small model briefly first
+    samout bench onnx --run-dir RUN    # or uses a trained run directory
 
 Untrained weights make int8 look worse than it is (flat, random logits), so without
---run-dir a model is trained for a few hundred steps on Shakespeare. Latencies are
-medians of several repeats, ratios within this run; machine, versions and commit printed.
+--run-dir a model is trained for a few hundred steps on the Shakespeare shipped with
+samout (five works; the sixth is the held-out text). Latencies are medians of several
+repeats, ratios within this run; machine, versions and commit printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 from tokenizers import Tokenizer
 
-from samout import SamOut, SamOutConfig
+from samout.bench.common import header_lines, run_header
+from samout.config import SamOutConfig
+from samout.data.sources import shakespeare_works
 from samout.export.onnx import (
     OnnxSamOut,
     check_onnx,
@@ -33,16 +33,17 @@ from samout.export.onnx import (
     quantize_int8,
     torch_step,
 )
+from samout.models.samout import SamOut
 from samout.tokenizer import train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpora" / "shakespeare"
+COMMAND = "samout bench onnx"
+TRAIN_WORKS = 5  # the first five works train the model; the sixth is held out
 
 
 def train_small(out: Path, steps: int, preset: str) -> tuple[SamOut, Tokenizer, str]:
-    files = sorted(CORPUS.glob("*.txt"))
-    text = "\n".join(p.read_text(encoding="utf-8") for p in files[:6])
-    held_out = files[6].read_text(encoding="utf-8")
+    works = list(shakespeare_works().values())
+    text = "\n".join(works[:TRAIN_WORKS])
+    held_out = works[TRAIN_WORKS]
     tokenizer = train_tokenizer([text], vocab_size=2048)
     ids = torch.tensor(tokenizer.encode(text).ids)
     torch.manual_seed(0)
@@ -79,25 +80,31 @@ def decode_latency(step, state, repeats: int, tokens: int) -> float:
     return statistics.median(times)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench onnx`."""
+    p.add_argument("--run-dir", type=Path, help="a trained run directory (default: train a small model)")
+    p.add_argument("--steps", type=int, default=300, help="training steps of the small model")
+    p.add_argument("--preset", default="tiny", help="preset of the small model")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    p.add_argument("--decode-tokens", type=int, default=200, help="decode steps per timed repeat")
+
+
+def run(args: argparse.Namespace, command: str = COMMAND) -> int:
+    import onnxruntime
+
+    from samout.export.onnx import _require_onnx
+
+    _require_onnx()  # one clear line if the onnx extra is missing
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    print(f"machine {platform.machine()} {platform.processor() or ''} python {sys.version.split()[0]} "
-          f"torch {torch.__version__} onnxruntime {onnxruntime.__version__} commit {commit}")
+    print("\n".join(header_lines("onnx", run_header(torch.device("cpu"), command))))
+    print(f"# onnxruntime {onnxruntime.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.run_dir:
             run_dir = args.run_dir
             model = SamOut.from_pretrained(run_dir).eval()
             tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-            held_out = (CORPUS / "sonnets_gut.txt").read_text(encoding="utf-8")
+            held_out = shakespeare_works()["sonnets_gut.txt"]
         else:
             run_dir = tmp / "run"
             print(f"training {args.preset} for {args.steps} steps ...")
@@ -123,14 +130,10 @@ def main() -> int:
         print(f"held-out perplexity ({acc['perplexity_tokens']} tokens): pytorch {torch_ppl:.3f}, "
               f"onnx float32 {acc['perplexity_reference']:.3f}, onnx int8 {acc['perplexity_candidate']:.3f}")
         state = fp32.init_state(1)
-        t_ort = decode_latency(fp32, state, args.repeats, 200)
-        t_int8 = decode_latency(int8, state, args.repeats, 200)
-        t_torch = decode_latency(torch_step(model), state, args.repeats, 200)
+        t_ort = decode_latency(fp32, state, args.repeats, args.decode_tokens)
+        t_int8 = decode_latency(int8, state, args.repeats, args.decode_tokens)
+        t_torch = decode_latency(torch_step(model), state, args.repeats, args.decode_tokens)
         print(f"decode latency per token (batch 1, median of {args.repeats}): "
               f"pytorch {t_torch * 1e3:.3f} ms, onnxruntime float32 {t_ort * 1e3:.3f} ms "
               f"({t_torch / t_ort:.2f}x), int8 {t_int8 * 1e3:.3f} ms ({t_torch / t_int8:.2f}x)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,9 @@
-"""Fused vs reference MaxStateSuper: training speed, memory, MFU and decode latency.
+"""`samout bench mixers`: fused vs reference MaxStateSuper kernels: training speed,
+memory, MFU and decode latency.
 
-    python benchmarks/mixer_speed.py                      # the issue-5 configuration
-    python benchmarks/mixer_speed.py --quick              # a small run to check it works
-    python benchmarks/mixer_speed.py --threads 1 --seq-lens 256 1024
+    samout bench mixers                         # the issue-5 configuration
+    samout bench mixers --quick                 # a small run to check it works
+    samout bench mixers --threads 1 --seq-lens 256 1024
 
 Both kernels run in the same process on the same weights; every time is the median of
 --repeats runs after a warm-up, and the figures to compare are the ratios within one
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,35 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from samout.bench.common import header_lines, run_header
+from samout.config import SamOutConfig
+from samout.models.samout import SamOut
+from samout.models.transformer import Transformer
+from samout.models.transformer_config import match_transformer_to
 
-from samout import SamOut, SamOutConfig  # noqa: E402
-from samout.models.transformer import Transformer  # noqa: E402
-from samout.models.transformer_config import match_transformer_to  # noqa: E402
-
-
-def header(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        commit += "+dirty" if dirty.stdout.strip() else ""
-    except OSError:
-        commit = "?"
-    return (
-        f"machine: {cpu}, {torch.get_num_threads()} threads used (--threads {threads}) | "
-        f"torch {torch.__version__} | commit {commit} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    )
+COMMAND = "samout bench mixers"
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -147,7 +125,7 @@ def saved_bytes(model: SamOut, ids: torch.Tensor) -> int:
 def peak_rss_child(args, kernel: str, seq_len: int) -> float:
     """Run one training step in a fresh process; peak RSS during the step minus the RSS
     before it, in MiB (activations, gradients and temporaries; not weights/optimizer)."""
-    cmd = [sys.executable, __file__, "--child-memory", kernel, str(seq_len)] + _model_args(args)
+    cmd = [sys.executable, "-m", __name__, "--child-memory", kernel, str(seq_len)] + _model_args(args)
     # Every large block mmapped and unmapped on free: RSS then follows live memory
     # (otherwise glibc keeps freed blocks and the peak hides in reused memory).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -235,8 +213,8 @@ def decode_latencies(model: SamOut, contexts: list[int], steps: int, repeats: in
         return {c: t / steps for c, t in median_times(runs, repeats, warmup=1).items()}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench mixers` (also `python -m samout.bench.mixers`)."""
     p.add_argument("--mixer", default="gen4")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
@@ -253,7 +231,16 @@ def main(argv=None) -> int:
                    default=["mixer", "train", "decode"], help="which tables to print")
     p.add_argument("--quick", action="store_true", help="small model and lengths, to check it runs")
     p.add_argument("--child-memory", nargs=2, metavar=("KERNEL", "T"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv), command=" ".join([COMMAND, *(argv or sys.argv[1:])]))
+
+
+def run(args: argparse.Namespace, command: str = COMMAND) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -263,7 +250,7 @@ def main(argv=None) -> int:
         child_memory(args, args.child_memory[0], int(args.child_memory[1]))
         return 0
 
-    print(header(args.threads))
+    print("\n".join(header_lines("mixers", run_header(torch.device("cpu"), command))))
     print(f"model: mixer {args.mixer}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
           f"vocab {args.vocab}, {args.tokens} tokens per step; step = forward + cross-entropy + "
           f"backward + AdamW; median of {args.repeats}\n")
@@ -342,5 +329,5 @@ def decode_table(args, models: dict) -> None:
     print()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the memory runs start this module in a fresh process
     raise SystemExit(main())
