@@ -140,7 +140,8 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size)
         self.ffn = TransformerFeedForward(config)
 
-    def forward(self, x: Tensor, cache, rotary, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, cache, rotary,
+                mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if self.pre_norm:
             h, cache = self.attn(self.attn_norm(x), cache, rotary, mask)
             x = x + h

@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -6,8 +7,6 @@ import torch
 from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, load_pretrained
 from samout.config import MIXERS, PRESETS
 from samout.models import MODEL_CLASSES
-import math
-
 from samout.models.transformer import cache_row, left_pad_caches
 from samout.models.transformer_config import MATCH_TOLERANCE, match_transformer_to
 from tests.helpers import random_chunks
