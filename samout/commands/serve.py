@@ -7,6 +7,7 @@ import os
 import sys
 
 from samout.errors import SamoutError
+from samout.quant import add_dtype_argument
 
 API_KEY_ENV = "SAMOUT_API_KEY"
 
@@ -31,6 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_dtype_argument(p)
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* "
                    f"(default: ${API_KEY_ENV} if set)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="sequences decoded together")
@@ -66,13 +68,14 @@ def run(args) -> int:
     models = []
     for i, run_dir in enumerate(args.run_dirs):
         served = load_served_model(run_dir, names[i] if i < len(names) else None, args.device,
-                                   max_batch=args.max_batch, max_queue=args.max_queue,
+                                   dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue,
                                    prefill_chunk=args.prefill_chunk, state_cache_mb=args.state_cache_mb)
         if any(m.name == served.name for m in models):
             raise SamoutError(f"two models named {served.name!r}: give each a --name")
         models.append(served)
         chat = "chat template" if served.render_chat else "no chat template"
-        print(f"loaded {served.name} from {run_dir} ({type(served.engine.model).__name__}, {chat})",
+        print(f"loaded {served.name} from {run_dir} ({type(served.engine.model).__name__}, "
+              f"{served.dtype}, {chat})",
               file=sys.stderr)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServerSettings(max_prompt_tokens=args.max_prompt_tokens,

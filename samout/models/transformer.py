@@ -239,11 +239,11 @@ class Transformer(PretrainedModelMixin, nn.Module):
         if batch_size and (int(lengths.min()) < 0 or int(lengths.max()) > past):
             raise ValueError(f"cache_lengths must lie in [0, {past}] (the padded cache length), "
                              f"got {lengths.tolist()}")
-        return lengths.to(device=self.head.weight.device, dtype=torch.long)
+        return lengths.to(device=self.embed.weight.device, dtype=torch.long)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """An explicit empty KV cache (T = 0)."""
-        p = self.head.weight
+        p = self.embed.weight  # the head may be a low-precision module (samout.quant)
         shape = (batch_size, self.config.num_heads, 0, self.config.head_dim)
         empty = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
         return State([{"key": empty.clone(), "value": empty.clone()} for _ in self.layers])

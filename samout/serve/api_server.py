@@ -54,6 +54,7 @@ class ServedModel:
     render_chat: Callable[[list[dict]], list[int]] | None = None
     chat_stop_ids: frozenset[int] = frozenset()
     context_limit: int | None = None  # a Transformer's max_position_embeddings
+    dtype: str = "float32"  # the weights' inference dtype (samout.quant)
     created: int = field(default_factory=P.now)
 
 
@@ -177,7 +178,8 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     async def list_models():
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "samout",
-             "chat": m.render_chat is not None, "max_context": m.context_limit} for m in models]}
+             "chat": m.render_chat is not None, "max_context": m.context_limit, "dtype": m.dtype}
+            for m in models]}
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):

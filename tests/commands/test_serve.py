@@ -63,3 +63,15 @@ def test_serve_then_sigint_drains_and_exits_cleanly(run_dirs):
             proc.wait()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "stopped" in err
+
+
+def test_help_lists_every_option(capsys):
+    from samout.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for option in ("--dtype {float32,bfloat16,int8}", "--max-prompt-tokens", "--max-tokens-limit",
+                   "--state-cache-mb", "--api-key", "--prefill-chunk", "127.0.0.1"):
+        assert option in out, option
