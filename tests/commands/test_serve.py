@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,19 @@ def test_missing_run_dir_is_one_line_error(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("samout serve: error: run directory not found")
+
+
+def test_port_in_use_is_one_line_error_before_loading(run_dirs):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "samout", "serve", str(run_dirs[0]), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"samout serve: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(is another server running there? choose another --port)"]
 
 
 def test_serve_then_sigint_drains_and_exits_cleanly(run_dirs):
