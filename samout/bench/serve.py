@@ -7,7 +7,8 @@ generated tokens/s (all tokens / wall time from the first request to the last an
 to first token p50/p95, inter-token latency p50/p95 (gaps between streamed chunks), the server
 process's peak RSS during the point (sampled from /proc at 50 Hz) and its growth over the
 idle RSS before the point, and the engine's exact peak bytes of live sequence states
-(`state_bytes`, from /health) with the bytes per session. This server runs with the state
+(`state_bytes`, from /health; the Transformer's KV caches count as held in its padded
+decode batch, padding included) with the bytes per session. This server runs with the state
 cache off, so its memory is the model plus the sessions.
 
 Follow-up turns: a second server with the state cache on. One client sends a history of H

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 
 from samout.errors import SamoutError
+from samout.quant import add_dtype_argument
 
 API_KEY_ENV = "SAMOUT_API_KEY"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" on every option that has a default, but not "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def register(subparsers) -> None:
@@ -23,14 +35,15 @@ def register(subparsers) -> None:
                     "/v1/completions, /v1/chat/completions and /v1/models, with a chat page at /. "
                     "Concurrent requests are decoded together (continuous batching); a request whose "
                     "prompt extends an earlier conversation resumes from its saved state.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or model directories to serve")
     p.add_argument("--name", action="append", help="model name for each RUN_DIR, in order (default: "
                    "the directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_dtype_argument(p)
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* "
                    f"(default: ${API_KEY_ENV} if set)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="sequences decoded together")
@@ -40,9 +53,11 @@ def register(subparsers) -> None:
                    help="prompt tokens fed per engine step (bounds the stall of running sequences)")
     p.add_argument("--state-cache-mb", type=float, default=DEFAULT_STATE_CACHE_MB,
                    help="byte budget of the conversation-state cache per model (0 = off)")
-    p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
+    p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
+                   help="longest prompt a request may send (in tokens, after the chat template); "
+                        "longer: 400")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
-                   help="largest max_tokens a request may ask for")
+                   help="largest max_tokens a request may ask for; larger: 400")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
@@ -61,18 +76,21 @@ def run(args) -> int:
     for label in ("max_batch", "prefill_chunk", "max_prompt_tokens", "max_tokens_limit"):
         if getattr(args, label) < 1:
             raise SamoutError(f"--{label.replace('_', '-')} must be at least 1")
-    if not 0 <= args.port < 65536:
-        raise SamoutError(f"--port must lie in [0, 65535], got {args.port}")
+    if not 1 <= args.port < 65536:
+        raise SamoutError(f"--port must lie in [1, 65535], got {args.port}")
+    # Bound before the (slow) model loading: a port in use is a one-line error at once.
+    sock = listen_socket(args.host, args.port)
     models = []
     for i, run_dir in enumerate(args.run_dirs):
         served = load_served_model(run_dir, names[i] if i < len(names) else None, args.device,
-                                   max_batch=args.max_batch, max_queue=args.max_queue,
+                                   dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue,
                                    prefill_chunk=args.prefill_chunk, state_cache_mb=args.state_cache_mb)
         if any(m.name == served.name for m in models):
             raise SamoutError(f"two models named {served.name!r}: give each a --name")
         models.append(served)
         chat = "chat template" if served.render_chat else "no chat template"
-        print(f"loaded {served.name} from {run_dir} ({type(served.engine.model).__name__}, {chat})",
+        print(f"loaded {served.name} from {run_dir} ({type(served.engine.model).__name__}, "
+              f"{served.dtype}, {chat})",
               file=sys.stderr)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServerSettings(max_prompt_tokens=args.max_prompt_tokens,
@@ -84,10 +102,26 @@ def run(args) -> int:
                             timeout_graceful_shutdown=int(settings.drain_timeout))
     server = uvicorn.Server(config)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the signal it handled, after draining
         pass
+    except SystemExit as exit_:  # uvicorn exits this way when its startup fails
+        raise SamoutError(f"the server failed to start (exit status {exit_.code})") from None
     if not server.started:
-        raise SamoutError(f"could not start the server on {args.host}:{args.port} (is the port in use?)")
+        raise SamoutError(f"the server failed to start on {args.host}:{args.port}")
     print("samout serve: stopped", file=sys.stderr)
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port (IPv4 or IPv6, as the host resolves), or a
+    SamoutError saying why not (port in use, unknown host, no permission)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as err:
+        plain = err.errno and not isinstance(err, socket.gaierror)
+        reason = os.strerror(err.errno) if plain else (err.strerror or str(err))
+        hint = " (is another server running there? choose another --port)" \
+            if err.errno == errno.EADDRINUSE else ""
+        raise SamoutError(f"cannot listen on {host}:{port}: {reason}{hint}") from None

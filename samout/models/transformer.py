@@ -12,6 +12,12 @@ SamOut, so every tool that runs SamOut (training, generation, benchmarks) runs i
 Its state is the KV cache: layers[i] = {"key": [B, H, T, dh], "value": [B, H, T, dh]},
 keys stored after rotary rotation. A call with a state appends to it by concatenation
 (as Hugging Face's default dynamic cache does), so the state grows with every token.
+
+Rows with caches of different lengths run in one call (the serving engine's batched
+decode) through `cache_lengths`: the caches are LEFT-padded to a common T, row b holding
+its cache_lengths[b] real entries in the last positions; a key padding mask hides the
+padding from attention and each row's new tokens take positions cache_lengths[b] + i.
+Without `cache_lengths` the call is the plain one above, unchanged.
 Initialisation is PyTorch's default, the same as SamOut's, so neither side gets a
 tuned init the other lacks.
 """
@@ -30,22 +36,36 @@ from samout.models.transformer_config import TransformerConfig, match_transforme
 from samout.state import State
 
 
-def sinusoidal_positions(start: int, length: int, dim: int, device=None, dtype=None) -> Tensor:
+def sinusoidal_positions(start: int | Tensor, length: int, dim: int, device=None, dtype=None) -> Tensor:
     """[length, dim] table for positions start..start+length-1 (Vaswani et al.), computed
-    on the fly: pe[p, 2i] = sin(p / 10000^(2i/dim)), pe[p, 2i+1] = cos(same)."""
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float64)[:, None]
+    on the fly: pe[p, 2i] = sin(p / 10000^(2i/dim)), pe[p, 2i+1] = cos(same).
+    With `start` a tensor [B] of per-row starts: [B, length, dim]."""
+    pos = _positions(start, length, device)[..., None]
     inv = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / dim))
     angles = pos * inv
     pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
     return pe.to(dtype or torch.get_default_dtype())
 
 
-def rotary_angles(start: int, length: int, head_dim: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape [length, head_dim] for the rotate-half form of RoPE."""
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float64)
+def rotary_angles(start: int | Tensor, length: int, head_dim: int, theta: float,
+                  device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [length, head_dim] for the rotate-half form of RoPE; with `start`
+    a tensor [B] of per-row starts: [B, 1, length, head_dim] (broadcast over heads)."""
+    pos = _positions(start, length, device)
     inv = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
-    angles = torch.outer(pos, inv).repeat(1, 2)
+    angles = pos[..., None] * inv
+    angles = torch.cat((angles, angles), dim=-1)
+    if angles.dim() == 3:
+        angles = angles[:, None]
     return angles.cos(), angles.sin()
+
+
+def _positions(start: int | Tensor, length: int, device) -> Tensor:
+    """float64 positions: [length] from an int start, [B, length] from per-row starts [B]."""
+    if isinstance(start, Tensor):
+        return start.to(device=device, dtype=torch.float64)[:, None] + \
+            torch.arange(length, device=device, dtype=torch.float64)
+    return torch.arange(start, start + length, device=device, dtype=torch.float64)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -53,6 +73,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def padded_causal_mask(lengths: Tensor, past: int, t: int) -> Tensor:
+    """bool [B, 1, t, past + t], True where query i of row b may attend: the row's real
+    cache entries (the last lengths[b] of `past` left-padded slots) and new keys 0..i."""
+    keys = torch.arange(past + t, device=lengths.device)
+    real = keys >= (past - lengths)[:, None]  # [B, past + t]: padding is the first past - len slots
+    causal = keys[None, :] <= past + torch.arange(t, device=lengths.device)[:, None]  # [t, past + t]
+    return (real[:, None, :] & causal[None])[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -63,8 +92,11 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, x: Tensor, cache: dict[str, Tensor] | None, rotary: tuple[Tensor, Tensor] | None
+        self, x: Tensor, cache: dict[str, Tensor] | None, rotary: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """`mask` (bool [B, 1, t, T_cache + t], True = attend): given for left-padded caches
+        of different lengths (it hides the padding and is causal within the chunk)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rotary is not None:
@@ -74,7 +106,9 @@ class CausalSelfAttention(nn.Module):
             past = cache["key"].shape[2]
             k = torch.cat((cache["key"], k), dim=2)
             v = torch.cat((cache["value"], v), dim=2)
-        if past == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif t == 1:  # one new token sees the whole cache
             y = F.scaled_dot_product_attention(q, k, v)
@@ -106,12 +140,13 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size)
         self.ffn = TransformerFeedForward(config)
 
-    def forward(self, x: Tensor, cache, rotary) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, cache, rotary,
+                mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if self.pre_norm:
-            h, cache = self.attn(self.attn_norm(x), cache, rotary)
+            h, cache = self.attn(self.attn_norm(x), cache, rotary, mask)
             x = x + h
             return x + self.ffn(self.ffn_norm(x)), cache
-        h, cache = self.attn(x, cache, rotary)
+        h, cache = self.attn(x, cache, rotary, mask)
         x = self.attn_norm(x + h)
         return self.ffn_norm(x + self.ffn(x)), cache
 
@@ -138,27 +173,37 @@ class Transformer(PretrainedModelMixin, nn.Module):
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, input_ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, input_ids: Tensor, state: State | None = None, *,
+                cache_lengths: Tensor | None = None) -> tuple[Tensor, State]:
+        """`cache_lengths` (LongTensor [B], optional): the state's caches are left-padded and
+        row b holds cache_lengths[b] real entries (the last ones); the returned state is
+        left-padded the same way, with cache_lengths + T_new real entries per row."""
         check_input_ids(input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         caches = self._check_state(state, b)
         past = 0 if caches[0] is None else caches[0]["key"].shape[2]
+        start: int | Tensor = past
+        mask = None
+        if cache_lengths is not None:
+            start = self._check_cache_lengths(cache_lengths, b, past)
+            mask = padded_causal_mask(start, past, t)
+        longest = past if cache_lengths is None else int(start.max()) if b else 0
         limit = self.config.max_position_embeddings
-        if past + t > limit:
+        if longest + t > limit:
             raise ValueError(
-                f"context of {past + t} tokens ({past} cached + {t} new) exceeds "
+                f"context of {longest + t} tokens ({longest} cached + {t} new) exceeds "
                 f"max_position_embeddings={limit}: start a new state, or use a model "
                 f"configured with a larger max_position_embeddings"
             )
         x = self.embed(input_ids)
         rotary = None
         if self.config.positional == "sinusoidal":
-            x = x + sinusoidal_positions(past, t, self.config.hidden_size, x.device, x.dtype)
+            x = x + sinusoidal_positions(start, t, self.config.hidden_size, x.device, x.dtype)
         else:
-            rotary = rotary_angles(past, t, self.config.head_dim, self.config.rope_theta, x.device)
+            rotary = rotary_angles(start, t, self.config.head_dim, self.config.rope_theta, x.device)
         new_caches = []
         for layer, cache in zip(self.layers, caches):
-            x, cache = layer(x, cache, rotary)
+            x, cache = layer(x, cache, rotary, mask)
             new_caches.append(cache)
         if self.norm is not None:
             x = self.norm(x)
@@ -187,12 +232,42 @@ class Transformer(PretrainedModelMixin, nn.Module):
                 seen = t.shape[2]
         return list(state.layers)
 
+    def _check_cache_lengths(self, lengths: Tensor, batch_size: int, past: int) -> Tensor:
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch_size \
+                or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise ValueError(f"cache_lengths must be an integer tensor of shape ({batch_size},)")
+        if batch_size and (int(lengths.min()) < 0 or int(lengths.max()) > past):
+            raise ValueError(f"cache_lengths must lie in [0, {past}] (the padded cache length), "
+                             f"got {lengths.tolist()}")
+        return lengths.to(device=self.embed.weight.device, dtype=torch.long)
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """An explicit empty KV cache (T = 0)."""
-        p = self.head.weight
+        p = self.embed.weight  # the head may be a low-precision module (samout.quant)
         shape = (batch_size, self.config.num_heads, 0, self.config.head_dim)
         empty = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
         return State([{"key": empty.clone(), "value": empty.clone()} for _ in self.layers])
 
 
-__all__ = ["Transformer", "TransformerConfig", "match_transformer_to"]
+def left_pad_caches(states: list[State]) -> tuple[State, Tensor]:
+    """One batched KV cache from per-sequence caches (batch 1 each, any lengths): each
+    left-padded with zeros to the longest; returns it with the lengths, for `cache_lengths`."""
+    lengths = [s[0]["key"].shape[2] for s in states]
+    longest = max(lengths)
+
+    def pad(t: Tensor, n: int) -> Tensor:
+        if n == longest:
+            return t
+        return torch.cat((t.new_zeros(*t.shape[:2], longest - n, t.shape[3]), t), dim=2)
+
+    layers = [{k: torch.cat([pad(s[i][k], n) for s, n in zip(states, lengths)]) for k in states[0][i]}
+              for i in range(len(states[0]))]
+    return State(layers), torch.tensor(lengths, dtype=torch.long)
+
+
+def cache_row(state: State, row: int, length: int) -> State:
+    """Row `row` of a left-padded batched KV cache without its padding (a view, batch 1)."""
+    return State([{k: v[row:row + 1, :, v.shape[2] - length:] for k, v in layer.items()} for layer in state])
+
+
+__all__ = ["Transformer", "TransformerConfig", "cache_row", "left_pad_caches", "match_transformer_to"]

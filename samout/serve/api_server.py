@@ -36,6 +36,9 @@ from samout.tokenizer import EOT_ID
 
 DEFAULT_MAX_PROMPT_TOKENS = 8192
 DEFAULT_MAX_TOKENS_LIMIT = 4096
+# What a field of several accepted shapes must be, for its 400 message.
+FIELD_FORMS = {"prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids",
+               "stop": "a string or a list of strings"}
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 512
 RETRY_AFTER_SECONDS = 1
@@ -54,6 +57,7 @@ class ServedModel:
     render_chat: Callable[[list[dict]], list[int]] | None = None
     chat_stop_ids: frozenset[int] = frozenset()
     context_limit: int | None = None  # a Transformer's max_position_embeddings
+    dtype: str = "float32"  # the weights' inference dtype (samout.quant)
     created: int = field(default_factory=P.now)
 
 
@@ -138,6 +142,11 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
+        elif not loc and "json" not in request.headers.get("content-type", ""):
+            message, param = "the request body must be a JSON object sent with " \
+                             "'Content-Type: application/json'", None
+        elif loc and loc[0] in FIELD_FORMS:  # a union: pydantic's message names one branch only
+            message, param = f"{loc[0]} must be {FIELD_FORMS[loc[0]]}", loc[0]
         else:
             where = ".".join(loc) or "body"
             message, param = f"{where}: {first.get('msg', 'invalid value')}", (loc[0] if loc else None)
@@ -177,7 +186,8 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     async def list_models():
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "samout",
-             "chat": m.render_chat is not None, "max_context": m.context_limit} for m in models]}
+             "chat": m.render_chat is not None, "max_context": m.context_limit, "dtype": m.dtype}
+            for m in models]}
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
@@ -217,10 +227,14 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
             raise OpenAIError(400, "'prompt' is empty", param="prompt")
         if all(isinstance(p, str) for p in prompt):
             return [encode_prompt(served.tokenizer, p) for p in prompt]
+        token_lists = prompt if isinstance(prompt[0], list) else [prompt]
         vocab = served.tokenizer.get_vocab_size()
-        if any(not 0 <= t < vocab for t in prompt):
-            raise OpenAIError(400, f"token ids in 'prompt' must lie in [0, {vocab})", param="prompt")
-        return [list(prompt)]
+        for ids in token_lists:
+            if not ids:
+                raise OpenAIError(400, "a token-id prompt in 'prompt' is empty", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise OpenAIError(400, f"token ids in 'prompt' must lie in [0, {vocab})", param="prompt")
+        return [list(ids) for ids in token_lists]
 
     async def _generate(body, served: ServedModel, prompts: list[list[int]], request: Request, chat: bool):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

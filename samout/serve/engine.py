@@ -14,9 +14,12 @@ Each iteration of the loop:
 
 SamOut's state is a fixed-size running max per layer ([1, H, dh] per sequence), so the
 batched step concatenates the states along the batch and splits them back. A
-Transformer's state is a KV cache whose length differs per sequence; it is stepped one
-sequence at a time (exact, but without the batching gain: vLLM's paged attention would be
-the way to batch it).
+Transformer's state is a KV cache whose length differs per sequence: the batched step
+left-pads the caches to the longest and passes the per-row lengths (`cache_lengths`: a key
+padding mask and per-row positions), and each sequence keeps a view of its row. While the
+set of decoding sequences stays the same, the next step reuses that padded batch as it is
+(no re-padding); it is rebuilt only when a sequence joins or leaves.
+`batched_decode=False` steps every sequence alone: the plain reference path.
 
 Requests talk to the engine through `emit(event)` callbacks, called on the engine thread:
   ("admitted", cached_tokens)        the request got a slot (resuming after cached_tokens)
@@ -40,7 +43,7 @@ from torch import Tensor, nn
 
 from samout.errors import SamoutError
 from samout.generation import SamplingParams, sample_next
-from samout.models.transformer import Transformer
+from samout.models.transformer import Transformer, cache_row, left_pad_caches
 from samout.serve.state_cache import StateCache
 from samout.state import State
 from samout.tokenizer import EOT_ID
@@ -80,12 +83,22 @@ class _Sequence:
     cached_tokens: int = 0
 
 
+@dataclass(eq=False)
+class _PaddedBatch:
+    """The last batched Transformer step: its sequences (in row order), their left-padded
+    KV caches and each row's real length."""
+
+    seqs: list[_Sequence]
+    state: State
+    lengths: list[int]
+
+
 class Engine:
     """Continuous batching over one model. `submit` from any thread; `start` runs the loop."""
 
     def __init__(self, model: nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 cache: StateCache | None = None, name: str = "model") -> None:
+                 cache: StateCache | None = None, name: str = "model", batched_decode: bool = True) -> None:
         for label, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if value < 1:
                 raise SamoutError(f"{label} must be at least 1, got {value}")
@@ -94,7 +107,9 @@ class Engine:
         self.model = model.eval()
         self.name = name
         self.device = next(model.parameters()).device
-        self.batched = not isinstance(model, Transformer)
+        self.batched = batched_decode
+        self.kv_cache = isinstance(model, Transformer)
+        self._padded: _PaddedBatch | None = None
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.cache = cache
         self._waiting: deque[GenerationRequest] = deque()
@@ -172,6 +187,7 @@ class Engine:
             try:
                 self._iteration()
             except Exception as err:  # never let one bad batch kill the server
+                self._padded = None
                 print(f"samout serve: engine error: {type(err).__name__}: {err}", file=sys.stderr)
                 for seq in list(self._active):
                     self._fail(seq, f"generation failed: {type(err).__name__}")
@@ -183,10 +199,20 @@ class Engine:
         self._prefill()
         self._decode()
         self.steps += 1
-        live = [s.state.nbytes for s in self._active if s.state is not None]
-        self.state_bytes = sum(live)
+        self.state_bytes, sessions = self._live_state_bytes()
         if self.state_bytes > self.peak_state_bytes:
-            self.peak_state_bytes, self.peak_state_sessions = self.state_bytes, len(live)
+            self.peak_state_bytes, self.peak_state_sessions = self.state_bytes, sessions
+
+    def _live_state_bytes(self) -> tuple[int, int]:
+        """(bytes the live sequences' states hold, how many sequences hold one). The rows of
+        the padded Transformer batch count with their padding: that is what they occupy."""
+        padded = self._padded
+        in_batch = {id(s) for s in padded.seqs} if padded is not None else set()
+        live = [s for s in self._active if s.state is not None]
+        total = sum(s.state.nbytes for s in live if id(s) not in in_batch)
+        if padded is not None:
+            total += padded.state.nbytes
+        return total, len(live)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -261,11 +287,13 @@ class Engine:
                 feed.append((seq, token))
         if not feed:
             return
-        if self.batched:
-            self._step_batched(feed)
-        else:
+        if not self.batched:
             for seq, token in feed:
                 self._step_batched([(seq, token)])
+        elif self.kv_cache:
+            self._step_padded(feed)
+        else:
+            self._step_batched(feed)
 
     def _step_batched(self, feed: list[tuple[_Sequence, int]]) -> None:
         seqs = [s for s, _ in feed]
@@ -281,6 +309,28 @@ class Engine:
         for i, (seq, token) in enumerate(feed):
             seq.state, seq.logits = parts[i], logits[i, -1]
             seq.fed.append(token)
+
+    def _step_padded(self, feed: list[tuple[_Sequence, int]]) -> None:
+        """One token for every sequence in `feed` on left-padded KV caches of different lengths."""
+        seqs = [s for s, _ in feed]
+        last, self._padded = self._padded, None
+        if last is not None and len(last.seqs) == len(seqs) and all(a is b for a, b in zip(last.seqs, seqs)):
+            state, lengths = last.state, torch.tensor(last.lengths)
+        else:
+            state, lengths = left_pad_caches([s.state for s in seqs])
+        del last
+        tokens = torch.tensor([[t] for _, t in feed], device=self.device)
+        try:
+            logits, state = self.model(tokens, state, cache_lengths=lengths)
+        except Exception as err:
+            for seq in seqs:
+                self._fail(seq, f"decode failed: {err}")
+            return
+        new_lengths = [n + 1 for n in lengths.tolist()]
+        for i, (seq, token) in enumerate(feed):
+            seq.state, seq.logits = cache_row(state, i, new_lengths[i]), logits[i, -1]
+            seq.fed.append(token)
+        self._padded = _PaddedBatch(seqs, state, new_lengths)
 
     # -- leaving -----------------------------------------------------------------------
     def _usage(self, seq: _Sequence) -> dict:
@@ -299,6 +349,8 @@ class Engine:
     def _remove(self, seq: _Sequence) -> None:
         if seq in self._active:
             self._active.remove(seq)
+        if self._padded is not None and any(s is seq for s in self._padded.seqs):
+            self._padded = None  # the batch is rebuilt without it (and its memory freed)
         if self.cache is not None and seq.state is not None and seq.logits is not None and seq.fed:
             self.cache.put(seq.fed, seq.state, seq.logits)
 

@@ -10,6 +10,7 @@ from samout.chat.template import render_ids
 from samout.errors import SamoutError
 from samout.generation import load_for_generation
 from samout.models.transformer import Transformer
+from samout.quant import DEFAULT_INFERENCE_DTYPE
 from samout.serve.api_server import ServedModel
 from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Engine
 from samout.serve.state_cache import StateCache
@@ -42,13 +43,15 @@ def served_model(model, tokenizer, name: str, *, chat_template: str | None = Non
     render, stop_ids = chat_renderer(tokenizer, chat_template)
     limit = model.config.max_position_embeddings if isinstance(model, Transformer) else None
     return ServedModel(name=name, engine=engine, tokenizer=tokenizer, render_chat=render,
-                       chat_stop_ids=stop_ids, context_limit=limit)
+                       chat_stop_ids=stop_ids, context_limit=limit,
+                       dtype=getattr(model, "inference_dtype", DEFAULT_INFERENCE_DTYPE))
 
 
 def load_served_model(run_dir: str | Path, name: str | None = None, device: str = "cpu",
-                      **engine_options) -> ServedModel:
+                      dtype: str = DEFAULT_INFERENCE_DTYPE, **engine_options) -> ServedModel:
+    """`dtype`: the weights for inference (float32, bfloat16, int8; see samout.quant)."""
     run_dir = Path(run_dir)
-    model, tokenizer = load_for_generation(run_dir, device)
+    model, tokenizer = load_for_generation(run_dir, device, dtype=dtype)
     template = read_tokenizer_config(run_dir).get("chat_template")
     if template is not None and not isinstance(template, str):
         raise SamoutError(f"{run_dir / 'tokenizer_config.json'}: chat_template must be a Jinja string")

@@ -91,7 +91,8 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[StrictInt]
+    # OpenAI's four forms: a text, texts, token ids, lists of token ids (one prompt each).
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 class ChatMessage(BaseModel):

@@ -1,6 +1,6 @@
 """`samout bench serve` end to end at the smallest size: the figures are there, the state
 cache hits after the whole history and misses otherwise, and the engine's state bytes per
-session are SamOut's exact state size."""
+session are SamOut's exact state size and the Transformer's exact KV cache."""
 
 from __future__ import annotations
 
@@ -21,9 +21,17 @@ def test_serve_bench_smallest(tmp_path):
         assert p["peak_rss_bytes"] > 0
     config = SamOutConfig.from_preset("tiny")
     exact = config.num_layers * config.num_heads * config.head_dim * 4  # float32 running max per layer
+    # The Transformer's KV cache at its longest: the history and every generated token but the last
+    # (sampled, never fed). Alone that is the peak exactly; with 2 clients every client has the same
+    # lengths (the padded batch adds nothing), but the peak may fall while one is still prefilling.
+    longest = 2 * config.num_layers * config.hidden_size * 4 * (24 + 3 - 1)
     for p in results["throughput"]:
         if p["model"] == "samout":
             assert p["state_bytes_per_session"] == exact
+        elif p["clients"] == 1:
+            assert p["state_bytes_per_session"] == longest
+        else:
+            assert longest / 2 <= p["state_bytes_per_session"] <= longest
     for p in results["follow_up"]:
         assert (p["cached_tokens_hit"], p["cached_tokens_miss"]) == (24, 0)
     assert all((tmp_path / name).is_file() for name in results["plots"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,19 @@ def test_missing_run_dir_is_one_line_error(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("samout serve: error: run directory not found")
+
+
+def test_port_in_use_is_one_line_error_before_loading(run_dirs):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "samout", "serve", str(run_dirs[0]), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"samout serve: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(is another server running there? choose another --port)"]
 
 
 def test_serve_then_sigint_drains_and_exits_cleanly(run_dirs):
@@ -63,3 +77,15 @@ def test_serve_then_sigint_drains_and_exits_cleanly(run_dirs):
             proc.wait()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "stopped" in err
+
+
+def test_help_lists_every_option(capsys):
+    from samout.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for option in ("--dtype {float32,bfloat16,int8}", "--max-prompt-tokens", "--max-tokens-limit",
+                   "--state-cache-mb", "--api-key", "--prefill-chunk", "127.0.0.1"):
+        assert option in out, option

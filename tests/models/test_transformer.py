@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, load_pretrained
 from samout.config import MIXERS, PRESETS
 from samout.models import MODEL_CLASSES
+from samout.models.transformer import cache_row, left_pad_caches
 from samout.models.transformer_config import MATCH_TOLERANCE, match_transformer_to
 from tests.helpers import random_chunks
 
@@ -85,6 +87,109 @@ def test_state_reorders_for_beam_search(seed):
         a, _ = model(nxt[[2, 0]], state=picked)
         b, _ = model(torch.cat((ids, nxt), 1)[[2, 0]])
     assert (a[:, 0] - b[:, -1]).abs().max() <= 1e-5 * b.abs().max()
+
+
+def _naive_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """The model written out with explicit softmax attention and explicit positions: the
+    plain forward (no cache_lengths) must still equal it."""
+    c = model.config
+    b, t = ids.shape
+    pos = torch.arange(t, dtype=torch.float64)
+    x = model.embed(ids)
+    if c.positional == "sinusoidal":
+        pe = torch.zeros(t, c.hidden_size, dtype=torch.float64)
+        for i in range(0, c.hidden_size, 2):
+            pe[:, i] = torch.sin(pos / 10000 ** (i / c.hidden_size))
+            pe[:, i + 1] = torch.cos(pos / 10000 ** (i / c.hidden_size))
+        x = x + pe.float()
+    else:
+        inv = c.rope_theta ** (-torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
+        ang = torch.cat((pos[:, None] * inv, pos[:, None] * inv), -1)
+        cos, sin = ang.cos().float(), ang.sin().float()
+
+    def attn(layer, h):
+        q, k, v = layer.qkv(h).view(b, t, 3, c.num_heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        if c.positional == "rotary":
+            half = c.head_dim // 2
+            q, k = [z * cos + torch.cat((-z[..., half:], z[..., :half]), -1) * sin for z in (q, k)]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)
+        scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        return layer.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c.hidden_size))
+
+    for layer in model.layers:
+        if c.norm == "pre":
+            x = x + attn(layer.attn, layer.attn_norm(x))
+            x = x + layer.ffn(layer.ffn_norm(x))
+        else:
+            x = layer.attn_norm(x + attn(layer.attn, x))
+            x = layer.ffn_norm(x + layer.ffn(x))
+    if model.norm is not None:
+        x = model.norm(x)
+    return model.head(x)
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_plain_forward_equals_the_written_out_model(seed, kw):
+    model = _tiny(**kw)
+    ids = torch.randint(0, VOCAB, (2, 19))
+    with torch.no_grad():
+        got, _ = model(ids)
+        want = _naive_forward(model, ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_padded_caches_of_different_lengths_equal_each_row_alone(seed, kw):
+    """The serving engine's batched decode: left-padded caches + cache_lengths give each
+    row what it gets alone (one-token steps and chunks), and its cache without the padding."""
+    rng = random.Random(seed)
+    model = _tiny(**kw)
+    lengths = [rng.randint(1, 20) for _ in range(4)] + [0]
+    histories = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
+    with torch.no_grad():
+        states = [model(h)[1] if n else model.init_state(1) for h, n in zip(histories, lengths)]
+        padded, cache_lengths = left_pad_caches(states)
+        assert cache_lengths.tolist() == lengths
+        for step in (1, 3, 1):  # decode steps, then a chunk, then a step again
+            new = torch.randint(0, VOCAB, (len(lengths), step))
+            logits, padded = model(new, padded, cache_lengths=cache_lengths)
+            cache_lengths = cache_lengths + step
+            for j in range(len(lengths)):
+                alone, states[j] = model(new[j:j + 1], states[j])
+                assert (logits[j:j + 1] - alone).abs().max() <= 1e-5 * alone.abs().max()
+                row = cache_row(padded, j, int(cache_lengths[j]))
+                for a, b in zip(row, states[j]):
+                    assert a["key"].shape == b["key"].shape
+                    assert (a["value"] - b["value"]).abs().max() <= 1e-5 * b["value"].abs().max()
+
+
+def test_equal_cache_lengths_equal_the_plain_call(seed):
+    model = _tiny(positional="rotary")
+    ids, nxt = torch.randint(0, VOCAB, (3, 8)), torch.randint(0, VOCAB, (3, 2))
+    with torch.no_grad():
+        _, state = model(ids)
+        plain, plain_state = model(nxt, state)
+        masked, masked_state = model(nxt, state, cache_lengths=torch.full((3,), 8))
+        first, _ = model(ids, cache_lengths=torch.zeros(3, dtype=torch.long))
+    assert (plain - masked).abs().max() <= 1e-5 * plain.abs().max()
+    assert (first - model(ids)[0]).abs().max() <= 1e-5 * first.abs().max()
+    assert masked_state[1]["key"].shape == plain_state[1]["key"].shape
+
+
+def test_bad_cache_lengths_are_rejected():
+    model = _tiny(max_position_embeddings=16)
+    with torch.no_grad():
+        _, state = model(torch.zeros(2, 5, dtype=torch.long))
+        one = torch.zeros(2, 1, dtype=torch.long)
+        with pytest.raises(ValueError, match=r"must lie in \[0, 5\]"):
+            model(one, state, cache_lengths=torch.tensor([6, 2]))
+        with pytest.raises(ValueError, match=r"shape \(2,\)"):
+            model(one, state, cache_lengths=torch.tensor([5]))
+        with pytest.raises(ValueError, match="integer tensor"):
+            model(one, state, cache_lengths=torch.tensor([5.0, 2.0]))
+        _, long_state = model(torch.zeros(2, 15, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"\(15 cached \+ 2 new\)"):
+            model(torch.zeros(2, 2, dtype=torch.long), long_state, cache_lengths=torch.tensor([15, 3]))
 
 
 @pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])

@@ -191,6 +191,11 @@ BAD_BODIES = [
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": [1, "x"]}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": {"text": "x"}}, "prompt"),
+    ({"prompt": "x", "stop": [None]}, "stop"),
+    ({"model": "transformer", "prompt": [1] * 20, "max_tokens": 500}, "max_tokens"),  # past 512
 ]
 
 
@@ -204,6 +209,42 @@ def test_bad_completion_requests_are_openai_400s(server, body, param):
     assert error["type"] == "invalid_request_error"
     if param not in (None, "json"):
         assert error["param"] == param
+
+
+def test_bad_field_shapes_say_what_is_accepted(server):
+    r = httpx.post(server + "/v1/completions", json={"prompt": [1, "x"]})
+    assert r.status_code == 400 and "a list of lists of token ids" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/completions", json={"model": "transformer", "prompt": [1] * 20,
+                                                     "max_tokens": 500})
+    assert "max_tokens must lie in [1, 492]" in r.json()["error"]["message"]
+
+
+def test_a_body_that_is_not_json_says_so(server):
+    r = httpx.post(server + "/v1/completions", data={"prompt": "x"})  # a form, as curl -d sends
+    assert r.status_code == 400
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_a_too_long_chat_prompt_is_a_400(server):
+    messages = [{"role": "user", "content": "word " * 200}]
+    r = httpx.post(server + "/v1/chat/completions", json={"model": "samout", "messages": messages})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert f"limit of {MAX_PROMPT_TOKENS}" in error["message"]
+
+
+def test_lists_of_token_id_prompts_are_one_choice_each(serve_models, client):
+    model = serve_models[0]
+    prompts = [[1, 20, 30], [1, 40, 41, 42, 43]]
+    answer = client.completions.create(model="samout", prompt=prompts, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eot=False)
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.usage.prompt_tokens == 8 and answer.usage.completion_tokens == 12
+    tokenizer = serve_models[2]
+    for choice, ids in zip(answer.choices, prompts):
+        assert choice.text == tokenizer.decode(list(stream_ids(model, ids, params)), skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("body,status,code", [

@@ -140,3 +140,47 @@ def test_queue_bound_raises_queue_full(serve_models):
         engine.submit([1, 5], params, lambda e: None)
     with pytest.raises(QueueFullError):
         engine.submit([1, 5], params, lambda e: None)
+
+
+def _record_decode_batches(model) -> tuple[list[int], object]:
+    """Batch sizes of the model's padded (cache_lengths) calls, via a forward pre-hook."""
+    sizes: list[int] = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("cache_lengths") is not None:
+            sizes.append(args[0].shape[0])
+
+    return sizes, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_transformer_batched_decode_with_joins_and_leaves_equals_alone(serve_models, seed, sampled):
+    """Sequences of different cache lengths decode in one padded batch; some leave early
+    (short max_tokens), others join while the batch runs: every one gets its tokens alone,
+    and the reference path (batched_decode=False) gives the same."""
+    model = serve_models[1]
+    prompts = _prompts(model.config.vocab_size, seed, count=8)
+    jobs = [(p, SamplingParams(max_new_tokens=[3, 14, 6, 14, 1, 9, 14, 4][i],
+                               temperature=1.0 if sampled else 0, top_p=0.9, seed=seed + i,
+                               stop_at_eot=False)) for i, p in enumerate(prompts)]
+    want = [reference(model, p, params) for p, params in jobs]
+    reference_outs = run_jobs(Engine(model, prefill_chunk=8, batched_decode=False), jobs)
+    assert [o.tokens for o in reference_outs] == want
+
+    sizes, handle = _record_decode_batches(model)
+    try:
+        engine = Engine(model, prefill_chunk=8).start()
+        outs = [Collector() for _ in jobs]
+        for (prompt, params), out in zip(jobs[:5], outs[:5]):
+            engine.submit(prompt, params, out)
+        assert outs[0].done.wait(60)  # the first has left: the later ones join a running batch
+        for (prompt, params), out in zip(jobs[5:], outs[5:]):
+            engine.submit(prompt, params, out)
+        for out in outs:
+            assert out.done.wait(60)
+        engine.shutdown()
+    finally:
+        handle.remove()
+    assert [o.tokens for o in outs] == want
+    assert max(sizes) >= 3, sizes  # really batched, not one sequence at a time
+    assert engine.stats()["active"] == 0 and engine._padded is None
