@@ -134,7 +134,7 @@ class SamOut(PretrainedModelMixin, nn.Module):
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """An explicit empty state (running max = -inf; no keys or values), for graphs
         that need tensors."""
-        p = self.head.weight
+        p = self.embed.weight  # stays float32 under samout.quant (the head may be int8)
         device, dtype = device or p.device, dtype or p.dtype
         shape = (batch_size, self.config.num_heads, self.config.head_dim)
         layers = []

@@ -293,7 +293,14 @@ class Engine:
         elif self.kv_cache:
             self._step_padded(feed)
         else:
-            self._step_batched(feed)
+            # SamOut states are the same size for every sequence; a hybrid's attention layers
+            # keep as many keys as each sequence has seen (up to its window), so only
+            # sequences whose states have the same shapes are stacked into one call.
+            groups: dict[tuple, list[tuple[_Sequence, int]]] = {}
+            for seq, token in feed:
+                groups.setdefault(state_shapes(seq.state), []).append((seq, token))
+            for group in groups.values():
+                self._step_batched(group)
 
     def _step_batched(self, feed: list[tuple[_Sequence, int]]) -> None:
         seqs = [s for s, _ in feed]
@@ -362,6 +369,11 @@ class Engine:
             seq.request.emit(event)
         except Exception:  # the receiver is gone (e.g. its event loop closed)
             seq.request.cancelled = True
+
+
+def state_shapes(state: State) -> tuple:
+    """The shapes of a state's tensors, without the batch: states with equal shapes stack."""
+    return tuple(tuple((k, tuple(v.shape[1:])) for k, v in layer.items()) for layer in state)
 
 
 def cat_states(states: list[State]) -> State:

@@ -184,3 +184,29 @@ def test_transformer_batched_decode_with_joins_and_leaves_equals_alone(serve_mod
     assert [o.tokens for o in outs] == want
     assert max(sizes) >= 3, sizes  # really batched, not one sequence at a time
     assert engine.stats()["active"] == 0 and engine._padded is None
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_hybrid_sequences_of_different_lengths_decode_together(window, seed):
+    # A hybrid's attention state grows with each sequence's length (up to the window), so
+    # sequences of different lengths cannot share one stacked state; the engine groups them.
+    from samout import SamOut, SamOutConfig
+
+    model = SamOut(SamOutConfig.from_preset("tiny", layer_types=["maxstate", "attention"],
+                                            attention_window=window)).eval()
+    prompts = _prompts(model.config.vocab_size, seed)
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eot=False)
+    want = [reference(model, p, params) for p in prompts]
+    outs = run_jobs(Engine(model, prefill_chunk=8), [(p, params) for p in prompts])
+    assert [o.tokens for o in outs] == want
+    assert all(o.finish[1] == "length" for o in outs)
+
+
+def test_int8_samout_has_an_explicit_empty_state():
+    from samout import SamOut, SamOutConfig
+    from samout.quant import convert_for_inference
+
+    model = convert_for_inference(SamOut(SamOutConfig.from_preset("tiny")).eval(), "int8")
+    state = model.init_state(2)
+    assert state[0]["running_max"].dtype == torch.float32
+    assert torch.isneginf(state[0]["running_max"]).all()
