@@ -22,7 +22,7 @@ from torch import Tensor
 
 from samout.errors import SamoutError
 from samout.run_dir import load_run
-from samout.tokenizer import EOT_ID
+from samout.tokenizer import EOT_ID, document_prefix, end_ids
 
 # The defaults of the API and of `samout generate`.
 DEFAULT_MAX_NEW_TOKENS = 200
@@ -106,8 +106,9 @@ def sample_next(logits: Tensor, seen: Tensor, params: SamplingParams,
 
 @torch.no_grad()
 def stream_ids(model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams | None = None,
-               **kwargs) -> Iterator[int]:
-    """Yield new token ids one by one. The prompt is fed once; each step feeds only the last token."""
+               stop_ids: frozenset[int] = frozenset({EOT_ID}), **kwargs) -> Iterator[int]:
+    """Yield new token ids one by one. The prompt is fed once; each step feeds only the last
+    token. Stops before a token of `stop_ids` (the tokenizer's `end_ids`) if `params.stop_at_eot`."""
     params = params or SamplingParams(**kwargs)
     if not prompt_ids:
         raise SamoutError("the prompt is empty (it must hold at least one token)")
@@ -120,7 +121,7 @@ def stream_ids(model: torch.nn.Module, prompt_ids: list[int], params: SamplingPa
     logits, state = model(torch.tensor([prompt_ids], device=device))
     for _ in range(params.max_new_tokens):
         token = sample_next(logits[0, -1].cpu(), seen, params, generator)
-        if token == EOT_ID and params.stop_at_eot:
+        if token in stop_ids and params.stop_at_eot:
             return
         yield token
         seen = torch.cat([seen, torch.tensor([token])])
@@ -128,15 +129,17 @@ def stream_ids(model: torch.nn.Module, prompt_ids: list[int], params: SamplingPa
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids after <|endoftext|>: documents start after it in the training stream (so an
-    empty prompt samples a document from its start)."""
-    return [EOT_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    """Prompt ids after the tokenizer's document prefix (<|endoftext|> for samout's: documents
+    start after it in the training stream, so an empty prompt samples a document from its
+    start; see samout.tokenizer.document_prefix)."""
+    return document_prefix(tokenizer) + tokenizer.encode(prompt, add_special_tokens=False).ids
 
 
 def stream(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
     """Yield text pieces as tokens are sampled (waiting where a UTF-8 character spans tokens)."""
     pending: list[int] = []
-    for token in stream_ids(model, encode_prompt(tokenizer, prompt), SamplingParams(**kwargs)):
+    for token in stream_ids(model, encode_prompt(tokenizer, prompt), SamplingParams(**kwargs),
+                            stop_ids=end_ids(tokenizer)):
         pending.append(token)
         text = tokenizer.decode(pending, skip_special_tokens=True)
         if not text.endswith("\ufffd"):

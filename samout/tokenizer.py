@@ -92,6 +92,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
+def document_prefix(tokenizer) -> list[int]:
+    """The ids that precede a document's first token, as in training: [<|endoftext|>] for
+    samout's tokenizers (documents follow it in the token stream). A tokenizer may declare
+    its own (`document_prefix`): the author's OpenASH vocabulary starts documents bare."""
+    return list(getattr(tokenizer, "document_prefix", (EOT_ID,)))
+
+
+def end_ids(tokenizer) -> frozenset[int]:
+    """The ids at which generation stops: <|endoftext|> for samout's tokenizers, or what the
+    tokenizer declares (`end_ids`; OpenASH: <|im_end|> and <|pad|>, as the author's code)."""
+    return frozenset(getattr(tokenizer, "end_ids", (EOT_ID,)))
+
+
 def has_chat_tokens(tokenizer: Tokenizer) -> bool:
     return all(tokenizer.token_to_id(token) is not None for token in CHAT_TOKENS)
 

@@ -32,7 +32,7 @@ from samout.generation import SamplingParams, encode_prompt
 from samout.serve import protocol as P
 from samout.serve.engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
 from samout.serve.protocol import OpenAIError
-from samout.tokenizer import EOT_ID
+from samout.tokenizer import end_ids
 
 DEFAULT_MAX_PROMPT_TOKENS = 8192
 DEFAULT_MAX_TOKENS_LIMIT = 4096
@@ -254,7 +254,7 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         elif not 1 <= max_tokens <= room:
             raise OpenAIError(400, f"max_tokens must lie in [1, {room}] for this prompt and server, "
                                    f"got {max_tokens}", param="max_tokens")
-        stop_ids = served.chat_stop_ids if chat else frozenset({EOT_ID})
+        stop_ids = served.chat_stop_ids if chat else end_ids(served.tokenizer)
         choices = [(ids, j) for ids in prompts for j in range(body.n)]
 
         def params_for(j: int) -> SamplingParams:

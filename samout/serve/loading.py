@@ -14,7 +14,7 @@ from samout.quant import DEFAULT_INFERENCE_DTYPE
 from samout.serve.api_server import ServedModel
 from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Engine
 from samout.serve.state_cache import StateCache
-from samout.tokenizer import END_OF_TURN_TOKEN, EOT_ID, has_chat_tokens, read_tokenizer_config
+from samout.tokenizer import END_OF_TURN_TOKEN, end_ids, has_chat_tokens, read_tokenizer_config
 
 DEFAULT_STATE_CACHE_MB = 256
 
@@ -27,7 +27,7 @@ def chat_renderer(tokenizer, template: str | None):
     def render(messages: list[dict]) -> list[int]:
         return render_ids(tokenizer, messages, add_generation_prompt=True, template=template)
 
-    return render, frozenset({EOT_ID, tokenizer.token_to_id(END_OF_TURN_TOKEN)})
+    return render, end_ids(tokenizer) | {tokenizer.token_to_id(END_OF_TURN_TOKEN)}
 
 
 def served_model(model, tokenizer, name: str, *, chat_template: str | None = None,

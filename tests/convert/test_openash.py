@@ -289,3 +289,28 @@ def test_convert_help():
     done = subprocess.run([sys.executable, "-m", "samout", "convert", "openash", "--help"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and "--vocab" in done.stdout and "weights_only" in done.stdout
+
+
+def test_generation_prompts_and_stops_as_the_authors_code(author):
+    # The author's documents start bare (no <|endoftext|>: id 1 is <|im_start|> there) and
+    # their generation stops at <|im_end|> or <|pad|>.
+    from samout.generation import encode_prompt, generate, stream_ids
+    from samout.tokenizer import end_ids
+
+    ref, voc, _, _, out = author
+    model, tok = load_pretrained(out).eval(), load_tokenizer(out)
+    t2i = voc["token_to_id"]
+    assert encode_prompt(tok, "你好") == ref_encode(voc, "你好")
+    assert end_ids(tok) == {t2i["<|im_end|>"], t2i["<|pad|>"]}
+    ids = ref_encode(voc, "你好")
+    with torch.no_grad():
+        for _ in range(12):  # the author's greedy loop: the whole sequence every step
+            token = int(ref(torch.tensor([ids]))[0][0, -1].argmax())
+            if token in (t2i["<|im_end|>"], t2i["<|pad|>"]):
+                break
+            ids.append(token)
+    want = ids[len(ref_encode(voc, "你好")):]
+    assert generate(model, tok, "你好", temperature=0, max_new_tokens=12) == tok.decode(want, skip_special_tokens=True)
+    first = next(stream_ids(model, encode_prompt(tok, "你好"), temperature=0, max_new_tokens=1))
+    assert list(stream_ids(model, encode_prompt(tok, "你好"), temperature=0, max_new_tokens=5,
+                           stop_ids=frozenset({first}))) == []
