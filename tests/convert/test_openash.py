@@ -310,7 +310,8 @@ def test_generation_prompts_and_stops_as_the_authors_code(author):
                 break
             ids.append(token)
     want = ids[len(ref_encode(voc, "你好")):]
-    assert generate(model, tok, "你好", temperature=0, max_new_tokens=12) == tok.decode(want, skip_special_tokens=True)
+    got = generate(model, tok, "你好", temperature=0, max_new_tokens=12)
+    assert got == tok.decode(want, skip_special_tokens=True)
     first = next(stream_ids(model, encode_prompt(tok, "你好"), temperature=0, max_new_tokens=1))
     assert list(stream_ids(model, encode_prompt(tok, "你好"), temperature=0, max_new_tokens=5,
                            stop_ids=frozenset({first}))) == []
