@@ -82,3 +82,12 @@ class State:
         """Bitwise equality of every tensor."""
         a, b = self.to_tensors(), other.to_tensors()
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def check_state_layers(state: State | None, num_layers: int) -> None:
+    """A model's first check of a `state` argument: None or a State with one entry per layer."""
+    if state is not None and (not isinstance(state, State) or len(state) != num_layers):
+        raise ValueError(
+            f"state must be a samout State with {num_layers} layers, got "
+            f"{type(state).__name__} with {len(state) if isinstance(state, State) else '?'}"
+        )

@@ -124,17 +124,10 @@ def add_chat_tokens(tokenizer: Tokenizer) -> list[str]:
 def update_tokenizer_config(directory: str | Path, **fields) -> dict:
     """Set `fields` in DIRECTORY/tokenizer_config.json (Hugging Face's file), keeping the keys
     already there; written atomically. Returns the whole object."""
-    path = Path(directory) / TOKENIZER_CONFIG_NAME
-    data: dict = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SamoutError(f"{path} is not valid JSON: fix or delete it") from None
-        if not isinstance(data, dict):
-            raise SamoutError(f"{path} must hold a JSON object")
+    data = read_tokenizer_config(directory)
     data.update(fields)
-    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(Path(directory) / TOKENIZER_CONFIG_NAME, text)
     return data
 
 

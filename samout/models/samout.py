@@ -21,7 +21,7 @@ from samout.layers.mixers import build_mixer
 from samout.models.base import PretrainedModelMixin
 from samout.ops.blend_norm import blend_norm
 from samout.ops.gated_ffn import gated_ffn
-from samout.state import State
+from samout.state import State, check_state_layers
 
 
 class FeedForward(nn.Module):
@@ -105,13 +105,9 @@ class SamOut(PretrainedModelMixin, nn.Module):
         return self.head(x), State(new_states)
 
     def _check_state(self, state: State | None, batch_size: int) -> list[dict[str, Tensor] | None]:
+        check_state_layers(state, len(self.layers))
         if state is None:
             return [None] * len(self.layers)
-        if not isinstance(state, State) or len(state) != len(self.layers):
-            raise ValueError(
-                f"state must be a samout State with {len(self.layers)} layers, got "
-                f"{type(state).__name__} with {len(state) if isinstance(state, State) else '?'}"
-            )
         h, dh = self.config.num_heads, self.config.head_dim
         out = []
         for i, (layer, entry) in enumerate(zip(self.layers, state)):

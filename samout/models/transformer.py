@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from samout.models.base import PretrainedModelMixin
 from samout.models.samout import check_input_ids
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
-from samout.state import State
+from samout.state import State, check_state_layers
 
 
 def sinusoidal_positions(start: int | Tensor, length: int, dim: int, device=None, dtype=None) -> Tensor:
@@ -210,13 +210,9 @@ class Transformer(PretrainedModelMixin, nn.Module):
         return self.head(x), State(new_caches)
 
     def _check_state(self, state: State | None, batch_size: int) -> list[dict[str, Tensor] | None]:
+        check_state_layers(state, len(self.layers))
         if state is None:
             return [None] * len(self.layers)
-        if not isinstance(state, State) or len(state) != len(self.layers):
-            raise ValueError(
-                f"state must be a samout State with {len(self.layers)} layers, got "
-                f"{type(state).__name__} with {len(state) if isinstance(state, State) else '?'}"
-            )
         h, dh = self.config.num_heads, self.config.head_dim
         seen = None
         for i, layer in enumerate(state):
