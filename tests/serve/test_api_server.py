@@ -291,10 +291,16 @@ def test_api_key_required_when_set(serve_models):
 def test_full_queue_is_429_with_retry_after(serve_models):
     model, _, tokenizer = serve_models[:3]
     models = [served_model(model, tokenizer, "samout", max_batch=1, max_queue=0)]
-    with running_server(models) as url, httpx.Client(timeout=30) as http:
-        long = {"prompt": "Hi", "max_tokens": 4000, "stream": True, "ignore_eos": True, "temperature": 0}
+    # The busy request must not end by itself before the second one arrives, however fast the
+    # machine: a generous limit, and it is cancelled when its stream is closed.
+    settings = ServerSettings(max_tokens_limit=10**7)
+    with running_server(models, settings) as url, httpx.Client(timeout=30) as http:
+        long = {"prompt": "Hi", "max_tokens": 10**7, "stream": True, "ignore_eos": True, "temperature": 0}
         with http.stream("POST", url + "/v1/completions", json=long) as busy:
-            next(busy.iter_lines())  # the first token: the only slot is taken
+            # The first token: the only slot is taken. (Keep the iterator: a discarded one is
+            # closed at once, which closes the response and frees the slot.)
+            lines = busy.iter_lines()
+            next(lines)
             r = http.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
