@@ -22,7 +22,7 @@ the running-max state (the state contract `logits, state = model(ids, state)` is
   kernel) was 2.3x *slower* than float32 there, and dequantize-then-matmul slower still.
   Elsewhere (CUDA, no fbgemm) it computes x @ (q * scale).T, weight-only.
 The accuracy cost (perplexity, greedy agreement with float32) is measured by
-`samout bench speed --decode-dtypes` (samout/bench/lowp.py).
+`samout bench speed --lowp --accuracy-run RUN_DIR` (samout/bench/lowp.py).
 """
 
 from __future__ import annotations
