@@ -33,6 +33,11 @@ TRAIN_FLAGS = {
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "log_every": (int, "log training loss every N steps"),
     "max_bad_steps": (int, "stop after this many consecutive non-finite steps (each is skipped)"),
+    "objective": (str, "lm (next token, default), sft (assistant tokens of --format chat data) or dpo "
+                       "(--format dpo data, needs --init-from)"),
+    "dpo_beta": (float, "DPO: strength of the pull towards the reference model (default 0.1)"),
+    "init_from": (str, "start from this run's model, tokenizer and model config (fresh optimizer and "
+                       "schedule); for dpo also the frozen reference"),
 }
 MODEL_FLAGS = {
     "hidden_size": (int, "model width D"),

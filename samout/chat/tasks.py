@@ -1,0 +1,103 @@
+"""Built-in instruction data with exactly checkable answers (the chat demo's data).
+
+Every task picks one item of a short list by a rule, which SamOut's running max suits and
+whose answers are checkable exactly:
+
+    largest    "Which number is the largest: 12 5 33 8?"           -> "33"
+    smallest   "Which number is the smallest: 12 5 33 8?"          -> "5"
+    alphabet   "Which word comes first alphabetically: pear fig?"  -> "fig"
+    category   "Which of these is an animal: table cat chair?"     -> "cat"
+
+The rejected answer of a preference pair is a plausible wrong one: another item of the same
+list (the runner-up for largest/smallest/alphabet). `write_task_files` writes train and held-out
+conversations and pairs as JSONL (held-out prompts never occur in the training files), plus
+`pretrain.txt`: the prompts' lists as plain text, without questions or answers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TASKS = ("largest", "smallest", "alphabet", "category")
+CATEGORIES = {
+    "an animal": "cat dog horse cow sheep goat mouse lion tiger bear wolf fox".split(),
+    "a color": "red blue green yellow black white pink brown gray orange purple".split(),
+    "a fruit": "apple pear plum peach grape lemon cherry melon mango banana".split(),
+    "a tool": "hammer saw drill wrench shovel rake chisel spade axe knife".split(),
+}
+WORDS = sorted({w for words in CATEGORIES.values() for w in words})
+SYSTEM_PROMPTS = ["Answer with one word.", "You are a helpful assistant.", "Be brief."]
+
+
+def make_task(rng: random.Random, task: str | None = None) -> tuple[str, str, str]:
+    """(question, right answer, plausible wrong answer)."""
+    task = task or rng.choice(TASKS)
+    k = rng.randint(3, 5)
+    if task in ("largest", "smallest"):
+        numbers = rng.sample(range(100), k)
+        ranked = sorted(numbers, reverse=task == "largest")
+        return (f"Which number is the {task}: {' '.join(map(str, numbers))}?", str(ranked[0]), str(ranked[1]))
+    if task == "alphabet":
+        words = rng.sample(WORDS, k)
+        ranked = sorted(words)
+        return f"Which word comes first alphabetically: {' '.join(words)}?", ranked[0], ranked[1]
+    name = rng.choice(sorted(CATEGORIES))
+    answer = rng.choice(CATEGORIES[name])
+    others = rng.sample([w for w in WORDS if w not in CATEGORIES[name]], k - 1)
+    words = others + [answer]
+    rng.shuffle(words)
+    return f"Which of these is {name}: {' '.join(words)}?", answer, rng.choice(others)
+
+
+def make_conversation(rng: random.Random, max_turns: int = 2) -> tuple[list[dict[str, str]], str]:
+    """A conversation of 1..max_turns exchanges (sometimes with a system prompt), and the
+    wrong answer to its last question."""
+    messages = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    wrong = ""
+    for _ in range(rng.randint(1, max_turns)):
+        question, answer, wrong = make_task(rng)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages, wrong
+
+
+def _prompt_key(messages: list[dict[str, str]]) -> str:
+    return json.dumps([m["content"] for m in messages if m["role"] == "user"])
+
+
+def write_task_files(out_dir: str | Path, train: int = 20000, heldout: int = 500,
+                     seed: int = 0) -> dict[str, Path]:
+    """sft_train.jsonl, sft_heldout.jsonl, dpo_train.jsonl, dpo_heldout.jsonl and pretrain.txt."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    train_convs = [make_conversation(rng) for _ in range(train)]
+    seen = {_prompt_key(m[:-1]) for m, _ in train_convs}
+    seen |= {json.dumps([m["content"]]) for conv, _ in train_convs for m in conv if m["role"] == "user"}
+    held = []
+    while len(held) < heldout:
+        conv = make_conversation(rng)
+        if _prompt_key(conv[0][:-1]) not in seen and json.dumps([conv[0][-2]["content"]]) not in seen:
+            held.append(conv)
+    names = ("sft_train", "sft_heldout", "dpo_train", "dpo_heldout")
+    paths = {name: out_dir / f"{name}.jsonl" for name in names}
+    for name, convs in (("train", train_convs), ("heldout", held)):
+        with paths[f"sft_{name}"].open("w") as f:
+            for messages, _ in convs:
+                f.write(json.dumps({"messages": messages}) + "\n")
+        with paths[f"dpo_{name}"].open("w") as f:
+            for messages, wrong in convs:
+                f.write(json.dumps({"prompt": messages[:-1], "chosen": messages[-1]["content"],
+                                    "rejected": wrong}) + "\n")
+    # Pretraining text: the lists the questions are about, no questions and no answers.
+    pretrain = out_dir / "pretrain.txt"
+    with pretrain.open("w") as f:
+        for messages, _ in train_convs:
+            for m in messages:
+                if m["role"] == "user":
+                    f.write(m["content"].split(": ", 1)[1].rstrip("?") + "\n")
+    paths["pretrain"] = pretrain
+    return paths
