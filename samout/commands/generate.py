@@ -23,6 +23,12 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run or model directory")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
     p.add_argument("--prompts-file", metavar="FILE", help="a file with one prompt per line")
+    add_sampling_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling flags of `samout generate` (shared with `samout chat`)."""
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -30,7 +36,12 @@ def register(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens (>1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.set_defaults(func=run)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """SamplingParams fields from the flags of `add_sampling_flags`."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from samout.chat.template import DEFAULT_CHAT_TEMPLATE, assistant_mask, encode_rendered, render_text
+from samout.chat.template import (
+    DEFAULT_CHAT_TEMPLATE,
+    assistant_mask,
+    encode_rendered,
+    last_turn_mask,
+    render_text,
+)
 from samout.checkpoint import atomic_write
 from samout.data.dataset import TokenData
 from samout.data.prepare import DATA_FORMAT, DATA_VERSION, META_NAME, split_documents
@@ -130,14 +136,15 @@ def read_jsonl(path: Path, fmt: str) -> list[Example]:
     return examples
 
 
-def _encode(tokenizer, messages: list[dict[str, str]], template: str) -> tuple[list[int], list[int]]:
+def _encode(tokenizer, messages: list[dict[str, str]], template: str, fmt: str = "chat"
+            ) -> tuple[list[int], list[int]]:
     ids = encode_rendered(tokenizer, render_text(messages, template))
-    return ids, assistant_mask(tokenizer, ids)
+    return ids, (assistant_mask if fmt == "chat" else last_turn_mask)(tokenizer, ids)
 
 
 def _fit(tokenizer, example: Example, template: str, max_tokens: int, rule: str, fmt: str):
     """[(ids, mask)] of the example's sequences within `max_tokens`, or None (dropped)."""
-    encoded = [_encode(tokenizer, seq, template) for seq in example.sequences]
+    encoded = [_encode(tokenizer, seq, template, fmt) for seq in example.sequences]
     if all(len(ids) <= max_tokens for ids, _ in encoded):
         return encoded, False
     if fmt == "dpo" or rule == "drop":
