@@ -61,6 +61,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     rejected_reward = beta * (policy_rejected - ref_rejected)
     margin = chosen_reward - rejected_reward
     loss = -F.logsigmoid(margin).mean()
+    margin, chosen_reward, rejected_reward = margin.detach(), chosen_reward.detach(), rejected_reward.detach()
     return loss, {"reward_margin": float(margin.mean()),
                   "reward_accuracy": float((margin > 0).float().mean()),
                   "chosen_reward": float(chosen_reward.mean()),
