@@ -83,9 +83,11 @@ def run_bench(model, tokenizer, template: str, turns: int, message_tokens: int, 
             messages += [{"role": "user", "content": text}, chat.transcript[-1]]
     med = [sorted(v)[len(v) // 2] for v in carried]
     base = [sorted(v)[len(v) // 2] for v in prefill]
-    return {"turns": turns, "message_tokens": message_tokens, "reply_tokens": reply_tokens, "repeats": repeats,
-            "ttft_state_s": med, "ttft_reprefill_s": base, "history_tokens": history_tokens,
-            "state_ratio_last_vs_first": med[-1] / med[0], "reprefill_ratio_last_vs_first": base[-1] / base[0]}
+    return {"turns": turns, "message_tokens": message_tokens, "reply_tokens": reply_tokens,
+            "repeats": repeats, "ttft_state_s": med, "ttft_reprefill_s": base,
+            "history_tokens": history_tokens,
+            "state_ratio_last_vs_first": med[-1] / med[0],
+            "reprefill_ratio_last_vs_first": base[-1] / base[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run:
         with torch.no_grad():
             model.head.weight[end].fill_(-1e4)
-    header = run_header(torch.device("cpu"), "python -m samout.bench.chat " + shlex.join(argv or sys.argv[1:]))
+    command = "python -m samout.bench.chat " + shlex.join(argv or sys.argv[1:])
+    header = run_header(torch.device("cpu"), command)
     result = {**header, **run_bench(model, tokenizer, template, args.turns, args.message_tokens,
                                     args.reply_tokens, args.repeats)}
     print(header_line(header))
