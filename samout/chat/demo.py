@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from samout.chat.evaluate import evaluate_chat
 from samout.chat.tasks import write_task_files
 from samout.chat.template import load_chat_template
@@ -25,8 +27,6 @@ from samout.generation import load_for_generation
 from samout.training.config import parse_duration
 from samout.training.init_from import grow_vocab
 from samout.training.trainer import train
-
-MODEL = {"hidden_size": 128, "num_layers": 4, "num_heads": 8}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-time", default="2m")
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=8)
+    p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--dpo-lr", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_fields = {"hidden_size": args.hidden_size, "num_layers": args.num_layers,
+                    "num_heads": args.num_heads}
     out = Path(args.out)
     start = time.time()
     files = write_task_files(out / "tasks", args.train_conversations, args.heldout, args.seed)
@@ -55,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (pre_run / "model.safetensors").is_file():
         stage("pretraining")
         prepare([str(files["pretrain"])], out / "data-pretrain", vocab_size=512, quiet=True)
-        train(out / "data-pretrain", pre_run, preset="tiny", model_overrides=MODEL,
+        train(out / "data-pretrain", pre_run, preset="tiny", model_overrides=model_fields,
               overrides={"max_steps": 100000, "max_time": parse_duration(args.pretrain_time), "seq_len": 128,
                          "batch_size": 16, "lr": 3e-3, "warmup_steps": 50, "eval_every": 500,
                          "save_every": 100000, "seed": args.seed})
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     sft_run = out / "run-sft"
     train(out / "data-sft", sft_run, overrides={
         "objective": "sft", "init_from": str(pre_run), "max_steps": args.sft_steps,
-        "max_time": parse_duration(args.sft_time), "seq_len": 256, "batch_size": 16, "lr": 3e-3,
+        "max_time": parse_duration(args.sft_time), "seq_len": 256, "batch_size": 16, "lr": args.sft_lr,
         "warmup_steps": 30, "eval_every": 250, "eval_windows": 4, "save_every": 100000, "seed": args.seed})
     evaluate("SFT", sft_run)
     stage("DPO")
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     dpo_run = out / "run-dpo"
     train(out / "data-dpo", dpo_run, overrides={
         "objective": "dpo", "init_from": str(sft_run), "dpo_beta": args.dpo_beta, "max_steps": args.dpo_steps,
-        "max_time": parse_duration(args.dpo_time), "seq_len": 256, "batch_size": 16, "lr": 5e-4,
+        "max_time": parse_duration(args.dpo_time), "seq_len": 256, "batch_size": 16, "lr": args.dpo_lr,
         "warmup_steps": 10, "eval_every": 50, "eval_windows": 2, "save_every": 100000, "seed": args.seed})
     evaluate("DPO", dpo_run)
 
