@@ -3,8 +3,8 @@
     python -m samout.chat.demo --out build/chat-demo [--pretrain-time 2m --sft-time 6m --dpo-steps 150]
 
 Pretraining (skipped when OUT/run-pretrain already holds a model) is next-token training on
-`pretrain.txt`: the tasks' lists without questions or answers, so the model knows the words
-and numbers but neither the chat format nor the tasks. SFT then trains on generated
+`pretrain.txt`: the training questions without their answers, so the model knows the words,
+numbers and questions but neither the chat format nor the answers. SFT then trains on generated
 conversations, DPO on generated pairs (chosen = right, rejected = a plausible wrong answer).
 Every stage is evaluated on held-out prompts that never occur in the training files.
 """
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     pre_run = out / "run-pretrain"
     if not (pre_run / "model.safetensors").is_file():
         stage("pretraining")
-        prepare([str(files["pretrain"])], out / "data-pretrain", vocab_size=512, quiet=True)
+        prepare([str(files["pretrain"])], out / "data-pretrain", vocab_size=1024, quiet=True)
         train(out / "data-pretrain", pre_run, preset="tiny", model_overrides=model_fields,
               overrides={"max_steps": 100000, "max_time": parse_duration(args.pretrain_time), "seq_len": 128,
                          "batch_size": 16, "lr": 3e-3, "warmup_steps": 50, "eval_every": 500,

@@ -3,15 +3,19 @@
 Every task picks one item of a short list by a rule, which SamOut's running max suits and
 whose answers are checkable exactly:
 
-    largest    "Which number is the largest: 12 5 33 8?"           -> "33"
-    smallest   "Which number is the smallest: 12 5 33 8?"          -> "5"
-    alphabet   "Which word comes first alphabetically: pear fig?"  -> "fig"
-    category   "Which of these is an animal: table cat chair?"     -> "cat"
+    largest    "Which number is the largest: 12 5 33 8?"           -> "It is 33."
+    smallest   "Which number is the smallest: 12 5 33 8?"          -> "It is 5."
+    alphabet   "Which word comes first alphabetically: pear fig?"  -> "It is fig."
+    category   "Which of these is an animal: saw cat drill?"       -> "It is cat."
+
+Answers say "It is X." rather than "X" so that the answer's item is the same token as in the
+question (" 33", with its leading space): the model picks a token it has seen instead of
+learning a second spelling of every item.
 
 The rejected answer of a preference pair is a plausible wrong one: another item of the same
 list (the runner-up for largest/smallest/alphabet). `write_task_files` writes train and held-out
 conversations and pairs as JSONL (held-out prompts never occur in the training files), plus
-`pretrain.txt`: the prompts' lists as plain text, without questions or answers.
+`pretrain.txt`: the training questions as plain text, one per line, without answers.
 """
 
 from __future__ import annotations
@@ -28,15 +32,23 @@ CATEGORIES = {
     "a tool": "hammer saw drill wrench shovel rake chisel spade axe knife".split(),
 }
 WORDS = sorted({w for words in CATEGORIES.values() for w in words})
-SYSTEM_PROMPTS = ["Answer with one word.", "You are a helpful assistant.", "Be brief."]
+SYSTEM_PROMPTS = ["Answer briefly.", "You are a helpful assistant.", "Be brief."]
 
 
 def make_task(rng: random.Random, task: str | None = None) -> tuple[str, str, str]:
     """(question, right answer, plausible wrong answer)."""
-    task = task or rng.choice(TASKS)
+    question, right, wrong = _pick(rng, task or rng.choice(TASKS))
+    return question, ANSWER.format(right), ANSWER.format(wrong)
+
+
+ANSWER = "It is {}."
+NUMBERS = range(1, 51)
+
+
+def _pick(rng: random.Random, task: str) -> tuple[str, str, str]:
     k = rng.randint(3, 5)
     if task in ("largest", "smallest"):
-        numbers = rng.sample(range(100), k)
+        numbers = rng.sample(NUMBERS, k)
         ranked = sorted(numbers, reverse=task == "largest")
         return (f"Which number is the {task}: {' '.join(map(str, numbers))}?", str(ranked[0]), str(ranked[1]))
     if task == "alphabet":
@@ -92,12 +104,12 @@ def write_task_files(out_dir: str | Path, train: int = 20000, heldout: int = 500
             for messages, wrong in convs:
                 f.write(json.dumps({"prompt": messages[:-1], "chosen": messages[-1]["content"],
                                     "rejected": wrong}) + "\n")
-    # Pretraining text: the lists the questions are about, no questions and no answers.
+    # Pretraining text: the questions, without their answers.
     pretrain = out_dir / "pretrain.txt"
     with pretrain.open("w") as f:
         for messages, _ in train_convs:
             for m in messages:
                 if m["role"] == "user":
-                    f.write(m["content"].split(": ", 1)[1].rstrip("?") + "\n")
+                    f.write(m["content"] + "\n")
     paths["pretrain"] = pretrain
     return paths
