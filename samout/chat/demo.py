@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -35,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="build/chat-demo")
     p.add_argument("--train-conversations", type=int, default=20000)
     p.add_argument("--heldout", type=int, default=400)
-    p.add_argument("--pretrain-time", default="2m")
-    p.add_argument("--sft-time", default="6m")
-    p.add_argument("--sft-steps", type=int, default=1500)
-    p.add_argument("--dpo-steps", type=int, default=100)
-    p.add_argument("--dpo-time", default="2m")
+    p.add_argument("--pretrain-time", default="2m", help="pretraining time (skipped when reused)")
+    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--sft-time", default=None, help="also stop SFT after this long (default: steps only)")
+    p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--dpo-time", default=None, help="also stop DPO after this long (default: steps only)")
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden-size", type=int, default=128)
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                          "save_every": 100000, "seed": args.seed})
     else:
         stage(f"reusing the pretrained model in {pre_run}")
+    for stale in ("run-sft", "run-dpo"):  # only the pretrained model is reused
+        shutil.rmtree(out / stale, ignore_errors=True)
     prepare_conversations([str(files["sft_train"])], out / "data-sft", "chat", tokenizer=pre_run, quiet=True)
 
     rows = []
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     sft_run = out / "run-sft"
     train(out / "data-sft", sft_run, overrides={
         "objective": "sft", "init_from": str(pre_run), "max_steps": args.sft_steps,
-        "max_time": parse_duration(args.sft_time), "seq_len": 256, "batch_size": 16, "lr": args.sft_lr,
+        "max_time": args.sft_time and parse_duration(args.sft_time), "seq_len": 256, "batch_size": 16,
+        "lr": args.sft_lr,
         "warmup_steps": 30, "eval_every": 250, "eval_windows": 4, "save_every": 100000, "seed": args.seed})
     evaluate("SFT", sft_run)
     stage("DPO")
@@ -102,16 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     dpo_run = out / "run-dpo"
     train(out / "data-dpo", dpo_run, overrides={
         "objective": "dpo", "init_from": str(sft_run), "dpo_beta": args.dpo_beta, "max_steps": args.dpo_steps,
-        "max_time": parse_duration(args.dpo_time), "seq_len": 256, "batch_size": 16, "lr": args.dpo_lr,
+        "max_time": args.dpo_time and parse_duration(args.dpo_time), "seq_len": 256, "batch_size": 16,
+        "lr": args.dpo_lr,
         "warmup_steps": 10, "eval_every": 50, "eval_windows": 2, "save_every": 100000, "seed": args.seed})
     evaluate("DPO", dpo_run)
 
     print(f"\nheld-out: {rows[0][1]['examples']} conversations, {rows[0][1]['pairs']} preference pairs; "
           f"{time.time() - start:.0f}s in all")
-    print(f"| {'stage':<11}| exact match | ends turn | preference acc. |")
-    print("|------------|-------------|-----------|-----------------|")
+    print(f"| {'stage':<11}| exact match | (1st turn / later turn) | ends turn | preference acc. |")
+    print("|------------|-------------|-------------------------|-----------|-----------------|")
     for label, r in rows:
-        print(f"| {label:<11}| {100 * r['exact_match']:10.1f}% | {100 * r['end_of_turn']:8.1f}% | "
+        first = 100 * r["exact_match_first_turn"]
+        print(f"| {label:<11}| {100 * r['exact_match']:10.1f}% | {first:10.1f}% / "
+              f"{100 * r['exact_match_later_turn']:6.1f}%    | {100 * r['end_of_turn']:8.1f}% | "
               f"{100 * r['preference_accuracy']:14.1f}% |")
     (out / "results.json").write_text(json.dumps({label: r for label, r in rows}, indent=2) + "\n")
     return 0

@@ -2,7 +2,8 @@
 
     exact match        the greedy reply to a held-out conversation's last user turn (the
                        earlier turns given as history) equals its assistant answer exactly
-                       (surrounding whitespace ignored)
+                       (surrounding whitespace ignored); also split into conversations whose
+                       question is the first turn and those where it is a later one
     end-of-turn rate   the fraction of those replies that end with <|end|> before the token limit
     preference acc.    the fraction of held-out DPO pairs whose chosen reply the model gives a
                        higher log-probability than the rejected one (given the prompt)
@@ -26,6 +27,7 @@ def exact_match(model, tokenizer, template: str, conversations: list[list[dict[s
                 max_new_tokens: int = 16) -> dict[str, float]:
     chat = Conversation(model, tokenizer, template, temperature=0, max_new_tokens=max_new_tokens)
     right = ended = 0
+    by_turn = {True: [0, 0], False: [0, 0]}  # first turn?: [right, total]
     for messages in conversations:
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         chat.reset(system=system or "")
@@ -33,10 +35,15 @@ def exact_match(model, tokenizer, template: str, conversations: list[list[dict[s
         for i in range(0, len(turns) - 2, 2):  # the history: fed as it is, answers included
             _feed_exchange(chat, turns[i]["content"], turns[i + 1]["content"])
         reply = chat.reply(turns[-2]["content"])
-        right += reply.strip() == turns[-1]["content"].strip()
+        ok = reply.strip() == turns[-1]["content"].strip()
+        right += ok
         ended += chat.last_ended
+        by_turn[len(turns) == 2][0] += ok
+        by_turn[len(turns) == 2][1] += 1
     n = max(len(conversations), 1)
-    return {"exact_match": right / n, "end_of_turn": ended / n, "examples": len(conversations)}
+    return {"exact_match": right / n, "end_of_turn": ended / n, "examples": len(conversations),
+            "exact_match_first_turn": by_turn[True][0] / max(by_turn[True][1], 1),
+            "exact_match_later_turn": by_turn[False][0] / max(by_turn[False][1], 1)}
 
 
 def _feed_exchange(chat: Conversation, user: str, assistant: str) -> None:
