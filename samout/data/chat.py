@@ -102,6 +102,8 @@ def _completion(value: Any, where: str, what: str) -> dict[str, str]:
 def read_jsonl(path: Path, fmt: str) -> list[Example]:
     """Examples of a chat or DPO JSONL file; a bad line is a SamoutError naming file:line."""
     examples = []
+    if not path.is_file():
+        raise SamoutError(f"input not found: {path} (a {fmt} JSONL file)")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:

@@ -96,6 +96,7 @@ def test_dpo_loss_equals_a_hand_computation(dirs):
     objective = DPOObjective(data, cfg, reference)
     loss, stats = objective.micro_loss(policy, 2, 0, 0, 1, "cpu", None)
 
+    @torch.no_grad()
     def logp(model, ids, mask):  # log p(completion | prompt), token by token
         logits, _ = model(torch.from_numpy(ids[None, :-1]))
         lp = torch.log_softmax(logits[0].double(), -1)
