@@ -13,8 +13,10 @@ question (" 33", with its leading space): the model picks a token it has seen in
 learning a second spelling of every item.
 
 The rejected answer of a preference pair is a plausible wrong one: another item of the same
-list (the runner-up for largest/smallest/alphabet). `write_task_files` writes train and held-out
-conversations and pairs as JSONL (held-out prompts never occur in the training files), plus
+list (the runner-up for largest/smallest/alphabet); pairs are about longer lists (5-7 items)
+and longer conversations (up to 3 turns) than the SFT conversations (3-5 items, 1-2 turns).
+`write_task_files` writes train and held-out conversations and pairs as JSONL (a held-out
+conversation's last question occurs in no training file), plus
 `pretrain.txt`: the training questions as plain text, one per line, without answers.
 """
 
@@ -35,9 +37,10 @@ WORDS = sorted({w for words in CATEGORIES.values() for w in words})
 SYSTEM_PROMPTS = ["Answer briefly.", "You are a helpful assistant.", "Be brief."]
 
 
-def make_task(rng: random.Random, task: str | None = None) -> tuple[str, str, str]:
-    """(question, right answer, plausible wrong answer)."""
-    question, right, wrong = _pick(rng, task or rng.choice(TASKS))
+def make_task(rng: random.Random, task: str | None = None, sizes: tuple[int, int] = (3, 5)
+              ) -> tuple[str, str, str]:
+    """(question, right answer, plausible wrong answer) about a list of sizes[0]..sizes[1] items."""
+    question, right, wrong = _pick(rng, task or rng.choice(TASKS), rng.randint(*sizes))
     return question, ANSWER.format(right), ANSWER.format(wrong)
 
 
@@ -45,8 +48,7 @@ ANSWER = "It is {}."
 NUMBERS = range(1, 51)
 
 
-def _pick(rng: random.Random, task: str) -> tuple[str, str, str]:
-    k = rng.randint(3, 5)
+def _pick(rng: random.Random, task: str, k: int) -> tuple[str, str, str]:
     if task in ("largest", "smallest"):
         numbers = rng.sample(NUMBERS, k)
         ranked = sorted(numbers, reverse=task == "largest")
@@ -63,7 +65,8 @@ def _pick(rng: random.Random, task: str) -> tuple[str, str, str]:
     return f"Which of these is {name}: {' '.join(words)}?", answer, rng.choice(others)
 
 
-def make_conversation(rng: random.Random, max_turns: int = 2) -> tuple[list[dict[str, str]], str]:
+def make_conversation(rng: random.Random, max_turns: int = 2, sizes: tuple[int, int] = (3, 5)
+                      ) -> tuple[list[dict[str, str]], str]:
     """A conversation of 1..max_turns exchanges (sometimes with a system prompt), and the
     wrong answer to its last question."""
     messages = []
@@ -71,13 +74,26 @@ def make_conversation(rng: random.Random, max_turns: int = 2) -> tuple[list[dict
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     wrong = ""
     for _ in range(rng.randint(1, max_turns)):
-        question, answer, wrong = make_task(rng)
+        question, answer, wrong = make_task(rng, sizes=sizes)
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages, wrong
 
 
-def _prompt_key(messages: list[dict[str, str]]) -> str:
-    return json.dumps([m["content"] for m in messages if m["role"] == "user"])
+DPO_SIZES = (5, 7)
+
+
+def _questions(messages: list[dict[str, str]]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "user"]
+
+
+def _heldout(rng: random.Random, n: int, seen: set[str], make) -> list:
+    """n conversations whose last question occurs in no training conversation."""
+    held = []
+    while len(held) < n:
+        conv = make(rng)
+        if _questions(conv[0])[-1] not in seen:
+            held.append(conv)
+    return held
 
 
 def write_task_files(out_dir: str | Path, train: int = 20000, heldout: int = 500,
@@ -87,19 +103,25 @@ def write_task_files(out_dir: str | Path, train: int = 20000, heldout: int = 500
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     train_convs = [make_conversation(rng) for _ in range(train)]
-    seen = {_prompt_key(m[:-1]) for m, _ in train_convs}
-    seen |= {json.dumps([m["content"]]) for conv, _ in train_convs for m in conv if m["role"] == "user"}
-    held = []
-    while len(held) < heldout:
-        conv = make_conversation(rng)
-        if _prompt_key(conv[0][:-1]) not in seen and json.dumps([conv[0][-2]["content"]]) not in seen:
-            held.append(conv)
+    seen = {question for conv, _ in train_convs for question in _questions(conv)}
+    held = _heldout(rng, heldout, seen, make_conversation)
+    # The preference pairs are harder than the SFT conversations (longer lists, up to three
+    # turns), where a model fresh from SFT still errs: what DPO has to improve.
+    dpo_rng = random.Random(seed + 1)
+
+    def make_hard(r: random.Random):
+        return make_conversation(r, max_turns=3, sizes=DPO_SIZES)
+
+    dpo_train = [make_hard(dpo_rng) for _ in range(max(1, train // 4))]
+    dpo_seen = seen | {question for conv, _ in dpo_train for question in _questions(conv)}
+    dpo_held = _heldout(dpo_rng, heldout, dpo_seen, make_hard)
     names = ("sft_train", "sft_heldout", "dpo_train", "dpo_heldout")
     paths = {name: out_dir / f"{name}.jsonl" for name in names}
     for name, convs in (("train", train_convs), ("heldout", held)):
         with paths[f"sft_{name}"].open("w") as f:
             for messages, _ in convs:
                 f.write(json.dumps({"messages": messages}) + "\n")
+    for name, convs in (("train", dpo_train), ("heldout", dpo_held)):
         with paths[f"dpo_{name}"].open("w") as f:
             for messages, wrong in convs:
                 f.write(json.dumps({"prompt": messages[:-1], "chosen": messages[-1]["content"],
