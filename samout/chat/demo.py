@@ -1,6 +1,6 @@
 """The chat demo (`make chat-demo`): pretrain -> SFT -> DPO on the built-in tasks, with a table.
 
-    python -m samout.chat.demo --out build/chat-demo [--pretrain-time 2m --sft-time 6m --dpo-steps 150]
+    python -m samout.chat.demo --out build/chat-demo [--pretrain-steps 100 --sft-steps 900 --dpo-steps 120]
 
 Pretraining (skipped when OUT/run-pretrain already holds a model) is next-token training on
 `pretrain.txt`: the training questions without their answers, so the model knows the words,
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="build/chat-demo")
     p.add_argument("--train-conversations", type=int, default=20000)
     p.add_argument("--heldout", type=int, default=400)
-    p.add_argument("--pretrain-time", default="2m", help="pretraining time (skipped when reused)")
+    p.add_argument("--pretrain-steps", type=int, default=100, help="pretraining steps (skipped when reused)")
+    p.add_argument("--pretrain-time", default=None, help="also stop pretraining after this long")
     p.add_argument("--sft-steps", type=int, default=900)
     p.add_argument("--sft-time", default=None, help="also stop SFT after this long (default: steps only)")
     p.add_argument("--dpo-steps", type=int, default=120)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=8)
     p.add_argument("--sft-lr", type=float, default=3e-3)
-    p.add_argument("--dpo-lr", type=float, default=1e-4)
+    p.add_argument("--dpo-lr", type=float, default=5e-5)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         stage("pretraining")
         prepare([str(files["pretrain"])], out / "data-pretrain", vocab_size=1024, quiet=True)
         train(out / "data-pretrain", pre_run, preset="tiny", model_overrides=model_fields,
-              overrides={"max_steps": 100000, "max_time": parse_duration(args.pretrain_time), "seq_len": 128,
+              overrides={"max_steps": args.pretrain_steps,
+                         "max_time": args.pretrain_time and parse_duration(args.pretrain_time),
+                         "seq_len": 128,
                          "batch_size": 16, "lr": 3e-3, "warmup_steps": 50, "eval_every": 500,
                          "save_every": 100000, "seed": args.seed})
     else:

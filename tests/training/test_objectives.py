@@ -178,3 +178,13 @@ def test_dpo_training_runs_and_logs_margins(dirs, tmp_path):
     first = next(r for r in log if r.get("type") == "train")
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
     assert {"reward_margin", "reward_accuracy"} <= set(first)
+
+
+def test_sft_resume_is_exact(dirs, tmp_path):
+    settings = {"objective": "sft", "init_from": str(dirs / "run-pre"), "seq_len": 96, "batch_size": 2,
+                "eval_windows": 1, "save_every": 2, "warmup_steps": 1}
+    train(dirs / "sft", tmp_path / "whole", quiet=True, overrides={**settings, "max_steps": 4})
+    train(dirs / "sft", tmp_path / "split", quiet=True, overrides={**settings, "max_steps": 2})
+    train(dirs / "sft", tmp_path / "split", quiet=True, resume=True, overrides={"max_steps": 4})
+    a, b = load_pretrained(tmp_path / "whole"), load_pretrained(tmp_path / "split")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
