@@ -1,6 +1,6 @@
 """The chat demo (`make chat-demo`): pretrain -> SFT -> DPO on the built-in tasks, with a table.
 
-    python -m samout.chat.demo --out build/chat-demo [--pretrain-steps 100 --sft-steps 900 --dpo-steps 120]
+    python -m samout.chat.demo --out build/chat-demo [--pretrain-steps 100 --sft-steps 900 --dpo-steps 400]
 
 Pretraining (skipped when OUT/run-pretrain already holds a model) is next-token training on
 `pretrain.txt`: the training questions without their answers, so the model knows the words,
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-time", default=None, help="also stop pretraining after this long")
     p.add_argument("--sft-steps", type=int, default=900)
     p.add_argument("--sft-time", default=None, help="also stop SFT after this long (default: steps only)")
-    p.add_argument("--dpo-steps", type=int, default=120)
+    p.add_argument("--dpo-steps", type=int, default=400)
     p.add_argument("--dpo-time", default=None, help="also stop DPO after this long (default: steps only)")
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=8)
     p.add_argument("--sft-lr", type=float, default=3e-3)
-    p.add_argument("--dpo-lr", type=float, default=5e-5)
+    p.add_argument("--dpo-lr", type=float, default=3e-5)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
