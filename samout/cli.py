@@ -15,7 +15,8 @@ from samout import __version__
 from samout.errors import SamoutError
 
 # Subcommands, in the order `samout --help` lists them.
-COMMANDS = ["prepare", "train", "generate", "eval", "serve", "bench", "export", "convert"]
+COMMANDS = ["prepare", "train", "generate", "chat", "chat-eval", "eval", "serve", "bench", "export",
+            "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"samout.commands.{name}")
+            module = importlib.import_module(f"samout.commands.{name.replace('-', '_')}")
         except ModuleNotFoundError as err:
-            if err.name == f"samout.commands.{name}":
+            if err.name == f"samout.commands.{name.replace('-', '_')}":
                 continue  # not built yet
             raise
         module.register(sub)

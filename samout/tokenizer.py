@@ -40,7 +40,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
                     show_progress: bool = False, chat: bool = False) -> Tokenizer:
     """Train a byte-level BPE with `vocab_size` entries (special tokens included);
     `chat` reserves the chat tokens at ids 2-5."""
-    check_vocab_size(vocab_size + (len(CHAT_TOKENS) if chat else 0))
+    check_vocab_size(vocab_size - (len(CHAT_TOKENS) if chat else 0))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

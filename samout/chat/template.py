@@ -151,6 +151,13 @@ def assistant_mask(tokenizer, ids: Sequence[int]) -> list[int]:
     return mask
 
 
+def last_turn_mask(tokenizer, ids: Sequence[int]) -> list[int]:
+    """1 on the last assistant turn only (a DPO completion), 0 elsewhere."""
+    start = tokenizer.token_to_id(ASSISTANT_TOKEN)
+    last = max(i for i, t in enumerate(ids) if t == start)
+    return [0] * (last + 1) + [1] * (len(ids) - last - 1)
+
+
 def check_chat_tokenizer(tokenizer) -> None:
     if not has_chat_tokens(tokenizer):
         raise SamoutError(

@@ -27,6 +27,12 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run or model directory")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
     p.add_argument("--prompts-file", metavar="FILE", help="a file with one prompt per line")
+    add_sampling_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling, device and --dtype flags of `samout generate` (shared with `samout chat`)."""
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
@@ -37,7 +43,12 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     add_dtype_argument(p)
-    p.set_defaults(func=run)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """SamplingParams fields from the flags of `add_sampling_flags`."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
 def run(args: argparse.Namespace) -> int:

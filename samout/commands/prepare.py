@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from samout.data.chat import DEFAULT_MAX_TOKENS, FORMATS, OVERLONG_RULES, prepare_conversations
 from samout.data.prepare import prepare
 from samout.data.sources import BUILTIN_CORPORA, DEFAULT_CORPUS
 from samout.tokenizer import DEFAULT_VOCAB_SIZE
@@ -24,16 +25,30 @@ def register(subparsers) -> None:
                    help=f"tokenizer vocabulary size, special tokens included (default: {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--tokenizer", metavar="tokenizer.json", help="use this tokenizer instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of documents held out for validation (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the train/validation split (default: %(default)s)")
+                   help="fraction of documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help="text: documents; chat: JSONL lines {\"messages\": [{\"role\", \"content\"}, ...]} "
+                        "rendered with the chat template, with a loss mask on assistant tokens; "
+                        "dpo: JSONL lines "
+                        "{\"prompt\": [messages], \"chosen\": TEXT, \"rejected\": TEXT}")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="chat/dpo: longest rendered example in tokens; longer ones follow --overlong")
+    p.add_argument("--overlong", choices=OVERLONG_RULES, default="drop",
+                   help="chat: drop an over-long conversation, or truncate it to the longest run of whole "
+                        "turns that ends with an assistant turn and fits (dpo always drops); reported")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    meta = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                   val_fraction=args.val_fraction, seed=args.seed, quiet=args.quiet)
+    if args.format == "text":
+        meta = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                       val_fraction=args.val_fraction, seed=args.seed, quiet=args.quiet)
+    else:
+        meta = prepare_conversations(args.inputs, args.out, args.format, vocab_size=args.vocab_size,
+                                     tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
+                                     max_tokens=args.max_tokens, overlong=args.overlong, quiet=args.quiet)
     s = meta["splits"]
     print(f"wrote {args.out}: vocab {meta['vocab_size']} ({meta['dtype']}), "
           f"train {s['train']['tokens']:,} tokens / {s['train']['documents']} docs, "

@@ -87,5 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if "val_bpb" in result:
         line += f"; val loss {result['val_loss']:.4f}, val bits/byte {result['val_bpb']:.4f}"
     print(line)
-    print(f"model saved in {args.out}; try: samout generate {args.out} --prompt 'And'")
+    if (args.objective or "lm") == "lm":
+        print(f"model saved in {args.out}; try: samout generate {args.out} --prompt 'And'")
+    else:
+        print(f"model saved in {args.out}; try: samout chat {args.out}")
     return 0

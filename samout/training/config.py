@@ -80,6 +80,13 @@ class TrainConfig:
     # Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of
     # replicating them (DDP).
     fsdp: bool = setting(False, "under torchrun: shard the model with FSDP2 instead of DDP (see README)")
+    # What to minimise (samout/training/objectives.py): lm (pretraining), sft or dpo.
+    objective: str = setting("lm", "lm (next token), sft (assistant tokens of --format chat data) or dpo "
+                                   "(--format dpo data, needs --init-from)")
+    dpo_beta: float = setting(0.1, "DPO: strength of the pull towards the reference model")
+    # Start from this run's model (weights, config, tokenizer); DPO's frozen reference.
+    init_from: str | None = setting(None, "start from this run's model, tokenizer and model config (fresh "
+                                          "optimizer and schedule); for dpo also the frozen reference")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +126,14 @@ class TrainConfig:
             raise SamoutError(f"unknown device {self.device!r}: use {DEVICE_HELP}") from None
         if not isinstance(self.fsdp, bool):
             raise SamoutError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if self.objective not in ("lm", "sft", "dpo"):
+            raise SamoutError(f"objective must be lm, sft or dpo, got {self.objective!r}")
+        if not (_is_number(self.dpo_beta) and math.isfinite(self.dpo_beta) and self.dpo_beta > 0):
+            raise SamoutError(f"dpo_beta must be a positive number, got {self.dpo_beta!r}")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise SamoutError(f"init_from must be a run directory path, got {self.init_from!r}")
+        if self.objective == "dpo" and self.init_from is None:
+            raise SamoutError("--objective dpo needs --init-from RUN_DIR (the frozen reference model)")
 
     @property
     def tokens_per_step(self) -> int:

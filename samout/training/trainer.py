@@ -29,21 +29,29 @@ from samout.errors import SamoutError
 from samout.evaluation import evaluate
 from samout.models import MODEL_CLASSES, load_pretrained
 from samout.run_dir import (
+    TOKENIZER_CONFIG_NAME,
     TOKENIZER_NAME,
     CheckpointError,
     atomic_write,
     find_resumable,
     latest_checkpoint,
     list_checkpoints,
+    read_train_config,
     remove_partial_checkpoints,
     save_checkpoint,
     set_aside,
     write_train_config,
 )
-from samout.tokenizer import load_tokenizer, token_byte_lengths
+from samout.tokenizer import (
+    load_tokenizer,
+    read_tokenizer_config,
+    token_byte_lengths,
+    update_tokenizer_config,
+)
 from samout.training import distributed as dist_utils
-from samout.training import fsdp, step
+from samout.training import fsdp, objectives, step
 from samout.training.config import TrainConfig, check_same_model, load_config_file, resolve_settings
+from samout.training.init_from import load_init_model
 from samout.training.progress import Progress
 from samout.training.rng import rng_state, set_rng_state
 from samout.training.run_log import RunLog, write_error
@@ -87,6 +95,11 @@ class Trainer:
         self.signals = StopSignals()
         self.run_log = RunLog(self.run_dir, enabled=self.is_main)
         self.last_eval: dict[str, float] | None = None
+        self.last_metrics: dict[str, float] = {}
+        reference = None
+        if cfg.objective == "dpo":
+            reference = load_init_model(cfg.init_from, data).to(self.device)
+        self.objective = objectives.build_objective(cfg, data, reference)
 
     # -- state for checkpoints -------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -143,17 +156,19 @@ class Trainer:
         self.model.train()
         self.scheduler.set_lr(self.step, self.tokens_seen, self.elapsed)
         total = 0.0
+        metrics: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            x, y = self.data.train_batch(self.step, micro, cfg.batch_size, cfg.seq_len, cfg.seed,
-                                         self.rank, self.world_size)
-            x, y = x.to(self.device), y.to(self.device)
             # DDP averages gradients over ranks on the last micro-batch's backward only (FSDP2
             # reduce-scatters on each one: correct, with more communication).
             sync = self.world_size == 1 or self.fsdp or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                loss = step.lm_loss(self.model, x, y, self.autocast_dtype)
+                loss, extra = self.objective.micro_loss(self.model, self.step, micro, self.rank,
+                                                        self.world_size, self.device, self.autocast_dtype)
                 (loss / cfg.grad_accum).backward()
             total += loss.item()
+            for key, value in extra.items():  # this rank's figures, averaged over micro-batches
+                metrics[key] = metrics.get(key, 0.0) + value / cfg.grad_accum
+        self.last_metrics = metrics
         if self.replicated:
             fsdp.average_replicated_grads(self.replicated)
         loss = dist_utils.all_reduce([total / cfg.grad_accum], device=self.device)[0] / self.world_size
@@ -239,6 +254,9 @@ class Trainer:
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         model = self.raw_model if model is None else model
         device = next(model.parameters()).device
+        if self.objective.evaluate is not None:  # sft/dpo: their own validation figures
+            self.last_eval = self.objective.evaluate(model, device, self.autocast_dtype)
+            return self.last_eval
         result = evaluate(model, self.data, self.token_bytes, self.cfg.seq_len,
                           max_windows=self.cfg.eval_windows, batch_size=self.cfg.batch_size,
                           device=device, autocast_dtype=self.autocast_dtype)
@@ -277,7 +295,8 @@ class Trainer:
                 tok_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_tokens, window_start = 0, time.perf_counter()
                 self.log({"type": "train", "step": self.step, "loss": loss, "lr": lr,
-                          "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed": self.elapsed})
+                          "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed": self.elapsed,
+                          **self.last_metrics})
                 fields.update(tok_s=f"{tok_s:,.0f}", eta=self._eta(tok_s))
             progress.update(self.step, **fields)
             self._sync_stop()
@@ -287,8 +306,9 @@ class Trainer:
                 if self.is_main and not self.signals.requested:  # an interrupted run saves, no eval
                     ev = self.evaluate(model)
                     self.log({"type": "eval", "step": self.step, **ev, "tokens": self.tokens_seen})
-                    progress.write(f"step {self.step}: train loss {loss:.4f}, val loss {ev['val_loss']:.4f}, "
-                                   f"val bits/byte {ev['val_bpb']:.4f}, {self.elapsed:.0f}s")
+                    progress.write(f"step {self.step}: train loss {loss:.4f}, " + ", ".join(
+                        f"{k.replace('_', ' ')} {v:.4f}" for k, v in ev.items() if isinstance(v, float))
+                        + f", {self.elapsed:.0f}s")
                 dist_utils.barrier()
             if self.step % cfg.save_every == 0 or reason is not None:
                 self.save()
@@ -301,6 +321,16 @@ class Trainer:
         self.run_log.plot()
         return {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed, "stop_reason": reason,
                 "signal": self.signals.signum, **(self.last_eval or {})}
+
+
+def _saved_objective(run_dir: Path, resume: bool) -> str:
+    """The objective a resumed run was trained with (its train_config.json), else lm."""
+    if not resume:
+        return "lm"
+    try:
+        return read_train_config(run_dir).get("objective", "lm")
+    except CheckpointError:  # an unreadable file: the checkpoint's own settings decide later
+        return "lm"
 
 
 def train(data_dir: str | Path, run_dir: str | Path, *, preset: str | None = None,
@@ -323,9 +353,9 @@ def train(data_dir: str | Path, run_dir: str | Path, *, preset: str | None = Non
 
 def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, overrides, model_overrides,
            resume, quiet) -> dict[str, Any]:
-    data = TokenData(data_dir)
     run_dir = Path(run_dir)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data = objectives.load_data(data_dir, overrides.get("objective") or _saved_objective(run_dir, resume))
     if resume:
         if not list_checkpoints(run_dir):
             raise SamoutError(f"no checkpoint in {run_dir} to resume from: train without --resume first")
@@ -352,7 +382,11 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
                                                          preset, data.vocab_size, bool(config_file))
         data.check_seq_len(cfg.seq_len)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = MODEL_CLASSES[model_type](model_config)
+        if cfg.init_from is not None:
+            model = load_init_model(cfg.init_from, data, {**file_model, **(model_overrides or {})}, preset,
+                                    quiet=quiet)
+        else:
+            model = MODEL_CLASSES[model_type](model_config)
 
     resolve_device(cfg.device)  # an unavailable device is one line, before any work
     env, device = dist_utils.init_distributed(cfg.device)
@@ -389,6 +423,9 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
             write_train_config(run_dir, {**cfg.to_dict(), "data_dir": str(data.dir.resolve())})
             if not (run_dir / TOKENIZER_NAME).exists():
                 atomic_write(run_dir / TOKENIZER_NAME, data.tokenizer_path.read_bytes())
+            config_file_path = data.tokenizer_path.with_name(TOKENIZER_CONFIG_NAME)
+            if config_file_path.is_file():  # the chat template travels with the tokenizer
+                update_tokenizer_config(run_dir, **read_tokenizer_config(data.dir))
         except OSError as err:
             error = f"cannot write to {err.filename or run_dir}: {err.strerror or err}"
         else:

@@ -1,0 +1,188 @@
+"""`Conversation`: a chat whose whole history is the model's state.
+
+Each turn feeds only the new message's tokens (and the `<|assistant|>` prompt) on top of the
+state; the reply is sampled token by token and fed back as it is produced; the turn's
+`<|end|>` closes it. So the state after n turns is exactly the state of the model run on the
+whole rendered conversation, while a turn's cost depends on that turn alone.
+
+    chat = Conversation.load_run("runs/sft", temperature=0)
+    print("".join(chat.send("Which number is the largest: 3 9 4?")))
+    chat.save("convo")            # convo.safetensors (the state) + convo.json (the transcript)
+    chat = Conversation.load_run("runs/sft"); chat.load("convo")   # continues bit-identically
+
+With a sampling seed, turn k samples with seed + k, so a loaded conversation continues
+exactly as the original would have.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from samout.chat.template import (
+    check_chat_tokenizer,
+    check_messages,
+    encode_rendered,
+    load_chat_template,
+    render_text,
+)
+from samout.errors import SamoutError
+from samout.generation import SamplingParams, load_for_generation, sample_next
+from samout.run_dir import atomic_write
+from samout.state import State
+from samout.tokenizer import END_OF_TURN_TOKEN, EOT_ID, EOT_TOKEN
+
+SAVE_FORMAT = "samout-conversation"
+SAVE_VERSION = 1
+
+
+class Conversation:
+    def __init__(self, model: torch.nn.Module, tokenizer, template: str | None = None,
+                 system: str | None = None, **sampling) -> None:
+        check_chat_tokenizer(tokenizer)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.template = template or load_chat_template("")
+        self.params = SamplingParams(**sampling)
+        self.end_id = tokenizer.token_to_id(END_OF_TURN_TOKEN)
+        self.device = next(model.parameters()).device
+        self.system = system
+        self.reset()
+
+    @classmethod
+    def load_run(cls, run_dir: str | Path, device: str = "cpu", system: str | None = None,
+                 **sampling) -> Conversation:
+        model, tokenizer = load_for_generation(run_dir, device)
+        return cls(model, tokenizer, load_chat_template(run_dir), system=system, **sampling)
+
+    # -- the conversation ----------------------------------------------------
+    def reset(self, system: str | None = None) -> None:
+        """Start over (optionally with a new system prompt): an empty state and transcript."""
+        if system is not None:
+            self.system = system or None
+        self.state: State | None = None
+        self.transcript: list[dict[str, str]] = []
+        self.tokens_seen = 0  # tokens the state has absorbed
+        self.last_fed: list[int] = []  # the ids fed for the last turn's prompt
+        self.last_reply_ids: list[int] = []
+        self.last_ended = False  # whether the last reply ended with <|end|> (not max_new_tokens)
+
+    @property
+    def turns(self) -> int:
+        return sum(m["role"] == "assistant" for m in self.transcript)
+
+    def turn_ids(self, message: str) -> list[int]:
+        """The ids a new user turn feeds: its message, a system prompt first if the
+        conversation is new, and the generation prompt; the leading <|endoftext|> only then."""
+        messages = [{"role": "user", "content": message}]
+        if self.state is None and self.system:
+            messages.insert(0, {"role": "system", "content": self.system})
+        text = render_text(check_messages(messages), self.template, add_generation_prompt=True)
+        if self.state is not None:
+            if not text.startswith(EOT_TOKEN):
+                raise SamoutError("this chat template does not start with <|endoftext|>: samout chat needs "
+                                  "each message rendered on its own (like the default template)")
+            text = text[len(EOT_TOKEN):]
+        return encode_rendered(self.tokenizer, text)
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        logits, self.state = self.model(torch.tensor([ids], device=self.device), state=self.state)
+        self.tokens_seen += len(ids)
+        return logits[0, -1]
+
+    @torch.no_grad()
+    def send_ids(self, message: str, **sampling) -> Iterator[int]:
+        """Yield the reply's token ids (without <|end|>)."""
+        params = SamplingParams(**{**asdict(self.params), **sampling})
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(params.seed + self.turns)
+        self.last_fed = self.turn_ids(message)
+        logits = self._feed(self.last_fed)
+        self.transcript.append({"role": "user", "content": message})
+        seen = torch.tensor(self.last_fed, dtype=torch.long)
+        reply: list[int] = []
+        self.last_ended = False
+        for _ in range(params.max_new_tokens):
+            token = sample_next(logits.cpu(), seen, params, generator)
+            if token in (self.end_id, EOT_ID):
+                self.last_ended = token == self.end_id
+                break
+            reply.append(token)
+            yield token
+            seen = torch.cat([seen, torch.tensor([token])])
+            logits = self._feed([token])
+        self._feed([self.end_id])  # close the turn as the template does
+        self.last_reply_ids = reply
+        self.transcript.append({"role": "assistant",
+                                "content": self.tokenizer.decode(reply, skip_special_tokens=True)})
+
+    def send(self, message: str, **sampling) -> Iterator[str]:
+        """Yield the reply as text pieces (waiting where a UTF-8 character spans tokens)."""
+        pending: list[int] = []
+        for token in self.send_ids(message, **sampling):
+            pending.append(token)
+            text = self.tokenizer.decode(pending, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):
+                yield text
+                pending = []
+        if pending:
+            yield self.tokenizer.decode(pending, skip_special_tokens=True)
+
+    def reply(self, message: str, **sampling) -> str:
+        return "".join(self.send(message, **sampling))
+
+    # -- save and load ------------------------------------------------------
+    def save(self, name: str | Path) -> tuple[Path, Path]:
+        """NAME.safetensors (the state) and NAME.json (transcript, system prompt, counts)."""
+        base = Path(name)
+        tensors_path, json_path = _paths(base)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {} if self.state is None else {k: v.detach().cpu().contiguous()
+                                                 for k, v in self.state.to_tensors().items()}
+        tmp = tensors_path.with_name(f".{tensors_path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"format": SAVE_FORMAT})
+        tmp.replace(tensors_path)
+        atomic_write(json_path, json.dumps({"format": SAVE_FORMAT, "version": SAVE_VERSION,
+                                            "system": self.system, "tokens_seen": self.tokens_seen,
+                                            "transcript": self.transcript},
+                                           indent=2, ensure_ascii=False) + "\n")
+        return tensors_path, json_path
+
+    def load(self, name: str | Path) -> None:
+        base = Path(name)
+        tensors_path, json_path = _paths(base)
+        if not json_path.is_file() or not tensors_path.is_file():
+            raise SamoutError(f"no saved conversation {base} (need {json_path.name} and "
+                              f"{tensors_path.name})")
+        try:
+            data = json.loads(json_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SamoutError(f"{json_path} is not valid JSON") from None
+        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
+            raise SamoutError(f"{json_path} is not a saved samout conversation")
+        try:
+            tensors = load_file(str(tensors_path))
+        except (SafetensorError, OSError) as err:
+            raise SamoutError(f"{tensors_path} is corrupted: {err}") from None
+        state = None
+        if tensors:
+            try:
+                state = State.from_tensors(tensors).to(self.device)
+                self.model._check_state(state, 1)
+            except (ValueError, AttributeError) as err:
+                raise SamoutError(f"{tensors_path} does not fit this model: {err}") from None
+        self.reset()
+        self.state, self.system = state, data.get("system")
+        self.transcript = list(data.get("transcript", []))
+        self.tokens_seen = int(data.get("tokens_seen", 0))
+
+
+def _paths(base: Path) -> tuple[Path, Path]:
+    """NAME.safetensors and NAME.json of a saved conversation NAME."""
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")

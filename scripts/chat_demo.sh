@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The chat demo: pretrain (or reuse) a small SamOut, SFT, DPO, with a table of exact-match
+# accuracy, end-of-turn rate and preference accuracy before/after each stage.
+# Knobs: CHAT_DEMO_DIR (build/chat-demo), CHAT_DEMO_FLAGS (e.g. "--sft-time 3m").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+exec "$PY" -m samout.chat.demo --out "${CHAT_DEMO_DIR:-build/chat-demo}" ${CHAT_DEMO_FLAGS:-}
