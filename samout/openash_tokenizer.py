@@ -89,7 +89,8 @@ class OpenAshVocab:
         self._agent_code: dict[str, str] = data["agent_token_to_token_id"]
         self._agent_word: dict[str, str] = data["agent_token_id_to_token"]
         self.ts0 = self._token_to_id["ts0"]
-        self.special_ids = {self._token_to_id[t] for t in SPECIAL_TOKENS if t in self._token_to_id}
+        self.special_tokens = [t for t in SPECIAL_TOKENS if t in self._token_to_id]
+        self.special_ids = {self._token_to_id[t] for t in self.special_tokens}
         # The author's pretraining documents start bare, and their generation stops at
         # <|im_end|> or <|pad|> (see samout.tokenizer.document_prefix / end_ids).
         self.document_prefix: list[int] = []

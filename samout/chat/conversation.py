@@ -26,17 +26,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from samout.chat.template import (
+    DEFAULT_CHAT_TEMPLATE,
     check_chat_tokenizer,
     check_messages,
     encode_rendered,
+    end_of_turn_ids,
     load_chat_template,
     render_text,
+    turn_text,
 )
 from samout.errors import SamoutError
 from samout.generation import SamplingParams, load_for_generation, sample_next
 from samout.run_dir import atomic_write
 from samout.state import State
-from samout.tokenizer import END_OF_TURN_TOKEN, EOT_ID, EOT_TOKEN
+from samout.tokenizer import end_ids
 
 SAVE_FORMAT = "samout-conversation"
 SAVE_VERSION = 1
@@ -45,19 +48,24 @@ SAVE_VERSION = 1
 class Conversation:
     def __init__(self, model: torch.nn.Module, tokenizer, template: str | None = None,
                  system: str | None = None, **sampling) -> None:
-        check_chat_tokenizer(tokenizer)
+        self.template = template or DEFAULT_CHAT_TEMPLATE
+        if self.template == DEFAULT_CHAT_TEMPLATE:
+            check_chat_tokenizer(tokenizer)
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.template = template or load_chat_template("")
         self.params = SamplingParams(**sampling)
-        self.end_id = tokenizer.token_to_id(END_OF_TURN_TOKEN)
+        # What closes a reply (<|end|>, or <|im_end|> for the author's OpenASH models), and
+        # where a reply stops: that, or the end of text.
+        self.close_ids = end_of_turn_ids(tokenizer, self.template)
+        self.end_id = self.close_ids[0]
+        self.stop_ids = end_ids(tokenizer) | {self.end_id}
         self.device = next(model.parameters()).device
         self.system = system
         self.reset()
 
     @classmethod
     def load_run(cls, run_dir: str | Path, device: str = "cpu", system: str | None = None,
-                 **sampling) -> Conversation:
-        model, tokenizer = load_for_generation(run_dir, device)
+                 dtype: str = "float32", **sampling) -> Conversation:
+        model, tokenizer = load_for_generation(run_dir, device, dtype=dtype)
         return cls(model, tokenizer, load_chat_template(run_dir), system=system, **sampling)
 
     # -- the conversation ----------------------------------------------------
@@ -77,17 +85,15 @@ class Conversation:
         return sum(m["role"] == "assistant" for m in self.transcript)
 
     def turn_ids(self, message: str) -> list[int]:
-        """The ids a new user turn feeds: its message, a system prompt first if the
-        conversation is new, and the generation prompt; the leading <|endoftext|> only then."""
-        messages = [{"role": "user", "content": message}]
-        if self.state is None and self.system:
-            messages.insert(0, {"role": "system", "content": self.system})
-        text = render_text(check_messages(messages), self.template, add_generation_prompt=True)
-        if self.state is not None:
-            if not text.startswith(EOT_TOKEN):
-                raise SamoutError("this chat template does not start with <|endoftext|>: samout chat needs "
-                                  "each message rendered on its own (like the default template)")
-            text = text[len(EOT_TOKEN):]
+        """The ids a new user turn feeds: the text the template adds for it (its message and
+        the generation prompt; on a new conversation also the system prompt and what the
+        template starts with, e.g. <|endoftext|>)."""
+        prior = [{"role": "system", "content": self.system}] if self.system else []
+        new = check_messages([{"role": "user", "content": message}])[0]
+        if self.state is None:  # a new conversation: all of its text so far
+            text = render_text([*prior, new], self.template, add_generation_prompt=True)
+        else:
+            text = turn_text([*prior, *self.transcript], new, self.template)
         return encode_rendered(self.tokenizer, text)
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
@@ -110,14 +116,14 @@ class Conversation:
         self.last_ended = False
         for _ in range(params.max_new_tokens):
             token = sample_next(logits.cpu(), seen, params, generator)
-            if token in (self.end_id, EOT_ID):
+            if token in self.stop_ids:
                 self.last_ended = token == self.end_id
                 break
             reply.append(token)
             yield token
             seen = torch.cat([seen, torch.tensor([token])])
             logits = self._feed([token])
-        self._feed([self.end_id])  # close the turn as the template does
+        self._feed(self.close_ids)  # close the turn as the template does
         self.last_reply_ids = reply
         self.transcript.append({"role": "assistant",
                                 "content": self.tokenizer.decode(reply, skip_special_tokens=True)})

@@ -110,9 +110,19 @@ def render_text(messages: Sequence[dict[str, str]], template: str = DEFAULT_CHAT
         raise SamoutError(f"chat template: {err}") from None
 
 
+def special_token_texts(tokenizer) -> list[str]:
+    """The tokenizer's special tokens: those it declares (`special_tokens`, e.g. the OpenASH
+    vocabulary's), else its added special tokens, else samout's fixed ones it has."""
+    declared = getattr(tokenizer, "special_tokens", None)
+    if declared is None and hasattr(tokenizer, "get_added_tokens_decoder"):
+        declared = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+    if not declared:
+        declared = SPECIAL_TOKENS + CHAT_TOKENS
+    return [t for t in declared if tokenizer.token_to_id(t) is not None]
+
+
 def _special_pattern(tokenizer) -> re.Pattern:
-    specials = sorted((t for t in SPECIAL_TOKENS + CHAT_TOKENS if tokenizer.token_to_id(t) is not None),
-                      key=len, reverse=True)
+    specials = sorted(special_token_texts(tokenizer), key=len, reverse=True)
     return re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
 
 
@@ -156,6 +166,35 @@ def last_turn_mask(tokenizer, ids: Sequence[int]) -> list[int]:
     start = tokenizer.token_to_id(ASSISTANT_TOKEN)
     last = max(i for i, t in enumerate(ids) if t == start)
     return [0] * (last + 1) + [1] * (len(ids) - last - 1)
+
+
+def end_of_turn_ids(tokenizer, template: str = DEFAULT_CHAT_TEMPLATE) -> list[int]:
+    """The ids the template writes after an assistant's reply (`<|end|>` for samout's template,
+    `<|im_end|>` for the author's OpenASH one): generation stops at the first of them, and a
+    chat feeds them all to close the turn as the template does."""
+    marker = "samout-reply-marker"
+    text = render_text([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], template)
+    if marker not in text:
+        raise SamoutError("the chat template does not write the assistant's content")
+    ids = encode_rendered(tokenizer, text[text.index(marker) + len(marker):])
+    specials = {tokenizer.token_to_id(t) for t in special_token_texts(tokenizer)}
+    if not ids or ids[0] not in specials:
+        raise SamoutError("the chat template does not end an assistant turn with a special token")
+    return ids
+
+
+def turn_text(history: Sequence[dict[str, str]], message: dict[str, str], template: str) -> str:
+    """The text a new message adds to a rendered `history` (with the generation prompt): the
+    whole conversation's text when the history is empty. A chat that keeps its history as a
+    state feeds only this, so the template must render a conversation turn by turn."""
+    full = render_text([*history, message], template, add_generation_prompt=True)
+    if not history:
+        return full
+    before = render_text(history, template)
+    if not full.startswith(before):
+        raise SamoutError("this chat template does not render a conversation as the concatenation of its "
+                          "turns: a chat that keeps its history as a state cannot use it")
+    return full[len(before):]
 
 
 def check_chat_tokenizer(tokenizer) -> None:

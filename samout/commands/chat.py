@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from samout.chat.conversation import Conversation
 from samout.commands.generate import add_sampling_flags, sampling_kwargs
 from samout.errors import SamoutError
@@ -36,9 +34,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    chat = Conversation.load_run(args.run_dir, device=device if device != "auto" else "cpu",
-                                 system=args.system, **sampling_kwargs(args))
+    chat = Conversation.load_run(args.run_dir, device=args.device, system=args.system, dtype=args.dtype,
+                                 **sampling_kwargs(args))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"samout chat: {args.run_dir} (/help for commands)")

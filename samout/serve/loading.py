@@ -6,7 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from samout.chat.template import render_ids
+from samout.chat.template import (
+    DEFAULT_CHAT_TEMPLATE,
+    check_messages,
+    encode_rendered,
+    end_of_turn_ids,
+    render_text,
+)
 from samout.errors import SamoutError
 from samout.generation import load_for_generation
 from samout.models.transformer import Transformer
@@ -14,20 +20,22 @@ from samout.quant import DEFAULT_INFERENCE_DTYPE
 from samout.serve.api_server import ServedModel
 from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Engine
 from samout.serve.state_cache import StateCache
-from samout.tokenizer import END_OF_TURN_TOKEN, end_ids, has_chat_tokens, read_tokenizer_config
+from samout.tokenizer import end_ids, has_chat_tokens, read_tokenizer_config
 
 DEFAULT_STATE_CACHE_MB = 256
 
 
 def chat_renderer(tokenizer, template: str | None):
-    """(render, stop ids) for a tokenizer and a chat template; (None, empty) without chat."""
-    if template is None or not has_chat_tokens(tokenizer):
+    """(render, stop ids) for a tokenizer and a chat template; (None, empty) without chat.
+    Replies stop at the end of text or at what the template closes an assistant turn with."""
+    if template is None or (template == DEFAULT_CHAT_TEMPLATE and not has_chat_tokens(tokenizer)):
         return None, frozenset()
 
     def render(messages: list[dict]) -> list[int]:
-        return render_ids(tokenizer, messages, add_generation_prompt=True, template=template)
+        return encode_rendered(tokenizer, render_text(check_messages(messages), template,
+                                                       add_generation_prompt=True))
 
-    return render, end_ids(tokenizer) | {tokenizer.token_to_id(END_OF_TURN_TOKEN)}
+    return render, end_ids(tokenizer) | {end_of_turn_ids(tokenizer, template)[0]}
 
 
 def served_model(model, tokenizer, name: str, *, chat_template: str | None = None,
@@ -55,7 +63,7 @@ def load_served_model(run_dir: str | Path, name: str | None = None, device: str 
     template = read_tokenizer_config(run_dir).get("chat_template")
     if template is not None and not isinstance(template, str):
         raise SamoutError(f"{run_dir / 'tokenizer_config.json'}: chat_template must be a Jinja string")
-    if template is not None and not has_chat_tokens(tokenizer):
+    if template == DEFAULT_CHAT_TEMPLATE and not has_chat_tokens(tokenizer):
         print(f"warning: {run_dir} has a chat template but its tokenizer has no chat tokens; "
               "/v1/chat/completions is off for it", file=sys.stderr)
         template = None

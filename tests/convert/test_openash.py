@@ -315,3 +315,30 @@ def test_generation_prompts_and_stops_as_the_authors_code(author):
     first = next(stream_ids(model, encode_prompt(tok, "你好"), temperature=0, max_new_tokens=1))
     assert list(stream_ids(model, encode_prompt(tok, "你好"), temperature=0, max_new_tokens=5,
                            stop_ids=frozenset({first}))) == []
+
+
+def test_chat_and_serve_speak_the_authors_chat_format(author):
+    # samout chat and the server render the author's format, stop at <|im_end|> and close the
+    # turn with it; a turn after the first feeds only its own text.
+    from samout.chat.conversation import Conversation
+    from samout.chat.template import load_chat_template
+    from samout.serve.loading import chat_renderer
+
+    ref, voc, _, _, out = author
+    t2i = voc["token_to_id"]
+    model, tok = load_pretrained(out).eval(), load_tokenizer(out)
+    chat = Conversation(model, tok, load_chat_template(out), temperature=0, max_new_tokens=6)
+    head = [t2i["<|im_start|>"], t2i["<|user|>"]]
+    tail = [t2i["<|im_end|>"], t2i["<|im_start|>"], t2i["<|agent|>"]]
+    assert chat.turn_ids("你好") == head + ref_encode(voc, "你好") + tail
+    assert chat.close_ids == [t2i["<|im_end|>"]] and t2i["<|im_end|>"] in chat.stop_ids
+    chat.reply("你好")
+    assert chat.turn_ids("发展") == head + ref_encode(voc, "发展") + tail  # only the new turn
+    render, stop_ids = chat_renderer(tok, load_chat_template(out))
+    assert render([{"role": "user", "content": "你好"}]) == head + ref_encode(voc, "你好") + tail
+    assert t2i["<|im_end|>"] in stop_ids
+    done = subprocess.run([sys.executable, "-m", "samout", "chat", str(out), "--temperature", "0",
+                           "--max-new-tokens", "4"], input="你好\n/save " + str(out.parent / "c") + "\n",
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out.parent / "c.safetensors").is_file()
