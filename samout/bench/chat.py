@@ -1,6 +1,6 @@
 """Per-turn cost of a chat: time to first token of turn k, state carried vs history re-prefilled.
 
-    python -m samout.bench.chat [--run RUN_DIR] [--turns 20] [--message-tokens 64] [--reply-tokens 32]
+    samout bench chat [--run RUN_DIR] [--turns 20] [--message-tokens 64] [--reply-tokens 32]
 
 `Conversation` (what `samout chat` runs) feeds each turn's new message on top of the state;
 the baseline does what a model without a cache must: run the whole rendered history again
@@ -90,9 +90,8 @@ def run_bench(model, tokenizer, template: str, turns: int, message_tokens: int, 
             "reprefill_ratio_last_vs_first": base[-1] / base[0]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m samout.bench.chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench chat` (and of `python -m samout.bench.chat`)."""
     p.add_argument("--run", metavar="RUN_DIR", help="a chat run directory (default: a random small model)")
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--message-tokens", type=int, default=64)
@@ -103,7 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-heads", type=int, default=8)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", metavar="FILE", help="also write the result here")
-    args = p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m samout.bench.chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv), "python -m samout.bench.chat " + shlex.join(argv or sys.argv[1:]))
+
+
+def run(args: argparse.Namespace, command: str | None = None) -> int:
+    command = command or "samout bench chat " + shlex.join(sys.argv[3:])
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
@@ -116,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run:
         with torch.no_grad():
             model.head.weight[end].fill_(-1e4)
-    command = "python -m samout.bench.chat " + shlex.join(argv or sys.argv[1:])
     header = run_header(torch.device("cpu"), command)
     result = {**header, **run_bench(model, tokenizer, template, args.turns, args.message_tokens,
                                     args.reply_tokens, args.repeats)}

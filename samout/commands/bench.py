@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from samout.bench import chat as chat_bench
 from samout.bench import lowp as lowp_bench
 from samout.bench import mixers as mixers_bench
 from samout.bench import onnx_export as onnx_bench
@@ -132,6 +133,11 @@ def register(subparsers) -> None:
     _add_run_args(quality, "bench-results")
     quality.set_defaults(func=run_quality_command)
 
+    chat = sub.add_parser("chat", help="per-turn cost of a chat: time to first token of turn k, state "
+                          "carried vs history re-prefilled", description=chat_bench.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat_bench.add_arguments(chat)
+    chat.set_defaults(func=chat_bench.run)
     serve = sub.add_parser("serve", help="samout serve under N concurrent streaming clients: tokens/s, "
                            "latency, memory; follow-up turns with the state cache",
                            description=serve_bench.__doc__,
