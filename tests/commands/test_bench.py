@@ -85,7 +85,8 @@ def test_bench_params_counts_real_models(tmp_path, capsys):
     assert (tmp_path / "params.md").read_text().startswith("| preset |")
 
 
-@pytest.mark.parametrize("benchmark", ["speed", "recall", "params", "quality", "serve", "chat", "mixers", "onnx"])
+@pytest.mark.parametrize("benchmark", ["speed", "recall", "params", "quality", "serve", "chat", "mixers",
+                                       "onnx"])
 def test_every_benchmark_has_help(benchmark, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", benchmark, "--help"])
