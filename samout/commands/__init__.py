@@ -11,6 +11,15 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if action.default in (None, False) or "default" in help_text:
+        # `is`, not `in`: a default of 0 (== False) is worth stating.
+        if action.default is None or action.default is False or "default" in help_text:
             return help_text
         return super()._get_help_string(action)
+
+
+def add_command(subparsers, name: str, summary: str, description: str,
+                formatter_class: type[argparse.HelpFormatter] = DefaultsHelpFormatter,
+                ) -> argparse.ArgumentParser:
+    """A subcommand's parser: `summary` is its line in `samout --help`, `description` heads its
+    own --help, and every command states its defaults the same way (DefaultsHelpFormatter)."""
+    return subparsers.add_parser(name, help=summary, description=description, formatter_class=formatter_class)

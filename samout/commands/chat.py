@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from samout.chat.conversation import Conversation
+from samout.commands import add_command
 from samout.commands.generate import add_sampling_flags, sampling_kwargs
 from samout.errors import SamoutError
 
@@ -18,15 +19,16 @@ HELP = """commands:
   /quit          leave (also Ctrl-D)"""
 
 
+DESCRIPTION = (
+    "Interactive chat with a model trained with --objective sft/dpo. The conversation is "
+    "kept as the model's fixed-size state: each turn feeds only the new message, never the "
+    "history. Reads messages from stdin (one per line), streams the replies. " + HELP
+)
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "chat",
-        help="chat with a chat model (each turn feeds only the new message)",
-        description="Interactive chat with a model trained with --objective sft/dpo. The conversation is "
-                    "kept as the model's fixed-size state: each turn feeds only the new message, never the "
-                    "history. Reads messages from stdin (one per line), streams the replies. " + HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "chat", "chat with a chat model (each turn feeds only the new message)",
+                    DESCRIPTION, argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="run or model directory with a chat tokenizer")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     add_sampling_flags(p)

@@ -8,19 +8,21 @@ from pathlib import Path
 
 from samout.chat.evaluate import evaluate_chat
 from samout.chat.template import load_chat_template
+from samout.commands import add_command
 from samout.errors import SamoutError
 from samout.generation import load_for_generation
 from samout.tokenizer import TOKENIZER_NAME, has_chat_tokens, load_tokenizer
 
+SUMMARY = "exact-match accuracy, end-of-turn rate and preference accuracy of a chat model"
+DESCRIPTION = (
+    "Greedy replies to held-out conversations (--sft, chat JSONL: the last assistant turn is "
+    "the answer) scored by exact match and by whether they end with <|end|>; held-out "
+    "preference pairs (--dpo, DPO JSONL) scored by whether the chosen reply is more likely."
+)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "chat-eval",
-        help="exact-match accuracy, end-of-turn rate and preference accuracy of a chat model",
-        description="Greedy replies to held-out conversations (--sft, chat JSONL: the last assistant turn is "
-                    "the answer) scored by exact match and by whether they end with <|end|>; held-out "
-                    "preference pairs (--dpo, DPO JSONL) scored by whether the chosen reply is more likely.",
-    )
+    p = add_command(subparsers, "chat-eval", SUMMARY, DESCRIPTION)
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--sft", metavar="FILE.jsonl", help="held-out conversations")
     p.add_argument("--dpo", metavar="FILE.jsonl", help="held-out preference pairs")

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from samout.commands import add_command
+
+DESCRIPTION = (
+    "Import a model published in another format as a samout run directory "
+    "(config.json, model.safetensors, tokenizer, checksums) that every samout command "
+    "and Hugging Face's Auto classes load."
+)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert",
-        help="import a model published in another format",
-        description="Import a model published in another format as a samout run directory "
-                    "(config.json, model.safetensors, tokenizer, checksums) that every samout command "
-                    "and Hugging Face's Auto classes load.",
-    )
+    p = add_command(subparsers, "convert", "import a model published in another format", DESCRIPTION)
     sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     o = sub.add_parser(
         "openash",
@@ -29,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run_openash(args: argparse.Namespace) -> int:
-    from samout.convert.openash import convert_openash
+    from samout.convert.openash import convert_openash  # imported here: it pulls in the model code
 
     print(f"converting {args.weights} ...", flush=True)
     model = convert_openash(args.weights, args.vocab, args.out)

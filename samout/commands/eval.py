@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from samout.commands import add_command
 from samout.data.dataset import TokenData
 from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
@@ -14,14 +15,14 @@ from samout.quant import add_dtype_argument
 from samout.run_dir import TOKENIZER_NAME, load_run, read_train_config
 from samout.tokenizer import token_byte_lengths
 
+DESCRIPTION = (
+    "Validation loss, perplexity and bits per byte (comparable across tokenizers) of a run "
+    "or model directory, and the loss by position in the context."
+)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate a model on validation data",
-        description="Validation loss, perplexity and bits per byte (comparable across tokenizers) of a run "
-                    "or model directory, and the loss by position in the context.",
-    )
+    p = add_command(subparsers, "eval", "evaluate a model on validation data", DESCRIPTION)
     p.add_argument("run_dir", metavar="RUN_DIR", help="run or model directory")
     p.add_argument("--data", metavar="DATA_DIR", help="data directory (default: the one the run trained on)")
     p.add_argument("--split", default="val", choices=["val", "train"], help="which split (default val)")

@@ -6,20 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-from samout.commands import DefaultsHelpFormatter
+from samout.commands import add_command
 from samout.errors import SamoutError
 from samout.run_dir import TOKENIZER_NAME, check_model_dir, load_model, resolve_model_dir
 
+SUMMARY = "export a model to ONNX (decode step + prefill), checked with onnxruntime"
+DESCRIPTION = (
+    "Write decode.onnx (one token + state in, logits + new state out) and "
+    "prefill.onnx (a chunk of tokens + state), compare them with PyTorch in "
+    "onnxruntime, and optionally quantize the weights to int8."
+)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="export a model to ONNX (decode step + prefill), checked with onnxruntime",
-        description="Write decode.onnx (one token + state in, logits + new state out) and "
-                    "prefill.onnx (a chunk of tokens + state), compare them with PyTorch in "
-                    "onnxruntime, and optionally quantize the weights to int8.",
-        formatter_class=DefaultsHelpFormatter,
-    )
+    p = add_command(subparsers, "export", SUMMARY, DESCRIPTION)
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="run or model directory (config.json + model.safetensors)")
     p.add_argument("--onnx", metavar="OUT_DIR", required=True, help="directory for the ONNX files")

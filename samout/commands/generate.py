@@ -7,23 +7,22 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from samout.commands import DefaultsHelpFormatter
+from samout.commands import add_command
 from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
 from samout.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams, stream
 from samout.quant import add_dtype_argument
 from samout.run_dir import load_run
 
+DESCRIPTION = (
+    "Stream text from a run or model directory using the recurrent state "
+    "(constant work per token). Without --prompt, generates from the start of a "
+    "document (after <|endoftext|>)."
+)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate",
-        help="generate text from a trained model",
-        description="Stream text from a run or model directory using the recurrent state "
-                    "(constant work per token). Without --prompt, generates from the start of a "
-                    "document (after <|endoftext|>).",
-        formatter_class=DefaultsHelpFormatter,
-    )
+    p = add_command(subparsers, "generate", "generate text from a trained model", DESCRIPTION)
     p.add_argument("run_dir", metavar="RUN_DIR", help="run or model directory")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
     p.add_argument("--prompts-file", metavar="FILE", help="a file with one prompt per line")

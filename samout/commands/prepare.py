@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from samout.commands import add_command
 from samout.data.chat import DEFAULT_MAX_TOKENS, FORMATS, OVERLONG_RULES, prepare_conversations
 from samout.data.prepare import prepare
 from samout.data.sources import BUILTIN_CORPORA, DEFAULT_CORPUS
 from samout.tokenizer import DEFAULT_VOCAB_SIZE
 
+DESCRIPTION = (
+    "Train (or reuse) a byte-level BPE tokenizer and write memory-mappable train and "
+    "validation token files plus meta.json. Inputs: text files, directories (recursive), "
+    f"globs, .jsonl files with a \"text\" field, or a built-in corpus "
+    f"({', '.join(BUILTIN_CORPORA)}; default {DEFAULT_CORPUS})."
+)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prepare",
-        help="tokenize a corpus into a data directory",
-        description="Train (or reuse) a byte-level BPE tokenizer and write memory-mappable train and "
-                    "validation token files plus meta.json. Inputs: text files, directories (recursive), "
-                    f"globs, .jsonl files with a \"text\" field, or a built-in corpus "
-                    f"({', '.join(BUILTIN_CORPORA)}; default {DEFAULT_CORPUS}).",
-    )
+    p = add_command(subparsers, "prepare", "tokenize a corpus into a data directory", DESCRIPTION)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help=f"inputs (default: {DEFAULT_CORPUS})")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="output data directory")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from samout.commands import add_command
 from samout.errors import SamoutError
 from samout.quant import add_dtype_argument
 
@@ -23,20 +24,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+SUMMARY = "serve models over an OpenAI-compatible HTTP API with a web chat page"
+DESCRIPTION = (
+    "Serve one or more run directories (each under its directory name, or --name) at "
+    "/v1/completions, /v1/chat/completions and /v1/models, with a chat page at /. "
+    "Concurrent requests are decoded together (continuous batching); a request whose "
+    "prompt extends an earlier conversation resumes from its saved state."
+)
+
+
 def register(subparsers) -> None:
     from samout.serve.api_server import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
     from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
     from samout.serve.loading import DEFAULT_STATE_CACHE_MB
 
-    p = subparsers.add_parser(
-        "serve",
-        help="serve models over an OpenAI-compatible HTTP API with a web chat page",
-        description="Serve one or more run directories (each under its directory name, or --name) at "
-                    "/v1/completions, /v1/chat/completions and /v1/models, with a chat page at /. "
-                    "Concurrent requests are decoded together (continuous batching); a request whose "
-                    "prompt extends an earlier conversation resumes from its saved state.",
-        formatter_class=_HelpFormatter,
-    )
+    p = add_command(subparsers, "serve", SUMMARY, DESCRIPTION, _HelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or model directories to serve")
     p.add_argument("--name", action="append", help="model name for each RUN_DIR, in order (default: "
                    "the directory name)")

@@ -8,6 +8,7 @@ import os
 import sys
 import typing
 
+from samout.commands import add_command
 from samout.config import MIXERS
 from samout.models import MODEL_CLASSES
 from samout.training.config import DEFAULT_PRESET, TrainConfig
@@ -43,18 +44,19 @@ MODEL_FLAGS = {
 }
 
 
+DESCRIPTION = (
+    "Train a model on a data directory made by `samout prepare`. Settings come from "
+    "the defaults, then --preset or --config (YAML/JSON with model and training fields), "
+    "then these flags. RUN_DIR gets config.json, model.safetensors and tokenizer.json "
+    "(the latest model), checkpoints/step-XXXXXX/, log.jsonl and loss.png. "
+    "SIGINT/SIGTERM save a checkpoint and exit with 130/143; --resume continues exactly. "
+    "Data-parallel: torchrun --nproc_per_node=N -m samout train ... "
+    "(--batch-size is per process)."
+)
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train a model on a prepared data directory",
-        description="Train a model on a data directory made by `samout prepare`. Settings come from "
-                    "the defaults, then --preset or --config (YAML/JSON with model and training fields), "
-                    "then these flags. RUN_DIR gets config.json, model.safetensors and tokenizer.json "
-                    "(the latest model), checkpoints/step-XXXXXX/, log.jsonl and loss.png. "
-                    "SIGINT/SIGTERM save a checkpoint and exit with 130/143; --resume continues exactly. "
-                    "Data-parallel: torchrun --nproc_per_node=N -m samout train ... "
-                    "(--batch-size is per process).",
-    )
+    p = add_command(subparsers, "train", "train a model on a prepared data directory", DESCRIPTION)
     p.add_argument("--data", required=True, metavar="DATA_DIR", help="data directory from `samout prepare`")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
     p.add_argument("--preset", help=f"model preset (default {DEFAULT_PRESET} unless --config sets one)")

@@ -249,18 +249,26 @@ def scan_max_backward(
     return acc.addcmul_(acc, ne, value=-1), grad_state
 
 
-class _RunningMax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, state: Tensor | None) -> Tensor:
-        m = scan_max(x, state)
-        ctx.save_for_backward(x, m, state)
-        return m
+def scan_function(forward, backward) -> type[torch.autograd.Function]:
+    """An autograd Function for a running-max scan m = forward(x, state) whose gradients
+    backward(grad, x, m, state) -> (grad x, grad state) recovers from the input and output
+    alone: no arg-max indices are kept (shared by the blocked scan and the Triton kernels)."""
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, m, state = ctx.saved_tensors
-        gx, gs = scan_max_backward(grad, x, m, state)
-        return gx, gs
+    class Scan(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: Tensor, state: Tensor | None) -> Tensor:
+            m = forward(x, state)
+            ctx.save_for_backward(x, m, state)
+            return m
+
+        @staticmethod
+        def backward(ctx, grad: Tensor):
+            return backward(grad, *ctx.saved_tensors)
+
+    return Scan
+
+
+_RunningMax = scan_function(scan_max, scan_max_backward)
 
 
 # -- the forgetting running max (decay) -------------------------------------------------

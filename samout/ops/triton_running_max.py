@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from samout.ops.running_max import _to_ptq
+from samout.ops.running_max import _to_ptq, scan_function
 
 BLOCK = 128  # channels per program (one warp-friendly vector)
 
@@ -106,18 +106,7 @@ def scan_max_backward_triton(grad: Tensor, x3: Tensor, m: Tensor,
     return gx, (gs if state is not None else None)
 
 
-class _TritonRunningMax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x3: Tensor, state: Tensor | None) -> Tensor:
-        m = scan_max_triton(x3, state)
-        ctx.save_for_backward(x3, m, state)
-        return m
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x3, m, state = ctx.saved_tensors
-        gx, gs = scan_max_backward_triton(grad, x3, m, state)
-        return gx, gs
+_TritonRunningMax = scan_function(scan_max_triton, scan_max_backward_triton)
 
 
 def triton_running_max(x: Tensor, state: Tensor | None = None, dim: int = 1) -> Tensor:
