@@ -279,6 +279,8 @@ def run_serve_bench(s: ServeBenchSettings, out: str | Path, command: str, progre
     header = run_header(device, command)
     print(header_line(header), file=sys.stderr)
     rng = random.Random(s.seed)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         dirs = write_runs(s, Path(tmp))
         vocab = json.loads((dirs["samout"] / "config.json").read_text())["vocab_size"]
