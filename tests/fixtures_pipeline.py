@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from samout.data.prepare import prepare
-from samout.training.trainer import train
+from samout.training.setup import train
 
 PLAYS = ["lear_gut.txt", "othello_gut.txt", "julius_caesar_gut.txt"]
 VOCAB = 400

@@ -2,7 +2,7 @@
 seed mixer) and the matched Transformer, trained on the same data the same way.
 
 Everything goes through the training pipeline users run: `samout.data.prepare.prepare`
-builds the data directory (one tokenizer for all models), `samout.training.trainer.train`
+builds the data directory (one tokenizer for all models), `samout.training.setup.train`
 trains each model (same TrainConfig: batch, length, schedule, token budget, seed), and
 `samout.evaluation.evaluate` measures the loss at 1x, 2x and 4x the training context
 (a state that only ever grows, like a running max, may degrade beyond what it saw).
@@ -103,7 +103,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     from samout.evaluation import evaluate
     from samout.models import load_pretrained
     from samout.tokenizer import load_tokenizer, token_byte_lengths
-    from samout.training.trainer import train
+    from samout.training.setup import train
 
     if not s.corpus:
         raise SamoutError("give the text to train on with --corpus shakespeare (built in) or --corpus DIR "

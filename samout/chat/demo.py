@@ -27,7 +27,7 @@ from samout.data.prepare import prepare
 from samout.generation import load_for_generation
 from samout.training.config import parse_duration
 from samout.training.init_from import grow_vocab
-from samout.training.trainer import train
+from samout.training.setup import train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from samout.commands import add_command
 from samout.config import MIXERS
 from samout.models import MODEL_CLASSES
 from samout.training.config import DEFAULT_PRESET, TrainConfig
-from samout.training.trainer import train
+from samout.training.setup import train
 
 
 def train_flags() -> dict[str, dict]:

@@ -17,7 +17,7 @@ from samout.errors import SamoutError
 from samout.models import load_pretrained
 from samout.remote_code import HF_FILES
 from samout.run_dir import CheckpointError, find_resumable, list_checkpoints, verify_checksums
-from samout.training.trainer import train
+from samout.training.setup import train
 from tests.commands.test_cli_errors import assert_one_line_error
 from tests.fixtures_pipeline import TINY_TRAIN
 

@@ -13,7 +13,7 @@ import torch
 from samout.models import load_pretrained
 from samout.run_dir import list_checkpoints, load_training_state
 from samout.training.distributed import parameter_digest
-from samout.training.trainer import train
+from samout.training.setup import train
 
 SETTINGS = ["--preset", "tiny", "--seq-len", "32", "--warmup-steps", "2", "--eval-every", "1000",
             "--eval-windows", "2", "--save-every", "3", "--log-every", "1", "--device", "cpu", "--seed", "5",

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from samout.run_dir import list_checkpoints, verify_checksums
-from samout.training.trainer import train
+from samout.training.setup import train
 
 # One thread in every process: the same float results in the reference and the resumed run
 # whatever the machine's core count.

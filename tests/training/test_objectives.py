@@ -19,7 +19,7 @@ from samout.data.prepare import prepare
 from samout.errors import SamoutError
 from samout.training.config import TrainConfig
 from samout.training.objectives import DPOObjective, SFTObjective, dpo_loss
-from samout.training.trainer import train
+from samout.training.setup import train
 
 
 @pytest.fixture(scope="module")

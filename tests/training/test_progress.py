@@ -1,7 +1,7 @@
 """Progress output of a training run when stdout/stderr are not a terminal."""
 
 import samout.training.progress as progress
-from samout.training.trainer import train
+from samout.training.setup import train
 from tests.fixtures_pipeline import TINY_TRAIN
 
 

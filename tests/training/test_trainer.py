@@ -13,7 +13,7 @@ from samout.models import load_pretrained
 from samout.run_dir import list_checkpoints, load_training_state
 from samout.training.config import TrainConfig, load_config_file, parse_duration
 from samout.training.schedule import Schedule, lr_multiplier
-from samout.training.trainer import train
+from samout.training.setup import train
 from tests.fixtures_pipeline import TINY_TRAIN
 
 
