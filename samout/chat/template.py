@@ -141,7 +141,8 @@ def encode_rendered(tokenizer, text: str) -> list[int]:
 def render_ids(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
                template: str = DEFAULT_CHAT_TEMPLATE) -> list[int]:
     """Token ids of a conversation (== Hugging Face `apply_chat_template(messages)["input_ids"]`)."""
-    check_chat_tokenizer(tokenizer)
+    if template == DEFAULT_CHAT_TEMPLATE:  # its role markers must be special tokens of the tokenizer
+        check_chat_tokenizer(tokenizer)
     return encode_rendered(tokenizer, render_text(check_messages(list(messages)), template,
                                                   add_generation_prompt))
 

@@ -6,13 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from samout.chat.template import (
-    DEFAULT_CHAT_TEMPLATE,
-    check_messages,
-    encode_rendered,
-    end_of_turn_ids,
-    render_text,
-)
+from samout.chat.template import DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, render_ids
 from samout.errors import SamoutError
 from samout.generation import load_for_generation
 from samout.models.transformer import Transformer
@@ -32,8 +26,7 @@ def chat_renderer(tokenizer, template: str | None):
         return None, frozenset()
 
     def render(messages: list[dict]) -> list[int]:
-        return encode_rendered(tokenizer, render_text(check_messages(messages), template,
-                                                       add_generation_prompt=True))
+        return render_ids(tokenizer, messages, add_generation_prompt=True, template=template)
 
     return render, end_ids(tokenizer) | {end_of_turn_ids(tokenizer, template)[0]}
 
