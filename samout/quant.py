@@ -147,13 +147,23 @@ class _engine:
 
 def quantize_activations_ref(x: Tensor, reduce_range: bool = False) -> Tensor:
     """What fbgemm's dynamic kernel does to its input, in plain float: one affine uint8
-    scale for the whole tensor (range widened to include 0), rounded, then dequantized."""
+    scale for the whole tensor (range widened to include 0), rounded, then dequantized.
+
+    Written to match it bit for bit: PyTorch's ChooseQuantizationParams (scale computed in
+    double and stored as float32; the zero point taken from whichever end, min or max, has
+    the smaller rounding error, then rounded half to even), and fbgemm's quantization
+    round(x * (1/scale) + zero) with one rounding for the multiply-add (an FMA), emulated
+    here in float64 before the cast to float32."""
     qmax = 127 if reduce_range else 255
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / qmax if hi > lo else 1.0
-    zero = min(max(round(-lo / scale), 0), qmax)
-    q = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
-    return (q - zero) * scale
+    scale = (hi - lo) / qmax if hi > lo else 0.1  # what fbgemm uses for an all-zero input
+    from_min, from_max = -lo / scale, qmax - hi / scale
+    zero = from_min if abs(lo / scale) < qmax + abs(hi / scale) else from_max
+    zero = int(min(max(round(zero), 0), qmax))  # Python's round is half to even, as nearbyint
+    scale32 = torch.tensor(scale, dtype=torch.float32)
+    inverse = float(1.0 / scale32)  # float32 1/scale, as fbgemm computes it
+    q = torch.clamp(torch.round((x.double() * inverse + zero).float()), 0, qmax)
+    return (q - zero) * scale32
 
 
 # -- bfloat16 -----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from samout.chat.template import (
 )
 from samout.data.dataset import TokenData
 from samout.data.prepare import DATA_FORMAT, DATA_VERSION, META_NAME, split_documents
+from samout.data.sources import jsonl_records
 from samout.errors import SamoutError
 from samout.run_dir import atomic_write
 from samout.tokenizer import (
@@ -104,18 +105,7 @@ def read_jsonl(path: Path, fmt: str) -> list[Example]:
     examples = []
     if not path.is_file():
         raise SamoutError(f"input not found: {path} (a {fmt} JSONL file)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise SamoutError(f"{path} is not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SamoutError(f"{where}: not valid JSON ({err.msg})") from None
+    for where, obj in jsonl_records(path):
         if not isinstance(obj, dict):
             _fail(where, "each line must be a JSON object")
         if fmt == "chat":

@@ -15,6 +15,7 @@ import re
 import sys
 import sysconfig
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from importlib import util as importlib_util
@@ -113,19 +114,30 @@ BUILTIN_CORPORA = {"kjv": _kjv, "pystdlib": _pystdlib, "shakespeare": _shakespea
 DEFAULT_CORPUS = "kjv"
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, the parsed value) for every non-blank line of a JSONL file; a line that
+    is not JSON, or a file that is not UTF-8, is a SamoutError naming where."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SamoutError(f"{path} is not UTF-8 text") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SamoutError(f"{where}: not valid JSON ({err.msg})") from None
+        yield where, record
+
+
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SamoutError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise SamoutError(f'{path}:{lineno}: no "text" string field in this JSON line')
-            docs.append(record["text"])
+    for where, record in jsonl_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise SamoutError(f'{where}: no "text" string field in this JSON line')
+        docs.append(record["text"])
     return docs
 
 
