@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e ".[all]"
 	touch $(STAMP)
 
-# Two pytest-xdist workers: the suite is CPU-bound and CI machines have 2 cores (PYTEST_FLAGS= runs it serially).
+# Two pytest-xdist workers: the suite is CPU-bound and CI machines have 2 cores (PYTEST_FLAGS= runs
+# it serially).
 PYTEST_FLAGS ?= -n 2
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_FLAGS)

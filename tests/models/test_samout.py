@@ -106,7 +106,8 @@ def test_state_round_trips_and_reorders(seed, variant, tmp_path):
         # Continuing from the reordered state is continuing the reordered rows.
         a, _ = model(more[idx], picked)
         b, _ = model(torch.cat([ids[idx], more[idx]], 1))
-        torch.testing.assert_close(a, b[:, 5:], rtol=1e-5, atol=1e-5)
+        # to float rounding at the logits' scale (attention layers compute other shapes)
+        torch.testing.assert_close(a, b[:, 5:], rtol=1e-5, atol=1e-5 * float(b.abs().max()))
         c, _ = model(more, loaded)
         assert torch.equal(c, model(more, state)[0])
 
