@@ -144,22 +144,25 @@ def chat_response(rid: str, model: str, created: int, choices: list[dict], usage
             "usage": usage}
 
 
-def completion_chunk(rid: str, model: str, created: int, index: int, text: str,
-                     finish_reason: str | None, usage: dict | None = None) -> dict:
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+def _chunk(rid: str, obj: str, model: str, created: int, choice: dict, usage: dict | None) -> dict:
+    """One streamed chunk: OpenAI's envelope around one choice, with usage when given."""
+    chunk = {"id": rid, "object": obj, "created": created, "model": model,
+             "choices": [{**choice, "logprobs": None}]}
     if usage is not None:
         chunk["usage"] = usage
     return chunk
+
+
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str,
+                     finish_reason: str | None, usage: dict | None = None) -> dict:
+    return _chunk(rid, "text_completion", model, created,
+                  {"index": index, "text": text, "finish_reason": finish_reason}, usage)
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict,
                finish_reason: str | None, usage: dict | None = None) -> dict:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    return _chunk(rid, "chat.completion.chunk", model, created,
+                  {"index": index, "delta": delta, "finish_reason": finish_reason}, usage)
 
 
 def usage_chunk(rid: str, model: str, created: int, chat: bool, usage: dict) -> dict:
