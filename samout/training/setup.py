@@ -62,8 +62,13 @@ def train(data_dir: str | Path, run_dir: str | Path, *, preset: str | None = Non
     """
     env = dist_utils.env_from_environment()
     try:
-        return _train(data_dir, run_dir, env, preset=preset, config_file=config_file, overrides=overrides,
-                      model_overrides=model_overrides, resume=resume, quiet=quiet or not env.is_main)
+        result = _train(data_dir, run_dir, env, preset=preset, config_file=config_file, overrides=overrides,
+                        model_overrides=model_overrides, resume=resume, quiet=quiet or not env.is_main)
+        # Every rank waits for the others (rank 0 may still be writing the checkpoint) before the
+        # group goes: a gloo rank torn down while a peer is still busy can abort in C++
+        # ("terminate called without an active exception"), failing a finished run.
+        dist_utils.barrier()
+        return result
     finally:
         dist_utils.shutdown()
 
