@@ -118,7 +118,7 @@ def stream_ids(model: torch.nn.Module, prompt_ids: list[int], params: SamplingPa
     if params.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
     seen = torch.tensor(prompt_ids, dtype=torch.long)
-    logits, state = model(torch.tensor([prompt_ids], device=device))
+    logits, state = model(torch.tensor([prompt_ids], device=device), logits_to_keep=1)
     for _ in range(params.max_new_tokens):
         token = sample_next(logits[0, -1].cpu(), seen, params, generator)
         if token in stop_ids and params.stop_at_eot:

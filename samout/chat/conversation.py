@@ -97,7 +97,8 @@ class Conversation:
         return encode_rendered(self.tokenizer, text)
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
-        logits, self.state = self.model(torch.tensor([ids], device=self.device), state=self.state)
+        logits, self.state = self.model(torch.tensor([ids], device=self.device), state=self.state,
+                                        logits_to_keep=1)
         self.tokens_seen += len(ids)
         return logits[0, -1]
 

@@ -136,7 +136,8 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = as_samout_cache(past_key_values) if (use_cache or past_key_values is not None) else None
 
-        logits, state = self._run(input_ids, None if cache is None else cache.state, attention_mask)
+        keep = 0 if labels is not None else logits_to_keep  # the loss needs every position
+        logits, state = self._run(input_ids, None if cache is None else cache.state, attention_mask, keep)
         if cache is not None:
             cache.update_state(state, input_ids.shape[1])
 
@@ -152,12 +153,12 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
 
-    def _run(self, input_ids: Tensor, state: State | None,
-             attention_mask: Tensor | None) -> tuple[Tensor, State]:
+    def _run(self, input_ids: Tensor, state: State | None, attention_mask: Tensor | None,
+             logits_to_keep: int = 0) -> tuple[Tensor, State]:
         # generate() passes the mask of the whole sequence; this call covers its last tokens.
         mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[-1]:]
         if mask is None or bool(mask.all()):
-            return self.samout(input_ids, state)
+            return self.samout(input_ids, state, logits_to_keep=logits_to_keep)
         if state is not None:
             raise ValueError(
                 "attention_mask has zeros after the first call: SamOut has no attention mask, "

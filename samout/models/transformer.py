@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samout.models.base import PretrainedModelMixin
-from samout.models.samout import check_input_ids
+from samout.models.samout import check_input_ids, check_logits_to_keep
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
 from samout.state import State, check_state_layers
 
@@ -174,11 +174,14 @@ class Transformer(PretrainedModelMixin, nn.Module):
             self.head.weight = self.embed.weight
 
     def forward(self, input_ids: Tensor, state: State | None = None, *,
-                cache_lengths: Tensor | None = None) -> tuple[Tensor, State]:
+                cache_lengths: Tensor | None = None, logits_to_keep: int = 0,
+                targets: Tensor | None = None, ignore_index: int = -100) -> tuple[Tensor, State]:
         """`cache_lengths` (LongTensor [B], optional): the state's caches are left-padded and
         row b holds cache_lengths[b] real entries (the last ones); the returned state is
-        left-padded the same way, with cache_lengths + T_new real entries per row."""
+        left-padded the same way, with cache_lengths + T_new real entries per row.
+        `logits_to_keep` and `targets`: as in SamOut.forward."""
         check_input_ids(input_ids, self.config.vocab_size)
+        check_logits_to_keep(logits_to_keep)
         b, t = input_ids.shape
         caches = self._check_state(state, b)
         past = 0 if caches[0] is None else caches[0]["key"].shape[2]
@@ -205,9 +208,13 @@ class Transformer(PretrainedModelMixin, nn.Module):
         for layer, cache in zip(self.layers, caches):
             x, cache = layer(x, cache, rotary, mask)
             new_caches.append(cache)
+        if logits_to_keep:
+            if targets is not None:
+                raise ValueError("give logits_to_keep or targets, not both")
+            x = x[:, -logits_to_keep:]
         if self.norm is not None:
             x = self.norm(x)
-        return self.head(x), State(new_caches)
+        return self.head_output(x, targets, ignore_index), State(new_caches)
 
     def _check_state(self, state: State | None, batch_size: int) -> list[dict[str, Tensor] | None]:
         check_state_layers(state, len(self.layers))

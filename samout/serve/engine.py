@@ -250,7 +250,8 @@ class Engine:
             chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
             budget -= len(chunk)
             try:
-                logits, seq.state = self.model(torch.tensor([chunk], device=self.device), seq.state)
+                logits, seq.state = self.model(torch.tensor([chunk], device=self.device), seq.state,
+                                               logits_to_keep=1)
             except Exception as err:
                 self._fail(seq, f"prefill failed: {err}")
                 continue

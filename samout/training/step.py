@@ -12,7 +12,6 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -32,10 +31,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
 
 def lm_loss(model: torch.nn.Module, inputs: Tensor, targets: Tensor,
             autocast_dtype: torch.dtype | None = None, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy of `model(inputs)` against `targets` ([B, T] each)."""
+    """Mean next-token cross-entropy of `model(inputs)` against `targets` ([B, T] each),
+    computed by the model without the full logits (SamOut.forward's `targets`)."""
     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits, _ = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        loss, _ = model(inputs, targets=targets, ignore_index=ignore_index)
+    return loss
 
 
 def clip_and_step(parameters: Iterable[Tensor], optimizer: torch.optim.Optimizer, grad_clip: float,

@@ -329,3 +329,19 @@ def test_overfits_a_small_batch_of_real_text(shakespeare_text):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], losses[::15]
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_logits_to_keep_is_the_tail_of_the_full_logits(seed, kw):
+    model = _tiny(**kw)
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        part, state = model(ids, logits_to_keep=1)
+        cached, _ = model(ids[:, -3:], model(ids[:, :-3])[1], logits_to_keep=2)
+    assert part.shape == (2, 1, VOCAB) and cached.shape == (2, 2, VOCAB)
+    scale = float(full.abs().max())
+    assert torch.allclose(part, full[:, -1:], rtol=0, atol=1e-6 * scale)
+    assert torch.allclose(cached, full[:, -2:], rtol=0, atol=1e-5 * scale)
+    for a, b in zip(state.to_tensors().values(), full_state.to_tensors().values()):
+        assert torch.equal(a, b)
