@@ -51,13 +51,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The demo's model: a few minutes on 2 CPU cores gets readable text.
     "small": dict(mixer=DEFAULT_MIXER, vocab_size=8192, hidden_size=256, num_layers=4,
                   num_heads=8, padding_idx=0),
-    # Hybrids (issue 14): `small` with its last layer of every four made causal softmax
-    # attention, over the whole context or a sliding window of 256 tokens (a bounded
-    # state); and `small` with a forgetting running max.
+    # Hybrids (issue 14): `small` with its second layer made causal softmax attention, over
+    # the whole context or a sliding window of 256 tokens (a bounded state), and the
+    # forgetting running max in the maxstate layers, started fast (δ = 0.5): the layer
+    # below attention then carries the previous token, which recall needs (the design
+    # samout.bench.common's `hybrid` variants measure; docs/benchmarks.md, "Hybrid layers").
+    # And `small` with a forgetting running max, started slow.
     "hybrid-small": dict(mixer=DEFAULT_MIXER, vocab_size=8192, hidden_size=256, num_layers=4,
-                         num_heads=8, padding_idx=0, attention_every=4),
+                         num_heads=8, padding_idx=0,
+                         layer_types=["maxstate", "attention", "maxstate", "maxstate"],
+                         max_decay=True, max_decay_init=0.5),
     "hybrid-small-swa": dict(mixer=DEFAULT_MIXER, vocab_size=8192, hidden_size=256, num_layers=4,
-                             num_heads=8, padding_idx=0, attention_every=4, attention_window=256),
+                             num_heads=8, padding_idx=0,
+                             layer_types=["maxstate", "attention", "maxstate", "maxstate"],
+                             max_decay=True, max_decay_init=0.5, attention_window=256),
     "small-decay": dict(mixer=DEFAULT_MIXER, vocab_size=8192, hidden_size=256, num_layers=4,
                         num_heads=8, padding_idx=0, max_decay=True),
 }

@@ -146,3 +146,28 @@ def test_bad_dtype_flag_is_a_one_line_error(trained_run):
     out = subprocess.run([sys.executable, "-m", "samout", "generate", str(trained_run), "--prompt", "x",
                           "--dtype", "int4"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "invalid choice: 'int4'" in out.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_fused_ffn_input_gives_the_numbers_of_ffn1_and_gate_apart(seed, dtype):
+    """convert_for_inference puts ffn1 and gate side by side (one call); per-output-channel
+    weights make that the same function as the two converted apart."""
+    from samout.models.samout import FeedForward
+
+    ffn = FeedForward(48)
+    make = Int8Linear.from_linear if dtype == "int8" else BF16Linear
+    ffn1, gate, ffn2 = make(ffn.ffn1), make(ffn.gate), make(ffn.ffn2)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        if dtype == "int8":
+            apart = ffn2(ffn1(x) * torch.relu(gate(x)))
+        else:  # bf16 all the way from ffn1/gate to ffn2, as the converted FFN runs
+            xb = x.bfloat16()
+            apart = ffn2(ffn1(xb) * torch.relu(gate(xb))).float()
+        holder = nn.Sequential(ffn)
+        convert_for_inference(holder, dtype)
+        assert ffn.ffn1 is None and ffn.gate is None and type(ffn.in_proj) is type(ffn2)
+        fused = ffn(x)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, apart, rtol=1e-2 if dtype == "bfloat16" else 0,
+                               atol=1e-2 if dtype == "bfloat16" else 1e-6)

@@ -101,16 +101,35 @@ def positive_ints(name: str, values: list[int]) -> list[int]:
 # parameters, as many as the gen4/openash projection they replace, so every variant has
 # the base's non-embedding parameters to within 5 H^2 + 3 per swapped layer (+ D per layer
 # for δ), and the Transformer matched to the base is matched to each of them.
-VARIANTS = ("samout", "samout-decay", "hybrid", "hybrid-swa")
+#
+# The hybrids put attention second in every block of HYBRID_EVERY layers and give their
+# maxstate layers the forgetting max started at δ = HYBRID_DECAY_INIT: a maxstate layer
+# with a fast-forgetting max below the attention layer carries the previous token into
+# each position (max(x_t, m_{t-1} - δ) keeps a strong recent input for a few steps), which
+# is what attention needs to look a key up and read the value after it (an induction
+# head). Without it the hybrids did not learn MQAR at all (docs/benchmarks.md, "Hybrid
+# layers"); `hybrid-last` (attention_every, attention last, no decay) and `hybrid-nodecay`
+# (attention second, no decay) are those diagnostics.
+VARIANTS = ("samout", "samout-decay", "hybrid", "hybrid-swa", "hybrid-nodecay", "hybrid-last")
 HYBRID_EVERY = 4
+HYBRID_DECAY_INIT = 0.5
 
 
-def variant_fields(name: str, window: int) -> dict[str, Any]:
+def hybrid_layer_types(num_layers: int, every: int = HYBRID_EVERY) -> list[str]:
+    """Attention second in every block of `every` layers: maxstate, attention, maxstate, ..."""
+    return ["attention" if i % every == 1 else "maxstate" for i in range(num_layers)]
+
+
+def variant_fields(name: str, window: int, num_layers: int = HYBRID_EVERY) -> dict[str, Any]:
+    hybrid = {"layer_types": hybrid_layer_types(num_layers), "max_decay": True,
+              "max_decay_init": HYBRID_DECAY_INIT}
     table = {
         "samout": {},
         "samout-decay": {"max_decay": True},
-        "hybrid": {"attention_every": HYBRID_EVERY},
-        "hybrid-swa": {"attention_every": HYBRID_EVERY, "attention_window": window},
+        "hybrid": hybrid,
+        "hybrid-swa": {**hybrid, "attention_window": window},
+        "hybrid-nodecay": {"layer_types": hybrid_layer_types(num_layers)},
+        "hybrid-last": {"attention_every": HYBRID_EVERY},
     }
     if name not in table:
         raise SamoutError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
@@ -134,7 +153,7 @@ def model_specs(base: SamOutConfig, mixers: list[str], match_mixer: str, variant
     specs: dict[str, Any] = {f"samout-{m}": SamOutConfig.from_dict({**base.to_dict(), "mixer": m})
                              for m in mixers}
     for v in check_variants(list(variants), base):
-        specs[v] = SamOutConfig.from_dict({**base.to_dict(), **variant_fields(v, window)})
+        specs[v] = SamOutConfig.from_dict({**base.to_dict(), **variant_fields(v, window, base.num_layers)})
     match_to = SamOutConfig.from_dict({**base.to_dict(), "mixer": match_mixer})
     specs["transformer"] = match_transformer_to(match_to, **transformer_overrides)
     return specs

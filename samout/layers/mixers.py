@@ -116,6 +116,13 @@ class MaxStateSuper(nn.Module):
         """The polynomial: streams [B, T, k, H, dh] and running max m [B, T, H, dh]."""
         raise NotImplementedError
 
+    def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One token per row, for decoding (no autograd): x [B, D] -> (y [B, D], state
+        [B, H, dh]); the same function as `forward(x[:, None], state)`. Mixers with a
+        polynomial override it with fewer operations (see `step_gen4`)."""
+        y, new_state = self.forward(x[:, None], state)
+        return y[:, 0], new_state
+
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, t, d = x.shape
         if self.recompute and torch.is_grad_enabled():
@@ -147,6 +154,34 @@ class DualMixer(MaxStateSuper):
         return (s + b) * c + b
 
 
+def step_max(c: Tensor, state: Tensor | None, decay: Tensor | None) -> Tensor:
+    """One step of the running max: max(c, state - δ), or c (a copy) with no state."""
+    if state is None:
+        return c.clone()
+    return torch.maximum(c, state if decay is None else state - decay)
+
+
+def step_gen4(mixer: MaxStateSuper, x: Tensor, state: Tensor | None,
+              head_mix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """gen4 (and openash with `head_mix`) for one token per row, written for few operations:
+    decoding a small batch costs per operation, not per number (the 85M model at batch 1
+    spends about as long in its ~30 small operations per layer as in reading its int8
+    weights). y = a (b + d + α3 e) + b (c + e + α1) + c e + α2 d [+ G ⊙ e], the polynomial of
+    `gen4_ref` / `openash_ref` rearranged; tests compare it with `forward`."""
+    n = x.shape[0]
+    streams = mixer.proj(x).view(n, 4, mixer.num_heads, mixer.head_dim)
+    a, b, c, d = streams.unbind(1)
+    e = step_max(c, state, mixer.decay())
+    al = mixer.alpha
+    y = a * torch.addcmul(b + d, e, al[2])
+    y.addcmul_(b, (c + e).add_(al[0])).addcmul_(c, e).addcmul_(d, al[1])
+    if head_mix is not None:
+        # G = W [a; b; c; d; e] over the 5H stream-head axis, channels along for the ride.
+        five = torch.cat([streams.view(n, 4 * mixer.num_heads, -1), e], dim=1)
+        y.addcmul_(torch.matmul(head_mix, five), e)
+    return y.view(n, -1), e
+
+
 class Gen4Mixer(MaxStateSuper):
     """Seed 003: a, b, c, d = W4 x; e = cummax_t(c);
     y = a⊙b + α1 b + α2 d + a⊙(α3 e + d) + b⊙(c + e) + c⊙e."""
@@ -155,6 +190,9 @@ class Gen4Mixer(MaxStateSuper):
 
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
         return gen4_ref(self.alpha, streams, m)
+
+    def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return step_gen4(self, x, state)
 
 
 class OpenAshMixer(MaxStateSuper):
@@ -172,6 +210,9 @@ class OpenAshMixer(MaxStateSuper):
 
     def _fused_weight(self) -> Tensor:
         return self.head_mix.weight
+
+    def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return step_gen4(self, x, state, self.head_mix.weight)
 
 
 class ConvMixer(MaxStateSuper):

@@ -21,6 +21,7 @@ from samout.layers.mixers import build_mixer
 from samout.models.base import PretrainedModelMixin
 from samout.ops.blend_norm import blend_norm
 from samout.ops.gated_ffn import gated_ffn
+from samout.ops.kernels import resolve_kernel
 from samout.state import State, check_state_layers
 
 
@@ -34,8 +35,13 @@ class FeedForward(nn.Module):
         self.gate = nn.Linear(hidden_size, inner)
         self.ffn2 = nn.Linear(inner, hidden_size)
         self.lean = lean  # config.recompute: the leaner autograd function (samout/ops/gated_ffn.py)
+        self.in_proj: nn.Module | None = None  # ffn1 and gate side by side (samout.quant, decoding)
+        self.in_dtype: torch.dtype | None = None  # in_proj to ffn2 in this dtype (samout.quant)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.in_proj is not None:
+            a, g = self.in_proj(x if self.in_dtype is None else x.to(self.in_dtype)).chunk(2, dim=-1)
+            return self.ffn2(a * torch.relu(g)).to(x.dtype)
         if self.lean and torch.is_grad_enabled() and all(type(m) is nn.Linear for m in self.children()):
             return gated_ffn(x, self.ffn1.weight, self.ffn1.bias, self.gate.weight, self.gate.bias,
                              self.ffn2.weight, self.ffn2.bias)
@@ -66,6 +72,16 @@ class DecoderLayer(nn.Module):
             return blend_norm(self.ffn(h), x, self.alpha, ln.weight, ln.bias, ln.eps), new_state
         return self.layer_norm(self.alpha * self.ffn(h) + (1 - self.alpha) * x), new_state
 
+    def step(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """`forward` for one token per row (x [B, D]) in fewer operations, for decoding."""
+        if self.kind == "attention":
+            h, new_state = self.mixer(x[:, None], state)
+            h = h[:, 0]
+        else:
+            h, running = self.mixer.step(x, None if state is None else state["running_max"])
+            new_state = {"running_max": running}
+        return self.layer_norm(torch.lerp(x, self.ffn(h), self.alpha)), new_state
+
 
 class SamOut(PretrainedModelMixin, nn.Module):
     """`logits, state = model(input_ids, state=None)`.
@@ -91,18 +107,46 @@ class SamOut(PretrainedModelMixin, nn.Module):
             self.head.weight = self.embed.weight
 
     # -- forward -------------------------------------------------------------
-    def forward(self, input_ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, input_ids: Tensor, state: State | None = None, *, logits_to_keep: int = 0,
+                targets: Tensor | None = None, ignore_index: int = -100) -> tuple[Tensor, State]:
+        """`logits_to_keep` n > 0: logits of the last n positions only (the name and meaning
+        of Hugging Face's argument). A prefill needs only the last position's; the output head
+        is then not run over the whole prompt, which at a small width is half its FLOPs.
+        `targets` [B, T]: return the mean cross-entropy against them (a scalar) in place of
+        the logits, computed without materialising them (`head_output`); for training."""
         check_input_ids(input_ids, self.config.vocab_size)
+        check_logits_to_keep(logits_to_keep)
         layer_states = self._check_state(state, input_ids.shape[0])
-        x = self.embed(input_ids)
         new_states = []
-        for layer, s in zip(self.layers, layer_states):
-            h, s = layer(x, s)
-            x = h + x
-            new_states.append(s)
+        if self._steps(input_ids):
+            x = self.embed(input_ids[:, 0])
+            for layer, s in zip(self.layers, layer_states):
+                h, s = layer.step(x, s)
+                x = h + x
+                new_states.append(s)
+            x = x[:, None]
+        else:
+            x = self.embed(input_ids)
+            for layer, s in zip(self.layers, layer_states):
+                h, s = layer(x, s)
+                x = h + x
+                new_states.append(s)
+        if logits_to_keep:
+            if targets is not None:
+                raise ValueError("give logits_to_keep or targets, not both")
+            x = x[:, -logits_to_keep:]
         if self.norm is not None:
             x = self.norm(x)
-        return self.head(x), State(new_states)
+        return self.head_output(x, targets, ignore_index), State(new_states)
+
+    def _steps(self, input_ids: Tensor) -> bool:
+        """Decoding one token (no autograd, no tracing) takes the lean `DecoderLayer.step`
+        path; the "reference" and "triton" kernels keep the plain one."""
+        if input_ids.shape[1] != 1 or torch.is_grad_enabled():
+            return False
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return False
+        return resolve_kernel(self.config.kernel, self.embed.weight) == "fused"
 
     def _check_state(self, state: State | None, batch_size: int) -> list[dict[str, Tensor] | None]:
         check_state_layers(state, len(self.layers))
@@ -162,6 +206,11 @@ def _check_kv(i: int, entry: dict[str, Tensor], batch_size: int, h: int, dh: int
         got = {name: None if entry.get(name) is None else tuple(entry[name].shape) for name in STATE_KEYS}
         raise ValueError(f"state layer {i} (attention): key and value must have shape ({batch_size}, {h}, "
                          f"T, {dh}), got {got}")
+
+
+def check_logits_to_keep(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {n!r}")
 
 
 def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:

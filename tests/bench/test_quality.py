@@ -54,7 +54,7 @@ def test_quality_runs_the_variants(tmp_path, shakespeare_dir):
     assert list(data["models"]) == ["samout-decay", "hybrid-swa", "transformer"]
     swa = load_pretrained(tmp_path / "out" / "quality-work" / "runs" / "hybrid-swa")
     assert swa.config.attention_window == 4 and swa.config.num_layers == 4
-    assert swa.config.resolved_layer_types[-1] == "attention"
+    assert swa.config.resolved_layer_types == ["maxstate", "attention", "maxstate", "maxstate"]
     assert [v["seq_len"] for v in data["models"]["hybrid-swa"]["contexts"].values()] == [8, 32]
 
 

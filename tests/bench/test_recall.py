@@ -73,7 +73,8 @@ def test_variants_run_and_are_parameter_matched(tmp_path):
     results = run_recall(s, tmp_path, progress=False)
     models = results["models"]
     assert list(models) == ["samout", "samout-decay", "hybrid", "hybrid-swa", "transformer"]
-    assert models["hybrid"]["config"]["attention_every"] == 4
+    assert models["hybrid"]["config"]["layer_types"] == ["maxstate", "attention", "maxstate", "maxstate"]
+    assert models["hybrid"]["config"]["max_decay"] is True
     assert models["hybrid-swa"]["config"]["attention_window"] == 8
     assert models["samout-decay"]["config"]["max_decay"] is True
     base = models["samout"]["non_embedding_parameters"]

@@ -320,14 +320,17 @@ def test_decay_forgets_an_old_maximum():
 
 def test_hybrid_layers_and_parameter_matching():
     config = SamOutConfig.from_preset("hybrid-small")
-    assert config.resolved_layer_types == ["maxstate", "maxstate", "maxstate", "attention"]
+    assert config.resolved_layer_types == ["maxstate", "attention", "maxstate", "maxstate"]
+    assert SamOutConfig.from_preset("tiny", num_layers=8, attention_every=4).resolved_layer_types == \
+        ["maxstate"] * 3 + ["attention"] + ["maxstate"] * 3 + ["attention"]
     with torch.device("meta"):
         hybrid, plain = SamOut(config), SamOut(SamOutConfig.from_preset("small"))
     h, d = config.num_heads, config.hidden_size
     # The attention layer's q, k, v, o (4 D^2) replace openash's 4-stream projection
-    # (4 D^2) and its head mixing and alphas (5 H^2 + 3).
-    assert plain.num_parameters() - hybrid.num_parameters() == 5 * h * h + 3
-    assert sum(p.numel() for p in hybrid.layers[3].mixer.parameters()) == 4 * d * d
+    # (4 D^2) and its head mixing and alphas (5 H^2 + 3); each of the three maxstate
+    # layers gains its decay θ (D).
+    assert plain.num_parameters() - hybrid.num_parameters() == 5 * h * h + 3 - 3 * d
+    assert sum(p.numel() for p in hybrid.layers[1].mixer.parameters()) == 4 * d * d
     swa = SamOutConfig.from_preset("hybrid-small-swa")
     assert swa.attention_window == 256 and swa.resolved_layer_types == config.resolved_layer_types
 
@@ -410,3 +413,52 @@ def test_channel_major_head_merge_is_the_same_layer_up_to_a_column_permutation(m
     torch.testing.assert_close(ffn(head_major), theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x)[0], layer.layer_norm(layer.alpha * theirs + (1 - layer.alpha) * x),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_to_keep_is_the_tail_of_the_full_logits(seed, variant):
+    """A prefill asks for the last position only: the same numbers and the same state."""
+    model = _tiny("openash", variant)
+    ids = torch.randint(0, 512, (2, 13))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        for n in (1, 5, 13, 40):  # past T: every position, as slicing does
+            part, state = model(ids, logits_to_keep=n)
+            assert part.shape == (2, min(n, 13), 512)
+            assert torch.allclose(part, full[:, -n:], rtol=0, atol=1e-6 * float(full.abs().max()))
+            for a, b in zip(state.to_tensors().values(), full_state.to_tensors().values()):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.0, True, "1"])
+def test_bad_logits_to_keep_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="logits_to_keep must be an integer"):
+        _tiny("openash")(torch.zeros(1, 3, dtype=torch.long), logits_to_keep=bad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_one_token_step_path_equals_the_plain_forward(seed, mixer, variant):
+    """Decoding (one token, no autograd) takes DecoderLayer.step, the lean form; with
+    autograd on, the same call runs the plain layers. Same logits to rounding, same state."""
+    model = _tiny(mixer, variant)
+    ids = torch.randint(0, 512, (3, 9))
+    with torch.no_grad():
+        _, state = model(ids[:, :8])
+    tok = ids[:, 8:]
+    with torch.no_grad():
+        assert model._steps(tok)
+        fast, fast_state = model(tok, state)
+    with torch.enable_grad():
+        assert not model._steps(tok)
+        plain, plain_state = model(tok, state)
+    assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
+    # The first layer's state is the same max of the same numbers; deeper layers see inputs
+    # that differ by rounding (the blend is a lerp in the step).
+    first = ("key", "value") if model.layers[0].kind == "attention" else ("running_max",)
+    assert all(torch.equal(fast_state[0][k], plain_state[0][k]) for k in first)
+    for a, b in zip(fast_state.to_tensors().values(), plain_state.to_tensors().values()):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    model.set_kernel("reference")
+    with torch.no_grad():
+        assert not model._steps(tok)
