@@ -197,8 +197,9 @@ class BF16Linear(nn.Module):
             if x.dim() == 2:
                 y = torch.ops.mkldnn._linear_pointwise(xb, self.weight_bf16, self.bias, "none", [], "")
             else:
-                y = torch.ops.mkldnn._linear_pointwise(xb.reshape(-1, x.shape[-1]), self.weight_bf16, self.bias,
-                                                       "none", [], "").view(*x.shape[:-1], self.out_features)
+                y = torch.ops.mkldnn._linear_pointwise(xb.reshape(-1, x.shape[-1]), self.weight_bf16,
+                                                       self.bias, "none", [], "")
+                y = y.view(*x.shape[:-1], self.out_features)
             return y.to(x.dtype)
         return F.linear(xb, self.weight_bf16, self.bias).to(x.dtype)
 

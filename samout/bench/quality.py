@@ -49,6 +49,7 @@ class QualitySettings:
     seq_len: int = 256
     batch_size: int = 16
     max_steps: int = 2000
+    max_time: float | None = None  # seconds: every model trains this long (equal wall time)
     lr: float = 2e-3
     warmup_steps: int = 100
     eval_every: int = 200
@@ -132,10 +133,11 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     train_settings = dict(seq_len=s.seq_len, batch_size=s.batch_size, max_steps=s.max_steps, lr=s.lr,
                           warmup_steps=s.warmup_steps, eval_every=s.eval_every, eval_windows=s.eval_windows,
                           save_every=s.max_steps, keep_checkpoints=1, log_every=s.eval_every,
-                          device=str(device), seed=s.seed)
+                          device=str(device), seed=s.seed, max_time=s.max_time)
     runs = {f"samout-{m}": {**s.overrides, "mixer": m} for m in s.mixers}
+    layers = SamOutConfig.from_preset(s.preset, **s.overrides).num_layers
     check_variants(s.variants, SamOutConfig.from_preset(s.preset, **s.overrides))
-    runs.update({v: {**s.overrides, **variant_fields(v, s.window)} for v in s.variants})
+    runs.update({v: {**s.overrides, **variant_fields(v, s.window, layers)} for v in s.variants})
     runs["transformer"] = {**s.overrides, "model_type": "transformer",
                            "max_position_embeddings": max(4096, longest)}
     results: dict[str, Any] = {

@@ -358,13 +358,26 @@ def format_serve(results: dict) -> str:
     clients = sorted({p["clients"] for p in results["throughput"]})
     histories = sorted({p["history"] for p in results["throughput"]})
     lines.append("")
+    points = {(p["model"], p["history"], p["clients"]): p for p in results["throughput"]}
     if len(clients) > 1:
         for model in MODELS:
             for h in histories:
-                one, many = by.get((model, h, clients[0])), by.get((model, h, clients[-1]))
-                if one and many:
-                    lines.append(f"{model} H={h}: {clients[-1]} clients give {many / one:.1f}x the tokens/s "
-                                 f"of {clients[0]}")
+                one = by.get((model, h, clients[0]))
+                ratios = [f"{n}: {by[(model, h, n)] / one:.1f}x" for n in clients[1:]
+                          if one and by.get((model, h, n))]
+                if ratios:
+                    lines.append(f"{model} H={h}: tokens/s against {clients[0]} client(s): "
+                                 + ", ".join(ratios))
+        # What one more session costs the server: the slope of peak RSS from the fewest to the
+        # most clients, beside the bytes of one session's state.
+        for model in MODELS:
+            for h in histories:
+                a, b = points.get((model, h, clients[0])), points.get((model, h, clients[-1]))
+                if a and b and b["state_bytes_per_session"]:
+                    slope = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (clients[-1] - clients[0])
+                    lines.append(f"{model} H={h}: peak RSS {slope / 1024:+,.1f} KiB per extra session "
+                                 f"({clients[0]} -> {clients[-1]} clients); state "
+                                 f"{b['state_bytes_per_session'] / 1024:,.1f} KiB per session")
     for h in histories:
         for n in clients:
             a, b = by.get(("samout", h, n)), by.get(("transformer", h, n))

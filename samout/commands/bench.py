@@ -36,6 +36,18 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _duration(text: str) -> float:
+    from samout.training.config import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except SamoutError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return seconds
+
+
 def _mixers(text: str) -> list[str]:
     return [m for m in text.replace(",", " ").split() if m]
 
@@ -129,6 +141,9 @@ def register(subparsers) -> None:
     for name, kind in (("vocab_size", int), ("seq_len", int), ("batch_size", int), ("max_steps", int),
                        ("lr", float), ("warmup_steps", int), ("eval_every", int)):
         quality.add_argument("--" + name.replace("_", "-"), type=kind)
+    quality.add_argument("--max-time", type=_duration,
+                         help="train every model for this long instead (e.g. 5m): equal wall time, "
+                              "--max-steps then only caps it")
     quality.add_argument("--work-dir", help="where the data and trained runs go (default OUT/quality-work)")
     _add_run_args(quality, "bench-results")
     quality.set_defaults(func=run_quality_command)
@@ -227,7 +242,7 @@ def run_quality_command(args) -> int:
     s.overrides = {**s.overrides, **{k: getattr(args, k) for k in ("hidden_size", "num_layers", "num_heads")
                                      if getattr(args, k) is not None}}
     _apply_flags(s, args, ("corpus", "preset", "mixers", "variants", "window", "context_multiples",
-                           "vocab_size", "seq_len", "batch_size", "max_steps",
+                           "vocab_size", "seq_len", "batch_size", "max_steps", "max_time",
                            "lr", "warmup_steps", "eval_every", "device", "seed", "work_dir"))
     if args.threads is not None:
         if args.threads <= 0:

@@ -63,3 +63,20 @@ def test_builtin_shakespeare_is_a_corpus_of_whole_works(tmp_path, shakespeare_di
     # the same name as a directory (here: the works written out) means the directory
     monkeypatch.chdir(shakespeare_dir.parent)
     assert len(corpus_files("shakespeare")) == 38
+
+
+def test_quality_at_equal_wall_time(tmp_path, shakespeare_dir):
+    """--max-time: every model trains for the same time (the step cap far away), so faster
+    models see more tokens."""
+    corpus = tmp_path / "plays"
+    corpus.mkdir()
+    for play in sorted(shakespeare_dir.glob("*_gut.txt"))[:20]:
+        (corpus / play.name).write_text(play.read_text(encoding="utf-8")[5000:7000])
+    s = QualitySettings(corpus=str(corpus), preset="tiny", mixers=["openash"], vocab_size=300, seq_len=8,
+                        batch_size=2, max_steps=100_000, max_time=1.0, warmup_steps=1, eval_every=5,
+                        eval_windows=1, final_eval_windows=1, context_multiples=[1])
+    data = run_quality(s, tmp_path / "out", progress=False)
+    for m in data["models"].values():
+        assert 1.0 <= m["train_seconds"] < 5.0
+        assert 0 < m["tokens"] < 100_000 * 2 * 8
+    assert data["train_config"]["max_time"] == 1.0
