@@ -59,7 +59,7 @@ class LowpSettings:
     memory_preset: str = "seed-003"
     memory_vocab: int = 8192
     memory_tokens: list[int] = field(default_factory=lambda: [1024, 4096])
-    memory_repeats: int = 3
+    memory_repeats: int = 5
     device: str = "cpu"
     seed: int = 0
 
