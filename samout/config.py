@@ -149,8 +149,8 @@ class SamOutConfig(JsonConfig):
     # A forgetting running max in every maxstate mixer: m_t = max(x_t, m_{t-1} - δ),
     # δ = softplus(θ) per head-channel, θ initialised so δ = max_decay_init. Small, so a
     # new model starts as the non-forgetting max the seeds train well (a channel forgets
-    # a gap of 1 in about 1000 tokens) and learns how much to forget; Adam moves θ by
-    # about lr per step whatever softplus's slope, so δ can grow quickly where it helps.
+    # a gap of 1 in about 1000 tokens). δ is learnable but in the runs measured it stayed
+    # near its start (docs/benchmarks.md, "Hybrid layers"): the start is the real choice.
     max_decay: bool = False
     max_decay_init: float = DEFAULT_MAX_DECAY_INIT
     model_type: str = field(default="samout", repr=False)

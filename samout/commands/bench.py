@@ -232,7 +232,8 @@ def _write_report(args, name: str, results: dict, summary: str) -> int:
     """Write `<name>.txt` beside the JSON and plots, and print the summary."""
     atomic_write(f"{args.out}/{name}.txt", summary + "\n")
     print(summary)
-    print(f"\nwrote {args.out}/{name}.json, {name}.txt and {', '.join(results['plots'])}")
+    files = [f"{name}.json", f"{name}.txt", *results.get("plots", [])]
+    print(f"\nwrote in {args.out}: {', '.join(files)}")
     return 0
 
 

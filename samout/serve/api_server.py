@@ -122,7 +122,13 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        def deliver(batch: list) -> None:  # on an engine thread: one loop wake-up per engine step
+            loop.call_soon_threadsafe(_run_events, batch)
+
         for m in models:
+            m.engine.deliver = deliver  # requests' emit callbacks run on this loop
             m.engine.start()
         yield
         loop = asyncio.get_running_loop()
@@ -263,13 +269,12 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
                                   top_p=body.top_p, top_k=body.top_k, stop_at_eot=not body.ignore_eos,
                                   seed=None if body.seed is None else (body.seed + j) % 2**63)
 
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         submitted: list[GenerationRequest] = []
         try:
             for index, (ids, j) in enumerate(choices):
-                def emit(event, index=index):
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+                def emit(event, index=index):  # on the event loop (the engine's `deliver`)
+                    queue.put_nowait((index, event))
                 submitted.append(served.engine.submit(ids, params_for(j), emit, stop_ids))
         except QueueFullError as err:
             for r in submitted:
@@ -289,6 +294,14 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     return app
 
 
+_MARKER = "\x00samout-text\x00"  # stands for a chunk's text in its template
+
+
+def _run_events(batch: list) -> None:
+    for emit, event in batch:
+        emit(event)
+
+
 class _Run:
     """The choices of one request as they come from the engine."""
 
@@ -301,6 +314,7 @@ class _Run:
         self.finish: list[str | None] = [None] * len(requests)
         self.usage = [{"prompt_tokens": len(r.prompt), "completion_tokens": 0, "cached_tokens": 0}
                       for r in requests]
+        self._templates: dict[int, list[str]] = {}
 
     def _abort_unfinished(self) -> None:
         for i, r in enumerate(self.requests):
@@ -350,6 +364,18 @@ class _Run:
         build = P.chat_response if self.chat else P.completion_response
         return build(self.rid, self.served.name, self.created, choices, self._total_usage())
 
+    def _text_chunk(self, index: int, text: str) -> str:
+        """A chunk carrying only new text (nearly every chunk): the JSON of `_chunk` made from a
+        per-choice template, so each token costs one small json.dumps of its text."""
+        parts = self._templates.get(index)
+        if parts is None:
+            marker = json.dumps(_MARKER)
+            parts = self._chunk(index, _MARKER, None).split(marker)
+            self._templates[index] = parts
+        if len(parts) != 2:  # the marker did not come out once (cannot happen): the plain way
+            return self._chunk(index, text, None)
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+
     def _chunk(self, index: int, text: str | None, finish: str | None, usage: dict | None = None,
                role: bool = False) -> str:
         if self.chat:
@@ -366,21 +392,27 @@ class _Run:
                 for i in range(len(self.requests)):
                     yield self._chunk(i, None, None, role=True)
             while any(f is None for f in self.finish):
-                index, event = await self.queue.get()
-                if self.finish[index] is not None:
-                    continue
-                try:
-                    text = self._apply(index, event)
-                except OpenAIError as err:
-                    yield f"data: {json.dumps(err.body())}\n\n"
-                    return
-                done = self.finish[index] is not None
-                if done:
-                    u = self.usage[index]
-                    usage = P.usage_dict(u["prompt_tokens"], u["completion_tokens"], u["cached_tokens"])
-                    yield self._chunk(index, text, self.finish[index], usage)
-                elif text:
-                    yield self._chunk(index, text, None)
+                # Everything that has arrived goes out in one write (fewer sends under load).
+                events = [await self.queue.get()]
+                while not self.queue.empty():
+                    events.append(self.queue.get_nowait())
+                out = []
+                for index, event in events:
+                    if self.finish[index] is not None:
+                        continue
+                    try:
+                        text = self._apply(index, event)
+                    except OpenAIError as err:
+                        yield "".join(out) + f"data: {json.dumps(err.body())}\n\n"
+                        return
+                    if self.finish[index] is not None:
+                        u = self.usage[index]
+                        usage = P.usage_dict(u["prompt_tokens"], u["completion_tokens"], u["cached_tokens"])
+                        out.append(self._chunk(index, text, self.finish[index], usage))
+                    elif text:
+                        out.append(self._text_chunk(index, text))
+                if out:
+                    yield "".join(out)
             if self.body.include_usage_chunk:
                 chunk = P.usage_chunk(self.rid, self.served.name, self.created, self.chat,
                                       self._total_usage())

@@ -21,7 +21,10 @@ set of decoding sequences stays the same, the next step reuses that padded batch
 (no re-padding); it is rebuilt only when a sequence joins or leaves.
 `batched_decode=False` steps every sequence alone: the plain reference path.
 
-Requests talk to the engine through `emit(event)` callbacks, called on the engine thread:
+Requests talk to the engine through `emit(event)` callbacks, called on the engine thread, or,
+with `deliver` set (the HTTP server sets it), handed over as one list per loop iteration:
+`deliver([(emit, event), ...])` (one wake-up of the server's event loop per step, not one per
+token per client):
   ("admitted", cached_tokens)        the request got a slot (resuming after cached_tokens)
   ("token", id)                      a new token
   ("finish", reason, usage)          reason "stop" (end of text) or "length"; usage counts
@@ -49,6 +52,7 @@ from samout.state import State
 from samout.tokenizer import EOT_ID
 
 DEFAULT_MAX_BATCH = 64
+Emit = Callable[[tuple], None]
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_PREFILL_CHUNK = 256
 
@@ -98,7 +102,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 cache: StateCache | None = None, name: str = "model", batched_decode: bool = True) -> None:
+                 cache: StateCache | None = None, name: str = "model", batched_decode: bool = True,
+                 deliver: Callable[[list[tuple[Emit, tuple]]], None] | None = None) -> None:
         for label, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if value < 1:
                 raise SamoutError(f"{label} must be at least 1, got {value}")
@@ -117,6 +122,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.deliver = deliver
+        self._outbox: list[tuple[Emit, tuple]] = []
         self.steps = self.tokens_generated = self.peak_active = 0
         self.state_bytes = self.peak_state_bytes = self.peak_state_sessions = 0
 
@@ -191,6 +198,20 @@ class Engine:
                 print(f"samout serve: engine error: {type(err).__name__}: {err}", file=sys.stderr)
                 for seq in list(self._active):
                     self._fail(seq, f"generation failed: {type(err).__name__}")
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to `deliver` in one call."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            self.deliver(batch)
+        except Exception:  # the receiver is gone (e.g. its event loop closed)
+            for emit, _ in batch:
+                for seq in self._active:
+                    if seq.request.emit is emit:
+                        seq.request.cancelled = True
 
     @torch.no_grad()
     def _iteration(self) -> None:
@@ -368,9 +389,11 @@ class Engine:
         if self.cache is not None and seq.state is not None and seq.logits is not None and seq.fed:
             self.cache.put(seq.fed, seq.state, seq.logits)
 
-    @staticmethod
-    def _emit(seq: _Sequence, event: tuple) -> None:
+    def _emit(self, seq: _Sequence, event: tuple) -> None:
         if seq.request.cancelled:
+            return
+        if self.deliver is not None:
+            self._outbox.append((seq.request.emit, event))
             return
         try:
             seq.request.emit(event)
