@@ -249,14 +249,16 @@ class Engine:
                 request = self._waiting.popleft()
             params = request.params
             seed = params.seed if params.seed is not None else secrets.randbits(63)
-            seq = _Sequence(request, torch.Generator(device="cpu").manual_seed(seed),
-                            pending=list(request.prompt), fed=[])
             entry = self.cache.lookup(request.prompt) if self.cache is not None else None
+            cached = 0 if entry is None else len(entry.tokens)
+            # Only the tokens after the cached prefix are copied: a follow-up turn costs the
+            # same whatever the length of its history.
+            seq = _Sequence(request, torch.Generator(device="cpu").manual_seed(seed),
+                            pending=request.prompt[cached:], fed=[])
             if entry is not None:
                 seq.state, seq.logits = entry.state, entry.logits
                 seq.fed = entry.tokens.tolist()
-                seq.pending = seq.pending[len(seq.fed):]
-                seq.cached_tokens = len(seq.fed)
+                seq.cached_tokens = cached
             self._active.append(seq)
             self._emit(seq, ("admitted", seq.cached_tokens))
             self.peak_active = max(self.peak_active, len(self._active))
