@@ -131,7 +131,6 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
             m.engine.deliver = deliver  # requests' emit callbacks run on this loop
             m.engine.start()
         yield
-        loop = asyncio.get_running_loop()
         for m in models:  # drain: the running requests finish (uvicorn waited for their responses)
             await loop.run_in_executor(None, m.engine.shutdown, True, settings.drain_timeout)
 

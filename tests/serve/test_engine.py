@@ -210,3 +210,25 @@ def test_int8_samout_has_an_explicit_empty_state():
     state = model.init_state(2)
     assert state[0]["running_max"].dtype == torch.float32
     assert torch.isneginf(state[0]["running_max"]).all()
+
+
+def test_deliver_hands_each_step_over_at_once_with_the_same_tokens(serve_models, seed):
+    """With `deliver` (what the HTTP server sets) the events of one loop iteration arrive
+    in one call, in order; the tokens are those of the plain engine."""
+    model = serve_models[0]
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eot=False)
+    jobs = [(p, params) for p in _prompts(model.config.vocab_size, seed, 4)]
+    plain = [o.tokens for o in run_jobs(Engine(model, prefill_chunk=8), jobs)]
+    batches: list[list] = []
+
+    def deliver(batch):
+        batches.append(batch)
+        for emit, event in batch:
+            emit(event)
+
+    outs = run_jobs(Engine(model, prefill_chunk=8, deliver=deliver), jobs)
+    assert [o.tokens for o in outs] == plain
+    assert all(o.finish[0] == "finish" for o in outs)
+    # Decode steps carry one token per running request in a single batch.
+    assert max(sum(e[0] == "token" for _, e in b) for b in batches) == len(jobs)
+    assert len(batches) < sum(len(b) for b in batches)
