@@ -120,7 +120,7 @@ def hybrid_layer_types(num_layers: int, every: int = HYBRID_EVERY) -> list[str]:
     return ["attention" if i % every == 1 else "maxstate" for i in range(num_layers)]
 
 
-def variant_fields(name: str, window: int, num_layers: int = HYBRID_EVERY) -> dict[str, Any]:
+def variant_fields(name: str, window: int, num_layers: int) -> dict[str, Any]:
     hybrid = {"layer_types": hybrid_layer_types(num_layers), "max_decay": True,
               "max_decay_init": HYBRID_DECAY_INIT}
     table = {
@@ -138,7 +138,7 @@ def variant_fields(name: str, window: int, num_layers: int = HYBRID_EVERY) -> di
 
 def check_variants(variants: list[str], base: SamOutConfig | None = None) -> list[str]:
     for v in variants:
-        variant_fields(v, 1)
+        variant_fields(v, 1, HYBRID_EVERY)  # an unknown name is the error here
         if v.startswith("hybrid") and base is not None and base.num_layers < HYBRID_EVERY:
             raise SamoutError(f"variant {v} makes 1 layer in {HYBRID_EVERY} attention: it needs --num-layers "
                               f">= {HYBRID_EVERY} (got {base.num_layers})")

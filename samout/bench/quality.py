@@ -135,9 +135,9 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                           save_every=s.max_steps, keep_checkpoints=1, log_every=s.eval_every,
                           device=str(device), seed=s.seed, max_time=s.max_time)
     runs = {f"samout-{m}": {**s.overrides, "mixer": m} for m in s.mixers}
-    layers = SamOutConfig.from_preset(s.preset, **s.overrides).num_layers
-    check_variants(s.variants, SamOutConfig.from_preset(s.preset, **s.overrides))
-    runs.update({v: {**s.overrides, **variant_fields(v, s.window, layers)} for v in s.variants})
+    preset = SamOutConfig.from_preset(s.preset, **s.overrides)
+    check_variants(s.variants, preset)
+    runs.update({v: {**s.overrides, **variant_fields(v, s.window, preset.num_layers)} for v in s.variants})
     runs["transformer"] = {**s.overrides, "model_type": "transformer",
                            "max_position_embeddings": max(4096, longest)}
     results: dict[str, Any] = {
