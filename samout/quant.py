@@ -10,18 +10,25 @@ bandwidth / bytes of weights; only smaller weights go past float32's limit. Ever
 float32 (a token reads one row of it), as do LayerNorm, the mixers' small parameters and
 the running-max state (the state contract `logits, state = model(ids, state)` is kept).
 
-- "bfloat16": `BF16Linear`, weights in bf16. On CPU with oneDNN the weight is prepacked
-  once (`torch.ops.mkldnn._reorder_linear_weight`): the plain bf16 `F.linear` was no
-  faster than float32 at batch 1 on the test machine, the prepacked one 1.6x.
-- Both fuse each gated FFN's ffn1 and gate into one Linear first (`_fuse_ffn_input`).
+- "bfloat16": `BF16Linear`, weights in bf16. One input row on CPU (decoding at batch 1)
+  goes to samout's row kernel (samout.ops.row_gemv, built on first use with the
+  machine's C compiler; float32 input, float32 sums): oneDNN's bf16 kernels read the
+  85M model's 768-wide matrices at 15-25 GB/s there, for 1.39x float32's tokens/s. Every
+  other shape goes to oneDNN with the weight prepacked once
+  (`torch.ops.mkldnn._reorder_linear_weight`; the input rounded to bf16).
 - "int8": `Int8Linear`, weights int8 with one float32 scale per output channel
-  (symmetric: w ≈ scale[o] * q[o, i], q in [-127, 127]). On CPU it runs fbgemm's
+  (symmetric: w ≈ scale[o] * q[o, i], q in [-127, 127]). One input row on CPU goes to
+  the row kernel too, weight-only (the input stays float32). Other shapes run fbgemm's
   dynamic int8 kernel (`torch.ops.quantized.linear_dynamic`, what `torch.ao`'s
-  `quantize_dynamic` uses): the activations are also rounded to 8 bits, per call, with
-  one scale for the whole input tensor. That was 2.7x float32's speed over the 85M
-  model's matrices; the weight-only `torch.ops.aten._weight_int8pack_mm` (gpt-fast's CPU
-  kernel) was 2.3x *slower* than float32 there, and dequantize-then-matmul slower still.
-  Elsewhere (CUDA, no fbgemm) it computes x @ (q * scale).T, weight-only.
+  `quantize_dynamic` uses), which also rounds the activations to 8 bits, per call, with
+  one scale for the whole input tensor; the weight-only
+  `torch.ops.aten._weight_int8pack_mm` (gpt-fast's CPU kernel) was 2.3x *slower* than
+  float32 there, and dequantize-then-matmul slower still. Elsewhere (CUDA, no fbgemm)
+  it computes x @ (q * scale).T, weight-only.
+- Both fuse each gated FFN's ffn1 and gate into one Linear first (`_fuse_ffn_input`).
+- Where the row kernel is available a layer holds its weight again in the kernel's
+  layout (`weight_rows`, not saved), beside oneDNN's / fbgemm's: memory for speed, as
+  each call reads one layout. `SAMOUT_CPU_KERNELS=0` turns the kernel off.
 The accuracy cost (perplexity, greedy agreement with float32) is measured by
 `samout bench speed --lowp --accuracy-run RUN_DIR` (samout/bench/lowp.py).
 """
@@ -36,6 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from samout.ops import cpu_build, row_gemv
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 DEFAULT_INFERENCE_DTYPE = "float32"
@@ -87,6 +96,17 @@ def _reduce_range() -> bool:
     return not _cpu_has_vnni()
 
 
+def _row_kernel_takes(linear: nn.Module, x: Tensor) -> bool:
+    """Whether a call goes to samout's row kernel (samout.ops.row_gemv): one float32 CPU
+    row, outside autograd and graph capture, on a layer that holds the kernel's layout."""
+    # Graph capture (jit.trace, the ONNX exporters, torch.compile / export) is checked
+    # without torch.onnx.is_in_onnx_export, which alone costs 1.8 us: both ONNX exporters
+    # trace (jit) or compile (torch.export), which the first two report.
+    return (linear.weight_rows is not None and x.dtype == torch.float32 and x.numel() == linear.in_features
+            and x.is_contiguous() and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
 class Int8Linear(nn.Module):
     """A Linear with int8 weights and per-output-channel float32 scales (see the module doc)."""
 
@@ -97,6 +117,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self._packed = None  # fbgemm's packed weight, built on first CPU use
+        rows = q.device.type == "cpu" and row_gemv.available()
+        self.register_buffer("weight_rows", row_gemv.pack_rows(q) if rows else None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -119,7 +141,13 @@ class Int8Linear(nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
         return self._packed
 
+    def uses_row_kernel(self, x: Tensor) -> bool:
+        return _row_kernel_takes(self, x)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.uses_row_kernel(x):
+            y = row_gemv.int8_gemv(x, self.weight_rows, self.scale, self.out_features, self.bias, check=False)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.uses_fbgemm(x):
             shape = x.shape
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), self._packed_params(),
@@ -177,21 +205,38 @@ def _mkldnn_bf16() -> bool:
 
 
 class BF16Linear(nn.Module):
-    """A Linear with bfloat16 weights; float32 in and out (the input is rounded to bf16)."""
+    """A Linear with bfloat16 weights; float32 in and out.
+
+    On CPU, one input row (decoding at batch 1) goes to samout's kernel
+    (samout.ops.row_gemv: float32 input, bf16 weights, float32 sums) and every other
+    shape to oneDNN with the weight prepacked once (input rounded to bf16). Where the
+    kernel is available the weight is held in both layouts, `weight_rows` for it (a
+    non-persistent buffer) and `weight_bf16` for oneDNN: twice the bf16 bytes resident,
+    while each call reads one. Elsewhere a plain bf16 `F.linear`."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().to(torch.bfloat16)
-        self.packed = w.device.type == "cpu" and _mkldnn_bf16()
-        if self.packed:
-            w = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        self.register_buffer("weight_bf16", w)
+        plain = linear.weight.detach().to(torch.bfloat16)
+        on_cpu = plain.device.type == "cpu"
+        self.packed = on_cpu and _mkldnn_bf16()
+        self.register_buffer("weight_bf16", torch.ops.mkldnn._reorder_linear_weight(plain, 1)
+                             if self.packed else plain)
         b = linear.bias
         self.register_buffer("bias", None if b is None else b.detach().to(torch.bfloat16))
+        rows = on_cpu and row_gemv.available()
+        self.register_buffer("weight_rows", row_gemv.pack_rows(plain) if rows else None, persistent=False)
+        self.register_buffer("bias_f32", self.bias.float() if rows and b is not None else None,
+                             persistent=False)
+
+    def uses_row_kernel(self, x: Tensor) -> bool:
+        return _row_kernel_takes(self, x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Out in x's dtype: a bf16 input (FeedForward's `in_dtype`) stays bf16."""
+        if self.uses_row_kernel(x):
+            y = row_gemv.bf16_gemv(x, self.weight_rows, self.out_features, self.bias_f32, check=False)
+            return y.view(*x.shape[:-1], self.out_features)
         xb = x.to(torch.bfloat16)
         if self.packed and x.device.type == "cpu":
             if x.dim() == 2:
@@ -205,6 +250,10 @@ class BF16Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16"
+
+
+# Buffers that hold a weight again in another layout (a call reads one of them).
+ALTERNATE_LAYOUTS = ("weight_rows", "bias_f32")
 
 
 # -- conversion ---------------------------------------------------------------------
@@ -223,6 +272,10 @@ def convert_for_inference(model: nn.Module, dtype: str) -> nn.Module:
     if dtype == DEFAULT_INFERENCE_DTYPE:
         return model
     make = Int8Linear.from_linear if dtype == "int8" else BF16Linear
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not row_gemv.available() and cpu_build.enabled():
+        warnings.warn(f"samout's CPU row kernel is unavailable ({row_gemv.why_unavailable()}): "
+                      f"{dtype} decoding at batch 1 uses PyTorch's kernels, which are slower", stacklevel=2)
     for module in list(model.modules()):
         _fuse_ffn_input(module)
     for module in list(model.modules()):
@@ -256,8 +309,9 @@ def _ffn_in_dtype(module: nn.Module, dtype: str) -> None:
     ffn2 rounds its input to bf16 anyway, and a bf16 product is the float product rounded,
     so this gives the same numbers as converting back and forth, with four fewer
     conversions per layer."""
-    if dtype == "bfloat16" and isinstance(getattr(module, "in_proj", None), BF16Linear) \
-            and isinstance(getattr(module, "ffn2", None), BF16Linear):
+    in_proj, ffn2 = getattr(module, "in_proj", None), getattr(module, "ffn2", None)
+    if dtype == "bfloat16" and isinstance(in_proj, BF16Linear) and isinstance(ffn2, BF16Linear) \
+            and in_proj.weight_rows is None:  # the row kernel takes float32 rows: no conversions
         module.in_dtype = torch.bfloat16
 
 
@@ -265,6 +319,7 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights a decode step reads: every parameter and buffer except the
     embedding table (one row per token)."""
     skip = {id(model.embed.weight)} if hasattr(model, "embed") else set()
+    skip |= {id(t) for name, t in model.named_buffers() if name.rsplit(".", 1)[-1] in ALTERNATE_LAYOUTS}
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in skip:

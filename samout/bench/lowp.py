@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from samout.bench.common import (
     build_model,
@@ -121,7 +122,10 @@ def decode_table(s: LowpSettings, device: torch.device, progress=print) -> dict[
 
 @torch.no_grad()
 def accuracy_table(s: LowpSettings, device: torch.device) -> dict[str, Any]:
-    """Held-out perplexity per dtype and teacher-forced greedy agreement with float32."""
+    """Held-out perplexity per dtype and teacher-forced greedy agreement with float32, two
+    ways: each window in one call (prompt processing: batched kernels, oneDNN / fbgemm on
+    CPU) and one token per call at batch 1 (decoding: samout's row kernels on CPU, where
+    they are available), since the two paths round differently."""
     import math
 
     import numpy as np
@@ -139,22 +143,39 @@ def accuracy_table(s: LowpSettings, device: torch.device) -> dict[str, Any]:
     tokens = data.splits["val"]
     batches = [torch.from_numpy(np.stack([tokens[a:a + n + 1] for a, n in windows if n == length])
                                 .astype(np.int64)) for length in sorted({n for _, n in windows})]
+
+    def whole(model, rows):
+        return model(rows[:, :-1])[0]
+
+    def stepped(model, rows):
+        out = []
+        for row in rows[:, :-1]:
+            state, logits = None, []
+            for t in range(row.shape[0]):
+                step, state = model(row[None, t:t + 1], state)
+                logits.append(step[0, -1])
+            out.append(torch.stack(logits))
+        return torch.stack(out)
+
     out: dict[str, Any] = {"run": str(run), "seq_len": seq_len, "windows": len(windows), "dtypes": {}}
-    ref_top = None
+    ref_top: dict[str, Tensor] = {}
     for dtype in s.dtypes:
         model = load_pretrained(run, map_location=str(device), dtype=dtype)
-        nats, count, tops = 0.0, 0, []
-        for rows in batches:
-            rows = rows.to(device)
-            logits, _ = model(rows[:, :-1])
-            nats += float(F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(),
-                                          reduction="sum"))
-            count += rows[:, 1:].numel()
-            tops.append(logits.argmax(-1).flatten().cpu())
-        top = torch.cat(tops)
-        ref_top = top if ref_top is None else ref_top
-        out["dtypes"][dtype] = {"loss": nats / count, "perplexity": math.exp(nats / count),
-                                "greedy_agreement_vs_float32": float((top == ref_top).float().mean())}
+        row: dict[str, float] = {}
+        for path, forward in (("", whole), ("decode_", stepped)):
+            nats, count, tops = 0.0, 0, []
+            for rows in batches:
+                rows = rows.to(device)
+                logits = forward(model, rows)
+                nats += float(F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(),
+                                              reduction="sum"))
+                count += rows[:, 1:].numel()
+                tops.append(logits.argmax(-1).flatten().cpu())
+            top = torch.cat(tops)
+            ref_top.setdefault(path, top)
+            row |= {f"{path}loss": nats / count, f"{path}perplexity": math.exp(nats / count),
+                    f"{path}greedy_agreement_vs_float32": float((top == ref_top[path]).float().mean())}
+        out["dtypes"][dtype] = row
     out["parameters"] = sum(p.numel() for p in load_pretrained(run).parameters())
     return out
 
@@ -236,13 +257,17 @@ def format_lowp(results: dict[str, Any]) -> str:
     if "accuracy" in results:
         a = results["accuracy"]
         lines += ["", f"accuracy: {a['run']} ({a['parameters']:,} parameters), {a['windows']} validation "
-                      f"windows of {a['seq_len']} tokens",
-                  f"{'dtype':>9} {'perplexity':>11} {'vs float32':>11} {'greedy agreement':>17}"]
-        f32 = a["dtypes"].get("float32", {}).get("perplexity")
-        for dtype, r in a["dtypes"].items():
-            rel = f"{100 * (r['perplexity'] / f32 - 1):+.2f}%" if f32 else "-"
-            agree = 100 * r["greedy_agreement_vs_float32"]
-            lines.append(f"{dtype:>9} {r['perplexity']:>11.3f} {rel:>11} {agree:>16.2f}%")
+                      f"windows of {a['seq_len']} tokens; each window in one call (prompt) and one "
+                      f"token per call at batch 1 (decode)",
+                  f"{'dtype':>9} {'path':>7} {'perplexity':>11} {'vs float32':>11} {'greedy agreement':>17}"]
+        for path, key in (("prompt", ""), ("decode", "decode_")):
+            f32 = a["dtypes"].get("float32", {}).get(f"{key}perplexity")
+            for dtype, r in a["dtypes"].items():
+                if f"{key}perplexity" not in r:
+                    continue  # results written before the decode path was measured
+                rel = f"{100 * (r[f'{key}perplexity'] / f32 - 1):+.2f}%" if f32 else "-"
+                agree = 100 * r[f"{key}greedy_agreement_vs_float32"]
+                lines.append(f"{dtype:>9} {path:>7} {r[f'{key}perplexity']:>11.3f} {rel:>11} {agree:>16.2f}%")
     m = results["memory"]
     lines += ["", f"training memory, {m['preset']} (vocab {m['vocab_size']}), one sequence per step",
               f"{'tokens':>7} {'model':>26} {'peak MiB':>9} {'vs transformer':>15} {'tokens/s':>9} "
