@@ -281,26 +281,8 @@ class _FusedMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, gstate):
         streams, state, alpha, weight, decay = ctx.saved_tensors
-        e = _scan_streams(streams, state, decay)
-        b, t, k, h, dh = streams.shape
-        gs = torch.empty((b, t, k, h, dh), dtype=streams.dtype, device=streams.device)
-        ge, galpha, gweight = KERNELS[ctx.kind].backward(gy, alpha, weight, streams, e, gs)
-        ge[:, -1].add_(gstate)  # the new state is e's last step
-        c = streams[:, :, MAX_STREAM].reshape(b, t, h * dh)
-        s2 = None if state is None else state.reshape(b, h * dh)
-        gdecay = None
-        if decay is None:
-            gc, gstate_in = scan_max_backward(
-                ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2, inplace=True
-            )
-        else:
-            gc, gstate_in, gdecay = scan_max_decay_backward(
-                ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2, _decay_rows(decay, b)
-            )
-            gdecay = gdecay.sum(0).view(decay.shape)
-        gs[:, :, MAX_STREAM].add_(gc.view(b, t, h, dh))
-        if gstate_in is not None:
-            gstate_in = gstate_in.view(b, h, dh)
+        gs, gstate_in, galpha, gweight, gdecay = mix_backward(ctx.kind, streams, state, alpha, weight,
+                                                              decay, gy, gstate)
         return (
             None,
             gs,
@@ -309,3 +291,30 @@ class _FusedMix(torch.autograd.Function):
             gweight if ctx.needs_input_grad[4] else None,
             gdecay if ctx.needs_input_grad[5] else None,
         )
+
+
+def mix_backward(kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor, weight: Tensor | None,
+                 decay: Tensor | None, gy: Tensor, gstate: Tensor):
+    """The gradients of `fused_mix` from its inputs (the running max recomputed):
+    (streams [B, T, k, H, dh], state or None, alpha, weight or None, decay or None)."""
+    e = _scan_streams(streams, state, decay)
+    b, t, k, h, dh = streams.shape
+    gs = torch.empty((b, t, k, h, dh), dtype=streams.dtype, device=streams.device)
+    ge, galpha, gweight = KERNELS[kind].backward(gy, alpha, weight, streams, e, gs)
+    ge[:, -1].add_(gstate)  # the new state is e's last step
+    c = streams[:, :, MAX_STREAM].reshape(b, t, h * dh)
+    s2 = None if state is None else state.reshape(b, h * dh)
+    gdecay = None
+    if decay is None:
+        gc, gstate_in = scan_max_backward(
+            ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2, inplace=True
+        )
+    else:
+        gc, gstate_in, gdecay = scan_max_decay_backward(
+            ge.view(b, t, h * dh), c, e.view(b, t, h * dh), s2, _decay_rows(decay, b)
+        )
+        gdecay = gdecay.sum(0).view(decay.shape)
+    gs[:, :, MAX_STREAM].add_(gc.view(b, t, h, dh))
+    if gstate_in is not None:
+        gstate_in = gstate_in.view(b, h, dh)
+    return gs, gstate_in, galpha, gweight, gdecay

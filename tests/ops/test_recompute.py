@@ -34,6 +34,34 @@ def test_recompute_gives_the_same_gradients(seed, mixer):
         torch.testing.assert_close(grads_lean[name], grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("kernel,max_decay", [("fused", True), ("reference", False), ("reference", True)])
+def test_recompute_gives_the_same_gradients_on_each_path(seed, monkeypatch, kernel, max_decay):
+    # "fused" takes the one-function path (_ProjectMix), the others torch.utils.checkpoint.
+    from samout.ops import recompute
+
+    config = SamOutConfig.from_preset("tiny", mixer="openash", vocab_size=80, hidden_size=24, num_heads=3,
+                                      kernel=kernel, max_decay=max_decay)
+    plain = SamOut(config).double()
+    lean = SamOut(SamOutConfig.from_dict({**config.to_dict(), "recompute": True})).double()
+    lean.load_state_dict(plain.state_dict())
+    calls = {"one": 0, "checkpoint": 0}
+    real_apply, real_checkpoint = recompute._ProjectMix.apply, recompute.checkpoint
+    monkeypatch.setattr(recompute._ProjectMix, "apply",
+                        lambda *a: calls.__setitem__("one", calls["one"] + 1) or real_apply(*a))
+    monkeypatch.setattr(recompute, "checkpoint",
+                        lambda *a, **k: calls.__setitem__("checkpoint", calls["checkpoint"] + 1)
+                        or real_checkpoint(*a, **k))
+    ids = torch.randint(0, 80, (2, 11))
+    loss, grads = _grads(plain, ids)
+    loss_lean, grads_lean = _grads(lean, ids)
+    assert calls["one" if kernel == "fused" else "checkpoint"] > 0
+    assert calls["checkpoint" if kernel == "fused" else "one"] == 0
+    torch.testing.assert_close(loss_lean, loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == grads_lean.keys() and any("decay" in n for n in grads) == max_decay
+    for name in grads:
+        torch.testing.assert_close(grads_lean[name], grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_recompute_keeps_fewer_bytes_for_backward(seed):
     config = SamOutConfig.from_preset("tiny", vocab_size=64, hidden_size=32, num_heads=4)
     ids = torch.randint(0, 64, (2, 64))
