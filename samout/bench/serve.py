@@ -11,6 +11,18 @@ idle RSS before the point, and the engine's exact peak bytes of live sequence st
 decode batch, padding included) with the bytes per session. This server runs with the state
 cache off, so its memory is the model plus the sessions.
 
+Conversations: the same N clients and H, but each client is in a conversation whose
+history the server has seen (a first turn of H tokens, untimed, with the state cache on),
+and the timed request is its next turn: the history plus `follow_up_tokens` new tokens,
+which resumes from the cached state. What a chat server does all day, and where a state
+of fixed size pays: the cache holds every conversation at any history length. The cache
+budget (`CONVERSATION_CACHE_MB`) holds every Transformer KV cache too, so both run at their
+best.
+
+Memory: before each point the server returns its freed heap to the OS (`/health?reset_peaks`),
+and the point's RSS growth is its peak over that idle RSS; bytes per session is the
+least-squares slope of the growth over N.
+
 Follow-up turns: a second server with the state cache on. One client sends a history of H
 tokens, then the follow-up (the same history plus `follow_up_tokens` new ones): a cache hit
 (it resumes after H tokens). A miss is the same follow-up with one early token changed, so no
@@ -54,6 +66,7 @@ from samout.tokenizer import EOT_ID, TOKENIZER_NAME, train_tokenizer
 
 MODELS = ("samout", "transformer")
 FOLLOW_UP_CACHE_MB = 1024  # holds every follow-up history of a run, KV caches included
+CONVERSATION_CACHE_MB = 4096  # 64 Transformer KV caches at H=4096 (33 MiB each), with room
 
 
 @dataclass
@@ -172,13 +185,21 @@ class _Sampler:
     def __init__(self, server: ServerProcess, model: str) -> None:
         self.server, self.model = server, model
         self.peak_rss = self.peak_state = self.peak_sessions = 0
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, self.server.rss())
+            rss = self.server.rss()
+            self.samples.append((time.perf_counter(), rss))
+            self.peak_rss = max(self.peak_rss, rss)
             time.sleep(0.02)
+
+    def rss_between(self, start: float, end: float) -> float | None:
+        """Median RSS sampled in [start, end] (None if no sample fell there)."""
+        inside = [rss for t, rss in self.samples if start <= t <= end]
+        return float(np.median(inside)) if inside else None
 
     def __enter__(self) -> _Sampler:
         self.server.health(reset_peaks=True)
@@ -235,18 +256,43 @@ async def _concurrent(url: str, model: str, histories: list[list[int]], max_toke
 
 def throughput_point(server: ServerProcess, model: str, vocab: int, history: int, clients: int,
                      s: ServeBenchSettings, rng: random.Random) -> dict[str, Any]:
+    """N clients each send a history of H tokens the server has not seen."""
     histories = [_history(rng, vocab, history) for _ in range(clients)]
+    point = _timed_point(server, model, histories, s.max_tokens)
+    return {"model": model, "history": history, "clients": clients, **point}
+
+
+def conversation_point(server: ServerProcess, model: str, vocab: int, history: int, clients: int,
+                       s: ServeBenchSettings, rng: random.Random) -> dict[str, Any]:
+    """N clients each send the next turn of a conversation the server has already seen."""
+    histories = [_history(rng, vocab, history) for _ in range(clients)]
+    asyncio.run(_concurrent(server.url, model, histories, s.max_tokens))  # the first turns, untimed
+    turns = [h + [rng.randrange(2, vocab) for _ in range(s.follow_up_tokens)] for h in histories]
+    point = _timed_point(server, model, turns, s.max_tokens)
+    return {"model": model, "history": history, "clients": clients, **point}
+
+
+def _timed_point(server: ServerProcess, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    server.health(reset_peaks=True)  # frees what earlier points left, so idle RSS is what is held
     idle_rss = server.rss()
     with _Sampler(server, model) as sampler:
-        results = asyncio.run(_concurrent(server.url, model, histories, s.max_tokens))
+        results = asyncio.run(_concurrent(server.url, model, prompts, max_tokens))
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
-    return {"model": model, "history": history, "clients": clients, "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall if wall > 0 else None,
+    # Every session decoding: from the last first token to the first answer's end. The RSS
+    # there is what the sessions hold, without the prefill's passing peak (one chunk at a
+    # time, whatever N).
+    first_tokens = [r["start"] + r["ttft"] for r in results]
+    decode_rss = sampler.rss_between(max(first_tokens), min(r["end"] for r in results))
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None,
+            "decode_rss_bytes": decode_rss,
+            "decode_rss_growth_bytes": None if decode_rss is None else decode_rss - idle_rss,
             "ttft_p50_s": _percentile(ttft, 50), "ttft_p95_s": _percentile(ttft, 95),
             "itl_p50_s": _percentile(itl, 50), "itl_p95_s": _percentile(itl, 95),
+            "cached_tokens": sum(r["cached"] or 0 for r in results),
+            "prompt_tokens": sum(len(p) for p in prompts),
             "idle_rss_bytes": idle_rss, "peak_rss_bytes": sampler.peak_rss,
             "rss_growth_bytes": max(0, sampler.peak_rss - idle_rss),
             "peak_state_bytes": sampler.peak_state, "peak_state_sessions": sampler.peak_sessions,
@@ -306,6 +352,22 @@ def run_serve_bench(s: ServeBenchSettings, out: str | Path, command: str, progre
                                   file=sys.stderr)
         finally:
             server.stop()
+        conversations = []
+        server = ServerProcess(dirs, s, cache_mb=CONVERSATION_CACHE_MB)
+        try:
+            for model in MODELS:  # warm-up, untimed
+                asyncio.run(_concurrent(server.url, model, [_history(rng, vocab, 16)], 2))
+            for model in MODELS:
+                for history in s.histories:
+                    for clients in s.clients:
+                        point = conversation_point(server, model, vocab, history, clients, s, rng)
+                        conversations.append(point)
+                        if progress:
+                            print(f"  next turn {model:<12} H={history:<6} N={clients:<3} "
+                                  f"{point['tokens_per_s']:8.1f} tok/s  ttft p50 {point['ttft_p50_s']:.3f} s",
+                                  file=sys.stderr)
+        finally:
+            server.stop()
         server = ServerProcess(dirs, s, cache_mb=FOLLOW_UP_CACHE_MB)
         try:
             for model in MODELS:
@@ -319,7 +381,7 @@ def run_serve_bench(s: ServeBenchSettings, out: str | Path, command: str, progre
             server.stop()
         models = {name: json.loads((d / "config.json").read_text()) for name, d in dirs.items()}
     results = {"benchmark": "serve", "header": header, "settings": asdict(s), "models": models,
-               "throughput": points, "follow_up": follow_ups, "plots": []}
+               "throughput": points, "conversations": conversations, "follow_up": follow_ups, "plots": []}
     results["plots"] = _plots(results, out)
     write_json(out / "serve.json", results)
     return results
@@ -334,6 +396,8 @@ def _plots(results: dict, out: Path) -> list[str]:
         series = {}
         for p in results["throughput"]:
             series.setdefault(f"{p['model']} H={p['history']}", []).append((p["clients"], p[key]))
+        for p in results.get("conversations") or []:
+            series.setdefault(f"{p['model']} H={p['history']} next turn", []).append((p["clients"], p[key]))
         plot_lines(out / fname, f"samout serve: {label}", "concurrent clients", label, series, footer,
                    logy=key != "tokens_per_s")
         names.append(fname)
@@ -347,12 +411,21 @@ def _plots(results: dict, out: Path) -> list[str]:
     return names
 
 
-def format_serve(results: dict) -> str:
-    lines = [f"samout bench serve — {header_line(results['header'])}",
-             f"command: {results['header']['command']}", "",
-             f"{'model':<12} {'H':>6} {'N':>4} {'tok/s':>9} {'ttft p50':>9} {'ttft p95':>9} "
+def per_session_bytes(points: list[dict], key: str = "rss_growth_bytes") -> float | None:
+    """Least-squares slope of an RSS growth (`key`) over the number of clients: what one
+    more session costs the server (points of one model and history)."""
+    points = [p for p in points if p.get(key) is not None]
+    if len({p["clients"] for p in points}) < 2:
+        return None
+    n = np.array([p["clients"] for p in points], dtype=float)
+    growth = np.array([p[key] for p in points], dtype=float)
+    return float(np.polyfit(n, growth, 1)[0])
+
+
+def _table(points: list[dict]) -> list[str]:
+    lines = [f"{'model':<12} {'H':>6} {'N':>4} {'tok/s':>9} {'ttft p50':>9} {'ttft p95':>9} "
              f"{'itl p50':>9} {'itl p95':>9} {'peak RSS MiB':>12} {'RSS +MiB':>9} {'state B/session':>15}"]
-    for p in results["throughput"]:
+    for p in points:
         def f(x, scale=1.0, fmt="{:9.4f}"):
             return fmt.format(x * scale) if x is not None else f"{'-':>9}"
         rate = f(p["tokens_per_s"], fmt="{:9.1f}")
@@ -360,39 +433,54 @@ def format_serve(results: dict) -> str:
                      f"{f(p['ttft_p50_s'])} {f(p['ttft_p95_s'])} {f(p['itl_p50_s'])} {f(p['itl_p95_s'])} "
                      f"{p['peak_rss_bytes'] / 2**20:12.1f} {p['rss_growth_bytes'] / 2**20:9.1f} "
                      f"{p['state_bytes_per_session'] or 0:15.0f}")
-    by = {(p["model"], p["history"], p["clients"]): p["tokens_per_s"] for p in results["throughput"]}
-    clients = sorted({p["clients"] for p in results["throughput"]})
-    histories = sorted({p["history"] for p in results["throughput"]})
-    lines.append("")
-    points = {(p["model"], p["history"], p["clients"]): p for p in results["throughput"]}
-    if len(clients) > 1:
-        for model in MODELS:
-            for h in histories:
-                one = by.get((model, h, clients[0]))
-                ratios = [f"{n}: {by[(model, h, n)] / one:.1f}x" for n in clients[1:]
-                          if one and by.get((model, h, n))]
-                if ratios:
-                    lines.append(f"{model} H={h}: tokens/s against {clients[0]} client(s): "
-                                 + ", ".join(ratios))
-        # What one more session costs the server: the slope of peak RSS from the fewest to the
-        # most clients, beside the bytes of one session's state.
-        for model in MODELS:
-            for h in histories:
-                a, b = points.get((model, h, clients[0])), points.get((model, h, clients[-1]))
-                if a and b and b["state_bytes_per_session"]:
-                    slope = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (clients[-1] - clients[0])
-                    lines.append(f"{model} H={h}: peak RSS {slope / 1024:+,.1f} KiB per extra session "
-                                 f"({clients[0]} -> {clients[-1]} clients); state "
-                                 f"{b['state_bytes_per_session'] / 1024:,.1f} KiB per session")
+    return lines
+
+
+def _summary(points: list[dict]) -> list[str]:
+    """Tokens/s against one client, bytes per session, and SamOut against the Transformer."""
+    lines = []
+    by = {(p["model"], p["history"], p["clients"]): p for p in points}
+    clients = sorted({p["clients"] for p in points})
+    histories = sorted({p["history"] for p in points})
+    for model in MODELS:
+        for h in histories:
+            one = by.get((model, h, clients[0]))
+            ratios = [f"{n}: {by[(model, h, n)]['tokens_per_s'] / one['tokens_per_s']:.1f}x"
+                      for n in clients[1:] if one and (model, h, n) in by]
+            if ratios:
+                lines.append(f"{model} H={h}: tokens/s against {clients[0]} client(s): " + ", ".join(ratios))
+    for model in MODELS:
+        for h in histories:
+            group = [p for p in points if p["model"] == model and p["history"] == h]
+            peak, held = per_session_bytes(group), per_session_bytes(group, "decode_rss_growth_bytes")
+            state = max((p["state_bytes_per_session"] or 0 for p in group), default=0)
+            if peak is not None and state:
+                decoding = f"{held / 1024:+,.1f} KiB" if held is not None else "-"
+                lines.append(f"{model} H={h}: per session (slope over {clients[0]}-{clients[-1]} clients): "
+                             f"peak RSS {peak / 1024:+,.1f} KiB, RSS while all decode {decoding}; "
+                             f"state {state / 1024:,.1f} KiB")
     for h in histories:
         for n in clients:
             a, b = by.get(("samout", h, n)), by.get(("transformer", h, n))
             if a and b:
-                lines.append(f"H={h} N={n}: SamOut/Transformer tokens/s = {a / b:.2f}x")
+                lines.append(f"H={h} N={n}: SamOut/Transformer tokens/s = "
+                             f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+    return lines
+
+
+def format_serve(results: dict) -> str:
+    lines = [f"samout bench serve — {header_line(results['header'])}",
+             f"command: {results['header']['command']}", "",
+             "new histories (the server has not seen them; state cache off)"]
+    lines += _table(results["throughput"]) + [""] + _summary(results["throughput"])
+    conversations = results.get("conversations") or []
+    if conversations:
+        lines += ["", "next turn of a conversation (its history cached; the turn adds "
+                      f"{results['settings']['follow_up_tokens']} tokens)"]
+        lines += _table(conversations) + [""] + _summary(conversations)
     lines.append("")
     lines.append("follow-up turn (time to first token, median): cache hit vs miss")
     for p in results["follow_up"]:
         lines.append(f"  {p['model']:<12} H={p['history']:>6}: hit {p['ttft_hit_s']:.4f} s "
                      f"({p['cached_tokens_hit']} cached tokens), miss {p['ttft_miss_s']:.4f} s")
     return "\n".join(lines)
-

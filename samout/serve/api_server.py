@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
@@ -185,7 +187,13 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
 
     @app.get("/health")
     async def health(reset_peaks: bool = False):
-        return {"status": "ok", "models": {m.name: m.engine.stats(reset_peaks) for m in models}}
+        """`reset_peaks` (benchmarks): the engines' peak figures start afresh, and the heap
+        memory freed so far goes back to the OS, so that RSS read next is what the server
+        holds now, not the most an earlier load ever needed."""
+        stats = {m.name: m.engine.stats(reset_peaks) for m in models}
+        if reset_peaks:
+            _release_free_memory()
+        return {"status": "ok", "models": stats}
 
     @app.get("/v1/models")
     async def list_models():
@@ -239,7 +247,7 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
                 raise OpenAIError(400, "a token-id prompt in 'prompt' is empty", param="prompt")
             if min(ids) < 0 or max(ids) >= vocab:  # builtins: a long history costs microseconds
                 raise OpenAIError(400, f"token ids in 'prompt' must lie in [0, {vocab})", param="prompt")
-        return token_lists  # fresh lists from the request body; the engine copies what it keeps
+        return token_lists  # the request body's lists; the engine keeps int32 copies
 
     async def _generate(body, served: ServedModel, prompts: list[list[int]], request: Request, chat: bool):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -285,12 +293,24 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
                 served.engine.abort(r)
             raise OpenAIError(503, str(err), type="server_error", code="shutting_down") from None
         run = _Run(body, served, submitted, queue, chat, len(prompts[0]))
+        if not chat:
+            # The engine holds the ids as int32; the body's list of Python ints (36 bytes a
+            # token: 150 KB for a 4096-token history) need not live as long as the stream.
+            body.prompt = ""
         if body.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await run.collect(request)
 
     return app
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    try:  # glibc's allocator keeps freed memory for reuse; malloc_trim hands it back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS keeps what was freed
+        pass
 
 
 _MARKER = "\x00samout-text\x00"  # stands for a chunk's text in its template

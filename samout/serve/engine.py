@@ -7,7 +7,8 @@ Each iteration of the loop:
      longest cached prefix of its prompt (`StateCache`) when there is one (states are
      saved when a prompt is in and when a request leaves);
   3. feeds at most `prefill_chunk` prompt tokens of newcomers (chunked prefill, so a long
-     prompt never stalls the sequences that are already decoding for more than one chunk);
+     prompt never stalls the sequences that are already decoding for more than one chunk),
+     chunks of equal length whose states stack in one batched call;
   4. samples the next token of every sequence whose prompt is in (each request has its own
      `torch.Generator`, so seeded sampling gives the same tokens batched or alone), and
      feeds all the new tokens in ONE batched one-token model call.
@@ -37,10 +38,12 @@ import secrets
 import sys
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -52,6 +55,7 @@ from samout.state import State
 from samout.tokenizer import EOT_ID
 
 DEFAULT_MAX_BATCH = 64
+assert array("i").itemsize == 4, "token ids are kept as array(\"i\") of int32"
 Emit = Callable[[tuple], None]
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_PREFILL_CHUNK = 256
@@ -67,7 +71,7 @@ class EngineStoppedError(SamoutError):
 
 @dataclass(eq=False)
 class GenerationRequest:
-    prompt: list[int]
+    prompt: np.ndarray  # int32 ids (4 bytes a token: a Python list of ints takes 36)
     params: SamplingParams
     emit: Callable[[tuple], None]
     stop_ids: frozenset[int] = frozenset({EOT_ID})  # end of text (and e.g. <|end|> for chat)
@@ -79,8 +83,8 @@ class GenerationRequest:
 class _Sequence:
     request: GenerationRequest
     generator: torch.Generator
-    pending: list[int]  # prompt tokens not yet fed
-    fed: list[int]  # tokens the state has seen
+    pending: np.ndarray  # prompt tokens not yet fed (a view of the prompt)
+    fed: array  # int32 ids the state has seen (array("i"): 4 bytes a token, appends in place)
     state: State | None = None
     logits: Tensor | None = None  # [vocab] next-token logits after `fed`
     generated: int = 0
@@ -134,11 +138,14 @@ class Engine:
             self._thread.start()
         return self
 
-    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[tuple], None],
+    def submit(self, prompt: list[int] | np.ndarray, params: SamplingParams, emit: Callable[[tuple], None],
                stop_ids: frozenset[int] = frozenset({EOT_ID})) -> GenerationRequest:
-        if not prompt:
+        if len(prompt) == 0:
             raise SamoutError("the prompt is empty (it must hold at least one token)")
-        request = GenerationRequest(list(prompt), params, emit, frozenset(stop_ids))
+        # Held compactly for the request's life: with a Python list, a long history's ids
+        # were most of what a session cost the server beyond its state.
+        ids = np.array(prompt, dtype=np.int32)
+        request = GenerationRequest(ids, params, emit, frozenset(stop_ids))
         with self._cond:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
@@ -254,42 +261,66 @@ class Engine:
             # Only the tokens after the cached prefix are copied: a follow-up turn costs the
             # same whatever the length of its history.
             seq = _Sequence(request, torch.Generator(device="cpu").manual_seed(seed),
-                            pending=request.prompt[cached:], fed=[])
+                            pending=request.prompt[cached:], fed=array("i"))
             if entry is not None:
                 seq.state, seq.logits = entry.state, entry.logits
-                seq.fed = entry.tokens.tolist()
+                seq.fed.frombytes(entry.tokens.tobytes())
                 seq.cached_tokens = cached
             self._active.append(seq)
             self._emit(seq, ("admitted", seq.cached_tokens))
             self.peak_active = max(self.peak_active, len(self._active))
 
     def _prefill(self) -> None:
+        """Feed at most `prefill_chunk` prompt tokens of the sequences still reading their
+        prompts, in order of arrival. Chunks of the same length whose states stack (none
+        yet, or states of equal shapes) go into one batched call: 32 follow-up turns of 16
+        tokens are one [32, 16] call, not 32 calls of [1, 16]."""
         budget = self.prefill_chunk
+        chunks: list[tuple[_Sequence, np.ndarray]] = []
         for seq in self._active:
             if budget <= 0:
                 break
-            if not seq.pending:
+            if len(seq.pending) == 0:
                 continue
             chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
             budget -= len(chunk)
-            try:
-                logits, seq.state = self.model(torch.tensor([chunk], device=self.device), seq.state,
-                                               logits_to_keep=1)
-            except Exception as err:
+            chunks.append((seq, chunk))
+        groups: dict[tuple, list[tuple[_Sequence, np.ndarray]]] = {}
+        for seq, chunk in chunks:
+            shapes = None if seq.state is None else state_shapes(seq.state)
+            groups.setdefault((len(chunk), shapes), []).append((seq, chunk))
+        for group in groups.values():
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[tuple[_Sequence, np.ndarray]]) -> None:
+        seqs = [seq for seq, _ in group]
+        ids = torch.from_numpy(np.stack([chunk for _, chunk in group]).astype(np.int64)).to(self.device)
+        if seqs[0].state is None:
+            state = None
+        else:
+            state = seqs[0].state if len(seqs) == 1 else cat_states([seq.state for seq in seqs])
+        try:
+            logits, state = self.model(ids, state, logits_to_keep=1)
+        except Exception as err:
+            for seq in seqs:
                 self._fail(seq, f"prefill failed: {err}")
-                continue
-            seq.logits = logits[0, -1]
-            seq.fed.extend(chunk)
-            if not seq.pending and self.cache is not None:
+            return
+        parts = [state] if len(seqs) == 1 else split_state(state)
+        for i, (seq, chunk) in enumerate(group):
+            seq.state, seq.logits = parts[i], logits[i, -1]
+            seq.fed.frombytes(chunk.tobytes())
+            if len(seq.pending) == 0 and self.cache is not None:
                 # The prompt's own state too: a follow-up whose history re-encodes the reply
                 # differently (or regenerates it) still resumes after this prompt.
                 self.cache.put(seq.fed, seq.state, seq.logits)
 
     def _decode(self) -> None:
-        ready = [s for s in self._active if not s.pending and s.logits is not None]
+        ready = [s for s in self._active if len(s.pending) == 0 and s.logits is not None]
         if not ready:
             return
         all_logits = torch.stack([s.logits for s in ready]).float().cpu()
+        for seq, row in zip(ready, all_logits):
+            seq.logits = row  # so the last step's logits (one row per session) are freed now
         # Greedy rows (most of a benchmark, many API calls) in one argmax over the batch:
         # what sample_next does for them, without a few small ops per sequence.
         greedy = all_logits.argmax(-1).tolist()
@@ -302,8 +333,8 @@ class Engine:
             if params.temperature == 0 and params.repetition_penalty == 1.0:
                 token = greedy[i]
             else:
-                seen = torch.tensor(seq.fed, dtype=torch.long) if params.repetition_penalty != 1.0 else \
-                    torch.empty(0, dtype=torch.long)
+                seen = torch.from_numpy(np.frombuffer(seq.fed, dtype=np.int32).astype(np.int64)) \
+                    if params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
                 token = sample_next(logits, seen, params, seq.generator)
             if params.stop_at_eot and token in seq.request.stop_ids:
                 self._finish(seq, "stop")
@@ -315,6 +346,11 @@ class Engine:
                 self._finish(seq, "length")
             elif not seq.request.cancelled:
                 feed.append((seq, token))
+        # The rows of the sequences that go on are not needed any more: freed before the
+        # model call makes the new ones (peak memory holds one [batch, vocab] at a time).
+        for seq, _ in feed:
+            seq.logits = None
+        del all_logits, logits
         if not feed:
             return
         if not self.batched:
@@ -388,7 +424,7 @@ class Engine:
             self._active.remove(seq)
         if self._padded is not None and any(s is seq for s in self._padded.seqs):
             self._padded = None  # the batch is rebuilt without it (and its memory freed)
-        if self.cache is not None and seq.state is not None and seq.logits is not None and seq.fed:
+        if self.cache is not None and seq.state is not None and seq.logits is not None and len(seq.fed):
             self.cache.put(seq.fed, seq.state, seq.logits)
 
     def _emit(self, seq: _Sequence, event: tuple) -> None:

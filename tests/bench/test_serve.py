@@ -34,5 +34,12 @@ def test_serve_bench_smallest(tmp_path):
             assert longest / 2 <= p["state_bytes_per_session"] <= longest
     for p in results["follow_up"]:
         assert (p["cached_tokens_hit"], p["cached_tokens_miss"]) == (24, 0)
+    # The next turn of each conversation resumes after its whole 24-token history.
+    assert len(results["conversations"]) == 4
+    for p in results["conversations"]:
+        assert p["tokens"] == 3 * p["clients"] and p["cached_tokens"] == 24 * p["clients"]
+        assert p["prompt_tokens"] == (24 + 4) * p["clients"]
     assert all((tmp_path / name).is_file() for name in results["plots"])
-    assert "SamOut/Transformer" in format_serve(results)
+    text = format_serve(results)
+    assert "SamOut/Transformer" in text and "next turn of a conversation" in text
+    assert "KiB per session" in text

@@ -232,3 +232,35 @@ def test_deliver_hands_each_step_over_at_once_with_the_same_tokens(serve_models,
     # Decode steps carry one token per running request in a single batch.
     assert max(sum(e[0] == "token" for _, e in b) for b in batches) == len(jobs)
     assert len(batches) < sum(len(b) for b in batches)
+
+
+@pytest.mark.parametrize("which", ["samout", "transformer"])
+def test_equal_chunks_prefill_in_one_call_with_the_tokens_of_each_alone(serve_models, which, seed):
+    """Prompts of equal length arriving together are prefilled in one batched call (and
+    equal-length follow-ups of cached conversations too); each gets its tokens alone."""
+    model = serve_models[0] if which == "samout" else serve_models[1]
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[1] + torch.randint(6, model.config.vocab_size, (11,), generator=g).tolist() for _ in range(4)]
+    params = SamplingParams(max_new_tokens=5, temperature=0, stop_at_eot=False)
+    prefill_batches: list[int] = []
+
+    def hook(module, args, kwargs):
+        if args[0].shape[1] > 1:  # a prompt chunk, not a decode step
+            prefill_batches.append(args[0].shape[0])
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        cache = StateCache(1 << 26)
+        firsts = run_jobs(Engine(model, prefill_chunk=64, cache=cache), [(p, params) for p in prompts])
+        assert prefill_batches == [4]
+        prefill_batches.clear()
+        turns = [p + out.tokens[:-1] + [7, 8, 9] for p, out in zip(prompts, firsts)]
+        seconds = run_jobs(Engine(model, prefill_chunk=64, cache=cache), [(t, params) for t in turns])
+        assert prefill_batches == [4]  # every follow-up feeds its 3 new tokens in the same call
+    finally:
+        handle.remove()
+    assert all(out.cached_tokens == len(t) - 3 for out, t in zip(seconds, turns))
+    for p, out in zip(prompts, firsts):
+        assert out.tokens == reference(model, p, params)
+    for t, out in zip(turns, seconds):
+        assert out.tokens == reference(model, t, params)
