@@ -42,4 +42,4 @@ def test_serve_bench_smallest(tmp_path):
     assert all((tmp_path / name).is_file() for name in results["plots"])
     text = format_serve(results)
     assert "SamOut/Transformer" in text and "next turn of a conversation" in text
-    assert "KiB per session" in text
+    assert "per session (slope over 1-2 clients)" in text
