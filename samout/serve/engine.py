@@ -54,8 +54,9 @@ from samout.serve.state_cache import StateCache
 from samout.state import State
 from samout.tokenizer import EOT_ID
 
+assert array("i").itemsize == 4, "token ids are kept as array('i') of int32"
+
 DEFAULT_MAX_BATCH = 64
-assert array("i").itemsize == 4, "token ids are kept as array(\"i\") of int32"
 Emit = Callable[[tuple], None]
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_PREFILL_CHUNK = 256
@@ -302,8 +303,11 @@ class Engine:
         try:
             logits, state = self.model(ids, state, logits_to_keep=1)
         except Exception as err:
-            for seq in seqs:
-                self._fail(seq, f"prefill failed: {err}")
+            if len(group) > 1:  # one at a time, so that only a request that fails alone fails
+                for one in group:
+                    self._prefill_group([one])
+                return
+            self._fail(seqs[0], f"prefill failed: {err}")
             return
         parts = [state] if len(seqs) == 1 else split_state(state)
         for i, (seq, chunk) in enumerate(group):

@@ -264,3 +264,26 @@ def test_equal_chunks_prefill_in_one_call_with_the_tokens_of_each_alone(serve_mo
         assert out.tokens == reference(model, p, params)
     for t, out in zip(turns, seconds):
         assert out.tokens == reference(model, t, params)
+
+
+def test_a_prefill_that_fails_fails_only_its_request(serve_models, seed):
+    """A batched prefill call that raises is retried one request at a time: the request
+    whose prompt breaks the model gets an error, the others their tokens."""
+    inner = serve_models[0]
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids, state=None, **kwargs):
+            if (ids == 13).any():
+                raise RuntimeError("poisoned token")
+            return self.inner(ids, state, **kwargs)
+
+    good = [1, 20, 21, 22, 23]
+    bad = [1, 20, 13, 22, 23]
+    params = SamplingParams(max_new_tokens=4, temperature=0, stop_at_eot=False)
+    ok, broken = run_jobs(Engine(Poisoned(), prefill_chunk=64), [(good, params), (bad, params)])
+    assert ok.tokens == reference(inner, good, params) and ok.finish[0] == "finish"
+    assert broken.finish[0] == "error" and "prefill failed" in broken.finish[1] and broken.tokens == []
