@@ -119,6 +119,14 @@ class Int8Linear(nn.Module):
         self._packed = None  # fbgemm's packed weight, built on first CPU use
         rows = q.device.type == "cpu" and row_gemv.available()
         self.register_buffer("weight_rows", row_gemv.pack_rows(q) if rows else None, persistent=False)
+        self.register_load_state_dict_post_hook(Int8Linear._repack)
+
+    @staticmethod
+    def _repack(module: Int8Linear, incompatible) -> None:
+        # The packed forms derive from weight_int8 (the saved one): rebuilt after a load.
+        module._packed = None
+        if module.weight_rows is not None:
+            module.weight_rows = row_gemv.pack_rows(module.weight_int8)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:

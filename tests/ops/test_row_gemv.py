@@ -258,3 +258,15 @@ def test_conversion_warns_when_the_kernel_cannot_be_built(monkeypatch):
     finally:
         cpu_build.load.cache_clear()
         row_gemv._lib.cache_clear()
+
+
+def test_int8_linear_repacks_after_loading_a_state_dict():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(32, 8))
+    other = Int8Linear.from_linear(nn.Linear(32, 8))
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        layer(x)  # builds fbgemm's packed weight too
+        layer.load_state_dict(other.state_dict())
+        for rows in (x[:1], x):  # the row kernel (where built) and fbgemm
+            torch.testing.assert_close(layer(rows), other(rows), rtol=0, atol=0)
