@@ -319,6 +319,28 @@ def follow_up_point(server: ServerProcess, model: str, vocab: int, history: int,
             "cached_tokens_hit": cached[0][0], "cached_tokens_miss": cached[0][1]}
 
 
+def _sweep(dirs: dict[str, Path], s: ServeBenchSettings, cache_mb: float, point_fn, label: str, vocab: int,
+           rng: random.Random, progress: bool) -> list[dict[str, Any]]:
+    """`point_fn` at every (model, H, N), on one server with a `cache_mb` state cache."""
+    points = []
+    server = ServerProcess(dirs, s, cache_mb=cache_mb)
+    try:
+        for model in MODELS:  # warm-up (first-call costs), untimed
+            asyncio.run(_concurrent(server.url, model, [_history(rng, vocab, 16)], 2))
+        for model in MODELS:
+            for history in s.histories:
+                for clients in s.clients:
+                    point = point_fn(server, model, vocab, history, clients, s, rng)
+                    points.append(point)
+                    if progress:
+                        print(f"  {label}{model:<12} H={history:<6} N={clients:<3} "
+                              f"{point['tokens_per_s']:8.1f} tok/s  ttft p50 {point['ttft_p50_s']:.3f} s",
+                              file=sys.stderr)
+    finally:
+        server.stop()
+    return points
+
+
 def run_serve_bench(s: ServeBenchSettings, out: str | Path, command: str, progress: bool = True,
                     work_dir: str | Path | None = None) -> dict[str, Any]:
     out = prepare_out_dir(out)
@@ -336,38 +358,10 @@ def run_serve_bench(s: ServeBenchSettings, out: str | Path, command: str, progre
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         dirs = write_runs(s, Path(tmp))
         vocab = json.loads((dirs["samout"] / "config.json").read_text())["vocab_size"]
-        points, follow_ups = [], []
-        server = ServerProcess(dirs, s, cache_mb=0)
-        try:
-            for model in MODELS:  # warm-up (first-call costs), untimed
-                asyncio.run(_concurrent(server.url, model, [_history(rng, vocab, 16)], 2))
-            for model in MODELS:
-                for history in s.histories:
-                    for clients in s.clients:
-                        point = throughput_point(server, model, vocab, history, clients, s, rng)
-                        points.append(point)
-                        if progress:
-                            print(f"  {model:<12} H={history:<6} N={clients:<3} "
-                                  f"{point['tokens_per_s']:8.1f} tok/s  ttft p50 {point['ttft_p50_s']:.3f} s",
-                                  file=sys.stderr)
-        finally:
-            server.stop()
-        conversations = []
-        server = ServerProcess(dirs, s, cache_mb=CONVERSATION_CACHE_MB)
-        try:
-            for model in MODELS:  # warm-up, untimed
-                asyncio.run(_concurrent(server.url, model, [_history(rng, vocab, 16)], 2))
-            for model in MODELS:
-                for history in s.histories:
-                    for clients in s.clients:
-                        point = conversation_point(server, model, vocab, history, clients, s, rng)
-                        conversations.append(point)
-                        if progress:
-                            print(f"  next turn {model:<12} H={history:<6} N={clients:<3} "
-                                  f"{point['tokens_per_s']:8.1f} tok/s  ttft p50 {point['ttft_p50_s']:.3f} s",
-                                  file=sys.stderr)
-        finally:
-            server.stop()
+        follow_ups = []
+        points = _sweep(dirs, s, 0, throughput_point, "", vocab, rng, progress)
+        conversations = _sweep(dirs, s, CONVERSATION_CACHE_MB, conversation_point, "next turn ", vocab, rng,
+                               progress)
         server = ServerProcess(dirs, s, cache_mb=FOLLOW_UP_CACHE_MB)
         try:
             for model in MODELS:
