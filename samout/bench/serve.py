@@ -20,8 +20,13 @@ budget (`CONVERSATION_CACHE_MB`) holds every Transformer KV cache too, so both r
 best.
 
 Memory: before each point the server returns its freed heap to the OS (`/health?reset_peaks`),
-and the point's RSS growth is its peak over that idle RSS; bytes per session is the
-least-squares slope of the growth over N.
+and the point's RSS growth is its peak over that idle RSS. The heap in use (glibc's mallinfo2,
+from /health) is read too: while every session decodes (what requests in flight hold) and
+after the point (what the server keeps: the state cache's new entries). Bytes per session are
+least-squares slopes of these growths over N.
+
+Points with one client are run `repeats` times and the median kept (they last a fraction of
+a second, and every "x one client" ratio divides by them).
 
 Follow-up turns: a second server with the state cache on. One client sends a history of H
 tokens, then the follow-up (the same history plus `follow_up_tokens` new ones): a cache hit
@@ -182,23 +187,39 @@ class ServerProcess:
 class _Sampler:
     """Peak RSS and peak engine state bytes while a point runs."""
 
+    HEAP_EVERY_S = 0.25  # the heap is read through /health: rarely, so as not to load the server
+
     def __init__(self, server: ServerProcess, model: str) -> None:
         self.server, self.model = server, model
         self.peak_rss = self.peak_state = self.peak_sessions = 0
         self.samples: list[tuple[float, int]] = []
+        self.heap_samples: list[tuple[float, int]] = []
+        self.heap_after: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        next_heap = 0.0
         while not self._stop.is_set():
+            now = time.perf_counter()
             rss = self.server.rss()
-            self.samples.append((time.perf_counter(), rss))
+            self.samples.append((now, rss))
             self.peak_rss = max(self.peak_rss, rss)
+            if now >= next_heap:
+                in_use = self.server.health()["memory"]["heap_in_use_bytes"]
+                if in_use is not None:
+                    self.heap_samples.append((time.perf_counter(), in_use))
+                next_heap = now + self.HEAP_EVERY_S
             time.sleep(0.02)
 
     def rss_between(self, start: float, end: float) -> float | None:
         """Median RSS sampled in [start, end] (None if no sample fell there)."""
         inside = [rss for t, rss in self.samples if start <= t <= end]
+        return float(np.median(inside)) if inside else None
+
+    def heap_between(self, start: float, end: float) -> float | None:
+        """Median heap in use read in [start, end] (None if none was read there)."""
+        inside = [b for t, b in self.heap_samples if start <= t <= end]
         return float(np.median(inside)) if inside else None
 
     def __enter__(self) -> _Sampler:
@@ -209,9 +230,13 @@ class _Sampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        # The engine's own exact peak of live state bytes since the reset above.
-        stats = self.server.health(reset_peaks=True)["models"][self.model]
+        # The engine's own exact peak of live state bytes since the reset above, and the heap
+        # in use once every request has ended (after a garbage collection): what the server
+        # keeps from the point (the state cache's new entries).
+        health = self.server.health(reset_peaks=True)
+        stats = health["models"][self.model]
         self.peak_state, self.peak_sessions = stats["peak_state_bytes"], stats["peak_state_sessions"]
+        self.heap_after = health["memory"]["heap_in_use_bytes"]
 
 
 async def _stream_one(http, url: str, body: dict) -> dict:
@@ -273,7 +298,8 @@ def conversation_point(server: ServerProcess, model: str, vocab: int, history: i
 
 
 def _timed_point(server: ServerProcess, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
-    server.health(reset_peaks=True)  # frees what earlier points left, so idle RSS is what is held
+    # Frees what earlier points left, so idle RSS is what is held.
+    idle_heap = server.health(reset_peaks=True)["memory"]["heap_in_use_bytes"]
     idle_rss = server.rss()
     with _Sampler(server, model) as sampler:
         results = asyncio.run(_concurrent(server.url, model, prompts, max_tokens))
@@ -286,6 +312,11 @@ def _timed_point(server: ServerProcess, model: str, prompts: list[list[int]], ma
     # time, whatever N).
     first_tokens = [r["start"] + r["ttft"] for r in results]
     decode_rss = sampler.rss_between(max(first_tokens), min(r["end"] for r in results))
+    decode_heap = sampler.heap_between(max(first_tokens), min(r["end"] for r in results))
+
+    def growth(value):
+        return None if value is None or idle_heap is None else value - idle_heap
+
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None,
             "decode_rss_bytes": decode_rss,
             "decode_rss_growth_bytes": None if decode_rss is None else decode_rss - idle_rss,
@@ -294,6 +325,8 @@ def _timed_point(server: ServerProcess, model: str, prompts: list[list[int]], ma
             "cached_tokens": sum(r["cached"] or 0 for r in results),
             "prompt_tokens": sum(len(p) for p in prompts),
             "idle_rss_bytes": idle_rss, "peak_rss_bytes": sampler.peak_rss,
+            "idle_heap_bytes": idle_heap, "decode_heap_growth_bytes": growth(decode_heap),
+            "held_heap_growth_bytes": growth(sampler.heap_after),
             "rss_growth_bytes": max(0, sampler.peak_rss - idle_rss),
             "peak_state_bytes": sampler.peak_state, "peak_state_sessions": sampler.peak_sessions,
             "state_bytes_per_session": (sampler.peak_state / sampler.peak_sessions
@@ -330,7 +363,13 @@ def _sweep(dirs: dict[str, Path], s: ServeBenchSettings, cache_mb: float, point_
         for model in MODELS:
             for history in s.histories:
                 for clients in s.clients:
-                    point = point_fn(server, model, vocab, history, clients, s, rng)
+                    # One client's point lasts a fraction of a second (64 tokens), so one
+                    # scheduler hiccup moves it by 10%: the median of `repeats` runs, since
+                    # every "x one client" ratio divides by it.
+                    runs = [point_fn(server, model, vocab, history, clients, s, rng)
+                            for _ in range(s.repeats if clients == 1 else 1)]
+                    point = sorted(runs, key=lambda p: p["tokens_per_s"])[len(runs) // 2]
+                    point["runs_tokens_per_s"] = [p["tokens_per_s"] for p in runs]
                     points.append(point)
                     if progress:
                         print(f"  {label}{model:<12} H={history:<6} N={clients:<3} "
@@ -446,13 +485,17 @@ def _summary(points: list[dict]) -> list[str]:
     for model in MODELS:
         for h in histories:
             group = [p for p in points if p["model"] == model and p["history"] == h]
-            peak, held = per_session_bytes(group), per_session_bytes(group, "decode_rss_growth_bytes")
+            kib = {key: (f"{slope / 1024:+,.1f} KiB" if slope is not None else "-")
+                   for key in ("rss_growth_bytes", "decode_rss_growth_bytes", "decode_heap_growth_bytes",
+                               "held_heap_growth_bytes")
+                   for slope in [per_session_bytes(group, key)]}
             state = max((p["state_bytes_per_session"] or 0 for p in group), default=0)
-            if peak is not None and state:
-                decoding = f"{held / 1024:+,.1f} KiB" if held is not None else "-"
+            if kib["rss_growth_bytes"] != "-" and state:
                 lines.append(f"{model} H={h}: per session (slope over {clients[0]}-{clients[-1]} clients): "
-                             f"peak RSS {peak / 1024:+,.1f} KiB, RSS while all decode {decoding}; "
-                             f"state {state / 1024:,.1f} KiB")
+                             f"peak RSS {kib['rss_growth_bytes']}, RSS while all decode "
+                             f"{kib['decode_rss_growth_bytes']}, heap in use while all decode "
+                             f"{kib['decode_heap_growth_bytes']}, heap kept after the request "
+                             f"{kib['held_heap_growth_bytes']}; state {state / 1024:,.1f} KiB")
     for h in histories:
         for n in clients:
             a, b = by.get(("samout", h, n)), by.get(("transformer", h, n))

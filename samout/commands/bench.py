@@ -161,8 +161,11 @@ def register(subparsers) -> None:
                        "Transformer is matched to it")
     serve.add_argument("--clients", type=_ints, help="concurrent clients (default 1,8,32,64)")
     serve.add_argument("--histories", type=_ints, help="history tokens per client (default 512,4096)")
-    for name in ("max_tokens", "follow_up_tokens", "repeats", "prefill_chunk"):
-        serve.add_argument("--" + name.replace("_", "-"), type=int)
+    for name, what in (("max_tokens", "greedy tokens each client asks for (default 64)"),
+                       ("follow_up_tokens", "new tokens of a next or follow-up turn (default 16)"),
+                       ("repeats", "runs of each one-client point and follow-up (median kept; default 3)"),
+                       ("prefill_chunk", "the server's --prefill-chunk (default 512)")):
+        serve.add_argument("--" + name.replace("_", "-"), type=int, help=what)
     serve.add_argument("--work-dir", help="where the temporary run directories go (default: system temp)")
     _add_run_args(serve, "bench-results")
     serve.set_defaults(func=run_serve_command)

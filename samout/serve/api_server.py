@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import hmac
 import json
@@ -131,6 +132,7 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
 
         for m in models:
             m.engine.deliver = deliver  # requests' emit callbacks run on this loop
+            m.engine.on_idle = return_free_heap
             m.engine.start()
         yield
         for m in models:  # drain: the running requests finish (uvicorn waited for their responses)
@@ -169,16 +171,8 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         return JSONResponse(P.error_body(f"internal error: {type(err).__name__}", type="server_error"),
                             status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                body = P.error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                    code="invalid_api_key")
-                return JSONResponse(body, status_code=401)
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(_BearerAuth, api_key=settings.api_key)
 
     # -- routes -------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
@@ -193,7 +187,7 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         stats = {m.name: m.engine.stats(reset_peaks) for m in models}
         if reset_peaks:
             _release_free_memory()
-        return {"status": "ok", "models": stats}
+        return {"status": "ok", "models": stats, "memory": memory_stats()}
 
     @app.get("/v1/models")
     async def list_models():
@@ -305,12 +299,70 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     return app
 
 
+class _BearerAuth:
+    """401 for a /v1/ request without `Authorization: Bearer KEY`. A plain ASGI middleware:
+    Starlette's `@app.middleware("http")` (BaseHTTPMiddleware) wraps every request and kept
+    its body (20 KB for a 4096-token history) alive as long as the stream ran."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            given = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
+                body = P.error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                    code="invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def return_free_heap() -> None:
+    """glibc keeps freed memory for reuse (RSS stays at the highest load's working set);
+    malloc_trim hands it back to the OS. About 10 ms for a few hundred MiB: engines call it
+    after a second without work, not between steps."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _release_free_memory() -> None:
     gc.collect()
-    try:  # glibc's allocator keeps freed memory for reuse; malloc_trim hands it back
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS keeps what was freed
-        pass
+    return_free_heap()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+
+
+def memory_stats() -> dict[str, int | None]:
+    """The process's resident memory and, under glibc, what its heap holds: bytes in use
+    (live allocations of every thread, Python's and torch's) and bytes freed but kept by the
+    allocator for reuse. RSS minus the two is code, libraries and untouched pages."""
+    rss = None
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    in_use = free = None
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        in_use, free = info.uordblks + info.hblkhd, info.fordblks
+    return {"rss_bytes": rss, "heap_in_use_bytes": in_use, "heap_free_bytes": free}
 
 
 _MARKER = "\x00samout-text\x00"  # stands for a chunk's text in its template

@@ -30,6 +30,10 @@ token per client):
   ("token", id)                      a new token
   ("finish", reason, usage)          reason "stop" (end of text) or "length"; usage counts
   ("error", message)                 the model call failed (the engine keeps running)
+
+`on_idle()` runs on the engine thread when it has been without work for `idle_seconds` after
+some work: the server returns the freed heap to the OS there, so that after a burst of load
+its memory falls back to the model and the cached states.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ DEFAULT_MAX_BATCH = 64
 Emit = Callable[[tuple], None]
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_IDLE_SECONDS = 1.0
 
 
 class QueueFullError(SamoutError):
@@ -108,7 +113,9 @@ class Engine:
     def __init__(self, model: nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  cache: StateCache | None = None, name: str = "model", batched_decode: bool = True,
-                 deliver: Callable[[list[tuple[Emit, tuple]]], None] | None = None) -> None:
+                 deliver: Callable[[list[tuple[Emit, tuple]]], None] | None = None,
+                 on_idle: Callable[[], None] | None = None,
+                 idle_seconds: float = DEFAULT_IDLE_SECONDS) -> None:
         for label, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if value < 1:
                 raise SamoutError(f"{label} must be at least 1, got {value}")
@@ -128,6 +135,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.deliver = deliver
+        # Called on the engine thread once the engine has had nothing to do for
+        # `idle_seconds` after some work (the server hands freed memory back to the OS then).
+        self.on_idle, self.idle_seconds = on_idle, idle_seconds
         self._outbox: list[tuple[Emit, tuple]] = []
         self.steps = self.tokens_generated = self.peak_active = 0
         self.state_bytes = self.peak_state_bytes = self.peak_state_sessions = 0
@@ -193,12 +203,26 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:
+        worked = False  # since the last `on_idle` call
         while True:
             with self._cond:
+                went_idle = False
                 while not self._stopping and not self._waiting and not self._active:
-                    self._cond.wait()
+                    if not (worked and self.on_idle is not None):
+                        self._cond.wait()
+                    elif not self._cond.wait(self.idle_seconds) and not (self._waiting or self._active):
+                        went_idle = True  # a whole `idle_seconds` without work
+                        break
                 if self._stopping and not self._waiting and not self._active:
                     return
+            if went_idle:  # outside the lock: a submit meanwhile waits for nothing but this
+                worked = False
+                try:
+                    self.on_idle()
+                except Exception as err:
+                    print(f"samout serve: on_idle failed: {type(err).__name__}: {err}", file=sys.stderr)
+                continue
+            worked = True
             try:
                 self._iteration()
             except Exception as err:  # never let one bad batch kill the server
@@ -258,15 +282,12 @@ class Engine:
             params = request.params
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             entry = self.cache.lookup(request.prompt) if self.cache is not None else None
-            cached = 0 if entry is None else len(entry.tokens)
-            # Only the tokens after the cached prefix are copied: a follow-up turn costs the
-            # same whatever the length of its history.
+            cached = 0 if entry is None else entry.length
+            fed = array("i", request.prompt[:cached].tobytes())
             seq = _Sequence(request, torch.Generator(device="cpu").manual_seed(seed),
-                            pending=request.prompt[cached:], fed=array("i"))
+                            pending=request.prompt[cached:], fed=fed)
             if entry is not None:
-                seq.state, seq.logits = entry.state, entry.logits
-                seq.fed.frombytes(entry.tokens.tobytes())
-                seq.cached_tokens = cached
+                seq.state, seq.cached_tokens = entry.state, cached
             self._active.append(seq)
             self._emit(seq, ("admitted", seq.cached_tokens))
             self.peak_active = max(self.peak_active, len(self._active))
@@ -316,7 +337,7 @@ class Engine:
             if len(seq.pending) == 0 and self.cache is not None:
                 # The prompt's own state too: a follow-up whose history re-encodes the reply
                 # differently (or regenerates it) still resumes after this prompt.
-                self.cache.put(seq.fed, seq.state, seq.logits)
+                self.cache.put(seq.fed, seq.state)
 
     def _decode(self) -> None:
         ready = [s for s in self._active if len(s.pending) == 0 and s.logits is not None]
@@ -428,8 +449,8 @@ class Engine:
             self._active.remove(seq)
         if self._padded is not None and any(s is seq for s in self._padded.seqs):
             self._padded = None  # the batch is rebuilt without it (and its memory freed)
-        if self.cache is not None and seq.state is not None and seq.logits is not None and len(seq.fed):
-            self.cache.put(seq.fed, seq.state, seq.logits)
+        if self.cache is not None and seq.state is not None and len(seq.fed):
+            self.cache.put(seq.fed, seq.state)  # the state after exactly `fed`
 
     def _emit(self, seq: _Sequence, event: tuple) -> None:
         if seq.request.cancelled:

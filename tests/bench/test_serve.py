@@ -19,6 +19,8 @@ def test_serve_bench_smallest(tmp_path):
     for p in results["throughput"]:
         assert p["tokens"] == 3 * p["clients"] and p["tokens_per_s"] > 0 and p["ttft_p50_s"] > 0
         assert p["peak_rss_bytes"] > 0
+        assert p["idle_heap_bytes"] > 0 and "decode_heap_growth_bytes" in p and "held_heap_growth_bytes" in p
+        assert len(p["runs_tokens_per_s"]) == 1 and p["runs_tokens_per_s"][0] == p["tokens_per_s"]
     config = SamOutConfig.from_preset("tiny")
     exact = config.num_layers * config.num_heads * config.head_dim * 4  # float32 running max per layer
     # The Transformer's KV cache at its longest: the history and every generated token but the last
@@ -42,4 +44,4 @@ def test_serve_bench_smallest(tmp_path):
     assert all((tmp_path / name).is_file() for name in results["plots"])
     text = format_serve(results)
     assert "SamOut/Transformer" in text and "next turn of a conversation" in text
-    assert "per session (slope over 1-2 clients)" in text
+    assert "per session (slope over 1-2 clients)" in text and "heap kept after the request" in text

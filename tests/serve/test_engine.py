@@ -96,13 +96,14 @@ def test_state_cache_hit_gives_the_cold_tokens(serve_models, which, seed):
     # The last generated token was sampled but never fed, so the state covers one token less.
     assert hit.cached_tokens == len(first_prompt) + len(first.tokens) - 1
     assert hit.finish[2]["cached_tokens"] == hit.cached_tokens
-    # A prompt that is exactly a cached prefix needs no model call: the stored logits serve.
+    # A prompt that is exactly a cached prefix resumes from the longest shorter one (the first
+    # turn's prompt): entries keep no logits, so at least one token is fed.
     exact_prompt = first_prompt + first.tokens[:-1]
     exact = Collector()
     engine.submit(exact_prompt, params, exact)
     assert exact.done.wait(60)
     engine.shutdown()
-    assert exact.cached_tokens == len(exact_prompt)
+    assert exact.cached_tokens == len(first_prompt)
     cold, exact_cold = run_jobs(Engine(model, prefill_chunk=8), [(follow_up, params), (exact_prompt, params)])
     assert cold.cached_tokens == exact_cold.cached_tokens == 0
     assert hit.tokens == cold.tokens == reference(model, follow_up, params)
@@ -287,3 +288,32 @@ def test_a_prefill_that_fails_fails_only_its_request(serve_models, seed):
     ok, broken = run_jobs(Engine(Poisoned(), prefill_chunk=64), [(good, params), (bad, params)])
     assert ok.tokens == reference(inner, good, params) and ok.finish[0] == "finish"
     assert broken.finish[0] == "error" and "prefill failed" in broken.finish[1] and broken.tokens == []
+
+
+def test_on_idle_runs_once_after_work_then_waits_for_more_work(serve_models):
+    """The server returns freed memory to the OS from `on_idle`: once per burst of work, after
+    `idle_seconds` without any, never while requests run and never when nothing ran."""
+    model = serve_models[0]
+    calls: list[tuple[int, int]] = []
+    engine: Engine | None = None
+
+    def on_idle() -> None:
+        calls.append((len(engine._active), len(engine._waiting)))
+
+    engine = Engine(model, on_idle=on_idle, idle_seconds=0.05).start()
+    try:
+        threading.Event().wait(0.3)
+        assert calls == []  # no work yet: nothing to hand back
+        params = SamplingParams(max_new_tokens=4, temperature=0, stop_at_eot=False)
+        first = Collector()
+        engine.submit([1, 5, 6, 7], params, first)
+        assert first.done.wait(60)
+        threading.Event().wait(0.5)
+        assert calls == [(0, 0)]  # once, with nothing running or waiting
+        second = Collector()
+        engine.submit([1, 5, 6, 7], params, second)  # the engine still takes work after it
+        assert second.done.wait(60) and second.tokens == first.tokens
+        threading.Event().wait(0.5)
+        assert calls == [(0, 0), (0, 0)]
+    finally:
+        engine.shutdown()
