@@ -287,10 +287,13 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
                 served.engine.abort(r)
             raise OpenAIError(503, str(err), type="server_error", code="shutting_down") from None
         run = _Run(body, served, submitted, queue, chat, len(prompts[0]))
+        # The engine holds the ids as int32. The body's list of Python ints (36 bytes a token:
+        # 150 KB for a 4096-token history) need not live as long as the stream, nor the copies
+        # Starlette's Request caches for its whole life: the raw bytes and the parsed JSON.
         if not chat:
-            # The engine holds the ids as int32; the body's list of Python ints (36 bytes a
-            # token: 150 KB for a 4096-token history) need not live as long as the stream.
             body.prompt = ""
+        for cached in ("_body", "_json"):
+            request.__dict__.pop(cached, None)
         if body.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

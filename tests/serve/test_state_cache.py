@@ -87,21 +87,44 @@ def test_replacing_an_entry_keeps_the_byte_count_exact():
     assert _first(cache.lookup([1, 2, 3])) == 1.0
 
 
-@pytest.mark.skipif(memory_stats()["heap_in_use_bytes"] is None, reason="needs glibc's mallinfo2")
+def _rss() -> int | None:
+    return memory_stats()["rss_bytes"]
+
+
+@pytest.mark.skipif(_rss() is None, reason="needs /proc/self/status")
 def test_an_entry_costs_its_state_and_no_more_than_the_accounted_overhead():
     """What the cache claims an entry costs (its byte budget's unit) is what the process's
-    heap grows by, whatever the length of the history: no ids, no logits are kept."""
+    resident memory grows by, whatever the length of the history: no ids, no logits are kept."""
     state = State([{"running_max": torch.randn(1, 8, 32)} for _ in range(4)])  # 4 KiB, the small preset's
     rng = np.random.default_rng(0)
     history = rng.integers(2, 8192, 4096).astype(np.int32)
     cache = StateCache(1 << 40)
     count = 4000
     gc.collect()
-    before = memory_stats()["heap_in_use_bytes"]
+    before = _rss()
     for i in range(count):
         history[:2] = (i & 0xFFFF, i >> 16)
         cache.put(history, state)
     gc.collect()
-    per_entry = (memory_stats()["heap_in_use_bytes"] - before) / count
-    assert state.nbytes <= per_entry <= state.nbytes + ENTRY_OVERHEAD_BYTES
+    per_entry = (_rss() - before) / count
+    assert state.nbytes <= per_entry <= state.nbytes + ENTRY_OVERHEAD_BYTES, per_entry
     assert cache.nbytes == count * (state.nbytes + ENTRY_OVERHEAD_BYTES)
+    assert cache.mapped_bytes >= count * state.nbytes
+
+
+def test_slots_are_reused_and_empty_maps_unmapped():
+    state = State([{"running_max": torch.randn(1, 8, 32)} for _ in range(4)])
+    per_map = (4 << 20) // state.nbytes
+    cache = StateCache((per_map + 1) * (state.nbytes + ENTRY_OVERHEAD_BYTES))
+    for i in range(per_map + 1):  # one more than a map holds: a second map
+        cache.put([i, 1], state)
+    assert cache.mapped_bytes == 2 * per_map * state.nbytes
+    cache.put([per_map + 1, 1], state)  # evicts the oldest, and takes its slot: no third map
+    assert cache.evictions == 1 and cache.mapped_bytes == 2 * per_map * state.nbytes
+    # An entry of another shape evicts the only one of the first: its map goes back to the OS.
+    small = StateCache(state.nbytes + ENTRY_OVERHEAD_BYTES)
+    small.put([1, 2], state)
+    other = State([{"running_max": torch.zeros(1, 8, 32)} for _ in range(3)])
+    small.put([3, 4], other)
+    assert len(small) == 1 and small.mapped_bytes == (4 << 20) // other.nbytes * other.nbytes
+    assert torch.equal(small.lookup([3, 4, 5]).state[2]["running_max"], other[2]["running_max"])
