@@ -81,7 +81,7 @@ class ServeBenchSettings:
     histories: list[int] = field(default_factory=lambda: [512, 4096])
     max_tokens: int = 64
     follow_up_tokens: int = 16
-    repeats: int = 3
+    repeats: int = 5
     prefill_chunk: int = 512
     device: str = "cpu"
     seed: int = 0

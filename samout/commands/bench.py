@@ -163,7 +163,7 @@ def register(subparsers) -> None:
     serve.add_argument("--histories", type=_ints, help="history tokens per client (default 512,4096)")
     for name, what in (("max_tokens", "greedy tokens each client asks for (default 64)"),
                        ("follow_up_tokens", "new tokens of a next or follow-up turn (default 16)"),
-                       ("repeats", "runs of each one-client point and follow-up (median kept; default 3)"),
+                       ("repeats", "runs of each one-client point and follow-up (median kept; default 5)"),
                        ("prefill_chunk", "the server's --prefill-chunk (default 512)")):
         serve.add_argument("--" + name.replace("_", "-"), type=int, help=what)
     serve.add_argument("--work-dir", help="where the temporary run directories go (default: system temp)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
@@ -92,7 +92,10 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     # OpenAI's four forms: a text, texts, token ids, lists of token ids (one prompt each).
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    # Token ids are tried first, and the first form that fits wins: pydantic's default
+    # ("smart") union checked every form and took 1 ms for a 4096-token history, 20x this.
+    prompt: Annotated[list[StrictInt] | str | list[str] | list[list[StrictInt]],
+                      Field(union_mode="left_to_right")]
 
 
 class ChatMessage(BaseModel):

@@ -333,3 +333,13 @@ def test_templated_text_chunks_are_the_plain_json(chat):
         for index in (0, 3):
             assert run._text_chunk(index, text) == run._chunk(index, text, None)
             assert json.loads(run._text_chunk(index, text)[len("data: "):])
+
+
+def test_health_reports_memory_and_the_state_cache(server):
+    health = httpx.get(server + "/health").json()
+    memory = health["memory"]
+    assert memory["rss_bytes"] > 50 * 2**20  # torch and a model are resident
+    assert memory["heap_in_use_bytes"] > 0 and memory["heap_free_bytes"] >= 0
+    cache = health["models"]["samout"]["cache"]
+    assert cache["bytes"] <= cache["budget_bytes"] and cache["mapped_bytes"] >= 0
+    assert health["models"]["plain"]["cache"] is None  # served with --state-cache-mb 0
