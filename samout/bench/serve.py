@@ -223,7 +223,9 @@ class _Sampler:
         return float(np.median(inside)) if inside else None
 
     def __enter__(self) -> _Sampler:
-        self.server.health(reset_peaks=True)
+        # Frees what earlier points left, so the idle figures are what the server holds.
+        self.idle_heap = self.server.health(reset_peaks=True)["memory"]["heap_in_use_bytes"]
+        self.idle_rss = self.server.rss()
         self._thread.start()
         return self
 
@@ -298,11 +300,9 @@ def conversation_point(server: ServerProcess, model: str, vocab: int, history: i
 
 
 def _timed_point(server: ServerProcess, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
-    # Frees what earlier points left, so idle RSS is what is held.
-    idle_heap = server.health(reset_peaks=True)["memory"]["heap_in_use_bytes"]
-    idle_rss = server.rss()
     with _Sampler(server, model) as sampler:
         results = asyncio.run(_concurrent(server.url, model, prompts, max_tokens))
+    idle_heap, idle_rss = sampler.idle_heap, sampler.idle_rss
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]

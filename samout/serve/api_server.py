@@ -322,12 +322,21 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
-        return ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
         return None
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 def return_free_heap() -> None:
@@ -344,12 +353,6 @@ def _release_free_memory() -> None:
     return_free_heap()
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-        "keepcost")]
-
-
 def memory_stats() -> dict[str, int | None]:
     """The process's resident memory and, under glibc, what its heap holds: bytes in use
     (live allocations of every thread, Python's and torch's) and bytes freed but kept by the
@@ -362,7 +365,6 @@ def memory_stats() -> dict[str, int | None]:
     in_use = free = None
     libc = _libc()
     if libc is not None and hasattr(libc, "mallinfo2"):
-        libc.mallinfo2.restype = _MallInfo2
         info = libc.mallinfo2()
         in_use, free = info.uordblks + info.hblkhd, info.fordblks
     return {"rss_bytes": rss, "heap_in_use_bytes": in_use, "heap_free_bytes": free}
