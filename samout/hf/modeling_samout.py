@@ -6,8 +6,11 @@ parameter names are samout's (`layers.0.mixer.proj.weight`, ...) and a samout ru
 directory's `model.safetensors` loads without any key mapping, and a directory written
 by `save_pretrained` is a samout checkpoint.
 
-The recurrent state travels as `past_key_values`, a `SamOutCache`; `generate()` then
-feeds one token per step (greedy, sampling and beam search, which reorders the cache).
+The recurrent state travels as a `SamOutCache`; `generate()` then feeds one token per step
+(greedy, sampling and beam search, which reorders the cache). transformers 5.24 renamed the
+cache argument and output field from `past_key_values` to `cache`: `forward` takes either
+name and returns the field the installed release declares, and the tokens fed to each
+step are decided by how many the cache has absorbed, not by how `generate` slices them.
 
 SamOut has no attention mask: every token enters the running max. Left padding is
 handled exactly by running each padded prompt on its real tokens only (the state starts
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from samout.hf.cache import SamOutCache
@@ -113,10 +117,33 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
             if getattr(self.generation_config, name) is None:
                 setattr(self.generation_config, name, getattr(self.config, name))
 
+    # -- generate() ----------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids: Tensor, *args, **kwargs) -> dict:
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        given = [kwargs.get(name) for name in CACHE_ARGUMENTS if kwargs.get(name) is not None]
+        cache = next((inputs[name] for name in CACHE_ARGUMENTS if inputs.get(name) is not None), None)
+        if given and cache is None:
+            raise RuntimeError(
+                "transformers' prepare_inputs_for_generation dropped the SamOut state (this "
+                "transformers release passes the cache in a way samout does not know)"
+            )
+        if isinstance(cache, SamOutCache) and inputs.get("input_ids") is not None:
+            # The state has absorbed exactly `seen_tokens` tokens: feed the rest, whatever
+            # slice generate() chose (a wrong slice would silently skip or repeat tokens).
+            seen = cache.seen_tokens
+            if seen >= input_ids.shape[1]:
+                raise RuntimeError(
+                    f"the SamOut state has absorbed {seen} tokens of a {input_ids.shape[1]}-token "
+                    "sequence: nothing is left to feed"
+                )
+            inputs["input_ids"] = input_ids[:, seen:].contiguous()
+        return inputs
+
     # -- forward -------------------------------------------------------------
     def forward(
         self,
         input_ids: Tensor | None = None,
+        cache: SamOutCache | None = None,
         past_key_values: SamOutCache | None = None,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
@@ -133,8 +160,17 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
             raise ValueError("SamOutForCausalLM takes input_ids (inputs_embeds are not supported)")
         if output_attentions or output_hidden_states:
             raise ValueError("SamOut has no attentions, and hidden states are not returned")
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the SamOut state as `cache` or as `past_key_values`, not both")
+        stray = [name for name, value in kwargs.items() if isinstance(value, Cache)]
+        if stray:
+            raise ValueError(
+                f"got a cache as `{stray[0]}`, which SamOut does not read: pass it as `cache` "
+                "(or `past_key_values`)"
+            )
+        given = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = as_samout_cache(past_key_values) if (use_cache or past_key_values is not None) else None
+        cache = as_samout_cache(given) if (use_cache or given is not None) else None
 
         keep = 0 if labels is not None else logits_to_keep  # the loss needs every position
         logits, state = self._run(input_ids, None if cache is None else cache.state, attention_mask, keep)
@@ -149,7 +185,7 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         output = CausalLMOutputWithPast(loss=loss, logits=logits,
-                                        past_key_values=cache if use_cache else None)
+                                        **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
 
@@ -181,6 +217,12 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
                               for i in range(len(states[0]))])
 
 
+# The names a cache can arrive under (transformers < 5.24 used `past_key_values`, later
+# releases `cache`), and the output field this release declares.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def left_padding_starts(mask: Tensor) -> list[int]:
     """Per row, the index of the first real token of a left-padded mask (0...0 1...1)."""
     mask = mask.bool()
@@ -204,6 +246,6 @@ def as_samout_cache(cache) -> SamOutCache:
     if isinstance(cache, SamOutCache):
         return cache
     raise ValueError(
-        f"past_key_values must be a SamOutCache (SamOut carries a running-max state, not keys and "
+        f"the cache must be a SamOutCache (SamOut carries a running-max state, not keys and "
         f"values), got {type(cache).__name__}"
     )

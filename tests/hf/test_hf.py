@@ -164,6 +164,42 @@ def test_a_kv_cache_is_refused_with_a_clear_error(seed):
         tiny_hf()(torch.randint(0, 97, (1, 3)), past_key_values=DynamicCache())
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_state_is_taken_under_either_cache_name(seed, name):
+    # transformers 5.24 renamed the argument (`past_key_values` -> `cache`); both must
+    # continue the state, or generate() silently restarts from nothing at every step.
+    model = tiny_hf()
+    ids = torch.randint(0, 97, (2, 9))
+    full = model(ids, use_cache=False).logits
+    first = model(ids[:, :5])
+    cache = first.cache if hasattr(first, "cache") else first.past_key_values
+    rest = model(ids[:, 5:], **{name: cache}).logits
+    torch.testing.assert_close(torch.cat([first.logits, rest], 1), full)
+
+
+def test_a_cache_under_another_name_or_both_names_is_refused(seed):
+    model = tiny_hf()
+    ids = torch.randint(0, 97, (1, 3))
+    out = model(ids)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, cache=cache, past_key_values=cache)
+    with pytest.raises(ValueError, match="`cache_params`, which SamOut does not read"):
+        model(ids, cache_params=cache)
+
+
+def test_generate_feeds_exactly_the_tokens_the_state_has_not_absorbed(seed):
+    # However generate() slices the inputs, the state decides what is fed next.
+    model = tiny_hf()
+    ids = torch.randint(0, 97, (2, 6))
+    out = model(ids[:, :4])
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    inputs = model.prepare_inputs_for_generation(ids, cache=cache, next_sequence_length=1)
+    assert torch.equal(inputs["input_ids"], ids[:, 4:])
+    with pytest.raises(RuntimeError, match="absorbed 4 tokens of a 4-token"):
+        model.prepare_inputs_for_generation(ids[:, :4], cache=cache, next_sequence_length=1)
+
+
 # -- generate() -----------------------------------------------------------------
 
 class InputLengths:
