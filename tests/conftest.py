@@ -65,17 +65,22 @@ def pytest_runtest_call(item):
     return (yield)
 
 
-def pytest_report_header(config) -> list[str]:
-    names = ["torch", "transformers", "tokenizers", "fastapi", "uvicorn", "pydantic", "lm_eval", "openai",
-             "onnxruntime", "hypothesis"]
+def pytest_sessionstart(session) -> None:
+    # Written even under -q (a report header is not), so every CI log names what it tested.
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller writes it once
     found = []
-    for name in names:
+    for name in ("torch", "transformers", "tokenizers", "fastapi", "uvicorn", "pydantic", "lm_eval", "openai",
+                 "onnxruntime", "hypothesis"):
         try:
             found.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             found.append(f"{name} (not installed)")
-    return ["versions: " + ", ".join(found),
-            f"hypothesis profile: {HYPOTHESIS_PROFILE}, test seed salt: {SALT or '(none)'}"]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("versions: " + ", ".join(found))
+        reporter.write_line(f"hypothesis profile: {HYPOTHESIS_PROFILE}; "
+                            f"SAMOUT_TEST_SEED: {SALT or '(unset)'}")
 
 
 @pytest.fixture(scope="session")
