@@ -254,6 +254,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
+def write_report(out: str | Path, name: str, results: dict[str, Any], summary: str) -> int:
+    """Write `<name>.txt` beside the JSON and plots, and print the summary."""
+    from samout.run_dir import atomic_write
+
+    atomic_write(f"{out}/{name}.txt", summary + "\n")
+    print(summary)
+    files = [f"{name}.json", f"{name}.txt", *results.get("plots", [])]
+    print(f"\nwrote in {out}: {', '.join(files)}")
+    return 0
+
+
 def prepare_out_dir(out: str | Path) -> Path:
     out = Path(out)
     try:

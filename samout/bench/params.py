@@ -10,14 +10,17 @@ For each SamOut preset, two Transformers of the same vocabulary, width and depth
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
 
+from samout.bench.common import prepare_out_dir, write_json
 from samout.config import PRESETS, SamOutConfig
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
+from samout.run_dir import atomic_write
 
 SEED_PRESETS = [p for p in PRESETS if p.startswith("seed-")] + ["openash-85m"]
 
@@ -25,6 +28,23 @@ SEED_PRESETS = [p for p in PRESETS if p.startswith("seed-")] + ["openash-85m"]
 def _counts(model) -> dict[str, int]:
     return {"parameters": model.num_parameters(),
             "non_embedding_parameters": model.num_parameters(exclude_embeddings=True)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flag of `samout bench params` (it measures nothing, so none of the shared ones)."""
+    parser.add_argument("--out", help="also write params.json (and params.md) into this directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench params`: print the table; with --out, write it as JSON and Markdown too."""
+    rows = parameter_table()
+    table = format_params(rows)
+    print(table)
+    if args.out:
+        out = prepare_out_dir(args.out)
+        write_json(out / "params.json", {"benchmark": "params", "rows": rows})
+        atomic_write(out / "params.md", table + "\n")
+    return 0
 
 
 def parameter_table(presets: list[str] | None = None) -> list[dict[str, Any]]:

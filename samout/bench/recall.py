@@ -21,6 +21,7 @@ must hold all n pairs in [layers x D] numbers; attention can look them up.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from samout.bench.arguments import (
+    MODEL_OVERRIDES,
+    add_model_arguments,
+    add_run_arguments,
+    apply_flags,
+    command_line,
+    settings_from_args,
+)
 from samout.bench.common import (
     build_model,
     check_mixers,
@@ -42,6 +51,7 @@ from samout.bench.common import (
     resolve_device,
     run_header,
     write_json,
+    write_report,
 )
 from samout.config import SamOutConfig
 from samout.errors import SamoutError
@@ -138,6 +148,30 @@ QUICK = dict(
     lr=3e-3,
     eval_examples=256,
 )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench recall`."""
+    add_model_arguments(parser)
+    g = parser.add_argument_group("task and training")
+    g.add_argument("--tasks", help="comma-separated LENGTHxPAIRS, e.g. 64x4,128x16")
+    g.add_argument("--steps", type=int, help="training steps per model and task")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--eval-examples", type=int, help="held-out examples per task")
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench recall`."""
+    s = settings_from_args(args, RecallSettings, QUICK,
+                           ("preset", "mixers", "variants", "window", "match_mixer", "positional", "device",
+                            "seed"), overrides=MODEL_OVERRIDES)
+    if args.tasks is not None:
+        s.tasks = parse_tasks(args.tasks)
+    apply_flags(s, args, ("steps", "batch_size", "lr", "eval_examples"))
+    results = run_recall(s, args.out, command=command_line(args), progress=not args.no_progress)
+    return write_report(args.out, "recall", results, format_recall(results))
 
 
 def train_and_evaluate(model, task: tuple[int, int], s: RecallSettings, device) -> dict[str, Any]:

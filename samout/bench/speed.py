@@ -23,6 +23,7 @@ from `torch.cuda.max_memory_allocated`. `state_bytes` is the exact size of the s
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from samout.bench import lowp
+from samout.bench.arguments import (
+    MODEL_OVERRIDES,
+    add_model_arguments,
+    add_run_arguments,
+    command_line,
+    ints,
+    settings_from_args,
+)
 from samout.bench.common import (
     build_model,
     check_mixers,
@@ -47,6 +57,7 @@ from samout.bench.common import (
     tensor_bytes,
     timed,
     write_json,
+    write_report,
 )
 from samout.config import MIXERS, SamOutConfig
 from samout.errors import SamoutError
@@ -97,6 +108,33 @@ QUICK = dict(
     prefill_chunk=1024,
     repeats=3,
 )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench speed` (with those of `--lowp`)."""
+    add_model_arguments(parser)
+    g = parser.add_argument_group("what to measure")
+    g.add_argument("--lengths", type=ints, help="training sequence lengths (default 256..8192)")
+    g.add_argument("--tokens-per-step", type=int, help="tokens per training step; batch = this / length")
+    g.add_argument("--contexts", type=ints, help="decode context lengths (default 128..32768)")
+    g.add_argument("--decode-steps", type=int, help="timed single-token steps per context")
+    g.add_argument("--prefill-chunk", type=int, help="tokens per call when building the context state")
+    g.add_argument("--repeats", type=int, help="timed training steps per point (median reported)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    lowp.add_arguments(parser)
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench speed` (or, with --lowp, `samout bench speed --lowp`)."""
+    if args.lowp:
+        return lowp.run(args)
+    s = settings_from_args(args, SpeedSettings, QUICK,
+                           ("preset", "mixers", "variants", "window", "match_mixer", "positional", "device",
+                            "seed", "lengths", "tokens_per_step", "contexts", "decode_steps", "prefill_chunk",
+                            "repeats", "lr"), overrides=MODEL_OVERRIDES)
+    results = run_speed(s, args.out, command=command_line(args), progress=not args.no_progress)
+    return write_report(args.out, "speed", results, format_speed(results))
 
 
 def _validate(s: SpeedSettings) -> None:
