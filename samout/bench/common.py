@@ -25,8 +25,11 @@ from samout.errors import SamoutError
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
 from samout.models.transformer_config import match_transformer_to
+from samout.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
+
+GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
 
 
 def cpu_model() -> str:
@@ -94,6 +97,13 @@ def positive_ints(name: str, values: list[int]) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise SamoutError(f"{name} must be positive integers, got {values}")
     return sorted(set(values))
+
+
+def check_positive(settings: Any, fields: tuple[str, ...]) -> None:
+    """Each of `fields` of the settings is a positive integer."""
+    for name in fields:
+        if getattr(settings, name) <= 0:
+            raise SamoutError(f"{name} must be a positive integer, got {getattr(settings, name)}")
 
 
 # Issue 14's variants of the base SamOut (its own mixer): name -> config fields. The
@@ -166,6 +176,17 @@ def matched_target(base: SamOutConfig, match_mixer: str) -> dict[str, Any]:
 
     config = SamOutConfig.from_dict({**base.to_dict(), "mixer": match_mixer})
     return {"mixer": match_mixer, "non_embedding_parameters": samout_non_embedding_parameters(config)}
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    return {"parameters": model.num_parameters(),
+            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True)}
+
+
+def model_sizes(specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each compared model's config and parameter counts (built on the meta device)."""
+    return {name: {"config": config.to_dict(), **parameter_counts(build_model(config, torch.device("meta")))}
+            for name, config in specs.items()}
 
 
 def build_model(config, device: torch.device, seed: int = 0) -> nn.Module:

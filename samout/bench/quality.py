@@ -31,9 +31,11 @@ from samout.bench.arguments import (
     settings_from_args,
 )
 from samout.bench.common import (
+    check_mixers,
     check_variants,
     header_line,
     header_lines,
+    parameter_counts,
     plot_lines,
     prepare_out_dir,
     resolve_device,
@@ -42,7 +44,7 @@ from samout.bench.common import (
     write_json,
     write_report,
 )
-from samout.config import MIXERS, PRESETS, SamOutConfig
+from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
 from samout.run_dir import LOG_NAME
 
@@ -152,9 +154,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     if not s.corpus:
         raise SamoutError("give the text to train on with --corpus shakespeare (built in) or --corpus DIR "
                           "(one document per file)")
-    for m in s.mixers:
-        if m not in MIXERS:
-            raise SamoutError(f"unknown mixer {m!r}: choose from {', '.join(MIXERS)}")
+    check_mixers(s.mixers)
     out = prepare_out_dir(out)
     device = resolve_device(s.device)
     files = corpus_files(s.corpus)
@@ -205,8 +205,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                           batch_size=max(1, s.batch_size // k), device=device)
             contexts[str(k)] = {"seq_len": s.seq_len * k, "loss": ev.loss, "bits_per_byte": ev.bits_per_byte}
         results["models"][name] = {
-            "parameters": model.num_parameters(),
-            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+            **parameter_counts(model),
             "tokens": result["tokens"], "train_seconds": result["elapsed"],
             "curve": _curve(run_dir), "contexts": contexts,
         }

@@ -40,11 +40,14 @@ from samout.bench.arguments import (
     settings_from_args,
 )
 from samout.bench.common import (
+    GRAD_CLIP,
     build_model,
     check_mixers,
+    check_positive,
     header_line,
     header_lines,
     matched_target,
+    model_sizes,
     model_specs,
     plot_lines,
     prepare_out_dir,
@@ -55,10 +58,7 @@ from samout.bench.common import (
 )
 from samout.config import SamOutConfig
 from samout.errors import SamoutError
-from samout.training.config import TrainConfig
 from samout.training.step import build_optimizer, clip_and_step, lm_loss
-
-GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
 
 IGNORE = -100
 
@@ -215,9 +215,7 @@ def evaluate(model, seq_len: int, pairs: int, num_examples: int, generator, devi
 def run_recall(s: RecallSettings, out: str | Path, command: str = "samout bench recall",
                progress: bool = True) -> dict[str, Any]:
     s.mixers = check_mixers(s.mixers)
-    for name in ("steps", "batch_size", "eval_examples"):
-        if getattr(s, name) <= 0:
-            raise SamoutError(f"{name} must be a positive integer, got {getattr(s, name)}")
+    check_positive(s, ("steps", "batch_size", "eval_examples"))
     out = prepare_out_dir(out)
     device = resolve_device(s.device)
     base = SamOutConfig.from_preset(s.preset, **s.overrides)
@@ -230,14 +228,8 @@ def run_recall(s: RecallSettings, out: str | Path, command: str = "samout bench 
     results: dict[str, Any] = {
         "benchmark": "recall", "header": run_header(device, command), "settings": asdict(s),
         "matched_to": f"samout-{match_mixer}",
-        "matched_target": matched_target(base, match_mixer), "models": {}, "runs": [],
+        "matched_target": matched_target(base, match_mixer), "models": model_sizes(specs), "runs": [],
     }
-    for name, config in specs.items():
-        model = build_model(config, torch.device("meta"))
-        results["models"][name] = {
-            "config": config.to_dict(), "parameters": model.num_parameters(),
-            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
-        }
     bar = tqdm(total=len(specs) * len(s.tasks), desc="bench recall", disable=not progress, unit="run")
     for length, pairs in s.tasks:
         for name, config in specs.items():

@@ -41,12 +41,15 @@ from samout.bench.arguments import (
     settings_from_args,
 )
 from samout.bench.common import (
+    GRAD_CLIP,
     build_model,
     check_mixers,
+    check_positive,
     header_line,
     header_lines,
     matched_target,
     median,
+    model_sizes,
     model_specs,
     peak_allocated_bytes,
     plot_lines,
@@ -60,11 +63,7 @@ from samout.bench.common import (
     write_report,
 )
 from samout.config import MIXERS, SamOutConfig
-from samout.errors import SamoutError
-from samout.training.config import TrainConfig
 from samout.training.step import build_optimizer, clip_and_step, lm_loss
-
-GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
 
 MEMORY_NOTE = (
     "Bytes of live tensors (allocator caching and the process's code excluded). "
@@ -141,9 +140,7 @@ def _validate(s: SpeedSettings) -> None:
     s.mixers = check_mixers(s.mixers)
     s.lengths = positive_ints("lengths", s.lengths)
     s.contexts = positive_ints("contexts", s.contexts)
-    for name in ("tokens_per_step", "decode_steps", "prefill_chunk", "repeats"):
-        if getattr(s, name) <= 0:
-            raise SamoutError(f"{name} must be a positive integer, got {getattr(s, name)}")
+    check_positive(s, ("tokens_per_step", "decode_steps", "prefill_chunk", "repeats"))
 
 
 def training_step(model, config, length: int, s: SpeedSettings, device):
@@ -235,14 +232,8 @@ def run_speed(s: SpeedSettings, out: str | Path, command: str = "samout bench sp
     results: dict[str, Any] = {
         "benchmark": "speed", "header": header, "settings": asdict(s), "matched_to": f"samout-{match_mixer}",
         "matched_target": matched_target(base, match_mixer),
-        "memory_note": MEMORY_NOTE, "models": {}, "train": [], "decode": [],
+        "memory_note": MEMORY_NOTE, "models": model_sizes(specs), "train": [], "decode": [],
     }
-    for name, config in specs.items():
-        model = build_model(config, torch.device("meta"))
-        results["models"][name] = {
-            "config": config.to_dict(), "parameters": model.num_parameters(),
-            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
-        }
     bar = tqdm(total=len(s.lengths) + len(s.contexts), desc="bench speed", disable=not progress, unit="point")
     for length in s.lengths:
         bar.set_postfix_str(f"train T={length}")
