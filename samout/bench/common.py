@@ -169,6 +169,18 @@ def model_specs(base: SamOutConfig, mixers: list[str], match_mixer: str, variant
     return specs
 
 
+def compared_models(s: Any, longest: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The configs a speed or recall run compares, from its settings (preset, overrides,
+    mixers, variants, window, match_mixer, positional; the Transformer holds `longest`
+    positions, at least 4096), and which SamOut the Transformer is matched to."""
+    base = SamOutConfig.from_preset(s.preset, **s.overrides)
+    match_mixer = s.match_mixer or base.mixer
+    check_mixers([match_mixer])
+    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
+                        max_position_embeddings=max(4096, longest))
+    return specs, {"matched_to": f"samout-{match_mixer}", "matched_target": matched_target(base, match_mixer)}
+
+
 def matched_target(base: SamOutConfig, match_mixer: str) -> dict[str, Any]:
     """Which SamOut the Transformer was sized against, and its non-embedding count (it
     need not be among the models run)."""

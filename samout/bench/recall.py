@@ -44,11 +44,10 @@ from samout.bench.common import (
     build_model,
     check_mixers,
     check_positive,
+    compared_models,
     header_line,
     header_lines,
-    matched_target,
     model_sizes,
-    model_specs,
     plot_lines,
     prepare_out_dir,
     resolve_device,
@@ -221,14 +220,10 @@ def run_recall(s: RecallSettings, out: str | Path, command: str = "samout bench 
     base = SamOutConfig.from_preset(s.preset, **s.overrides)
     for length, pairs in s.tasks:  # fail before any training on an impossible task
         make_mqar(1, length, pairs, base.vocab_size)
-    match_mixer = s.match_mixer or base.mixer
-    check_mixers([match_mixer])
-    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
-                        max_position_embeddings=max(4096, max(t[0] for t in s.tasks)))
+    specs, matched = compared_models(s, max(t[0] for t in s.tasks))
     results: dict[str, Any] = {
-        "benchmark": "recall", "header": run_header(device, command), "settings": asdict(s),
-        "matched_to": f"samout-{match_mixer}",
-        "matched_target": matched_target(base, match_mixer), "models": model_sizes(specs), "runs": [],
+        "benchmark": "recall", "header": run_header(device, command), "settings": asdict(s), **matched,
+        "models": model_sizes(specs), "runs": [],
     }
     bar = tqdm(total=len(specs) * len(s.tasks), desc="bench recall", disable=not progress, unit="run")
     for length, pairs in s.tasks:

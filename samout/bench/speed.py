@@ -45,12 +45,11 @@ from samout.bench.common import (
     build_model,
     check_mixers,
     check_positive,
+    compared_models,
     header_line,
     header_lines,
-    matched_target,
     median,
     model_sizes,
-    model_specs,
     peak_allocated_bytes,
     plot_lines,
     positive_ints,
@@ -62,7 +61,7 @@ from samout.bench.common import (
     write_json,
     write_report,
 )
-from samout.config import MIXERS, SamOutConfig
+from samout.config import MIXERS
 from samout.training.step import build_optimizer, clip_and_step, lm_loss
 
 MEMORY_NOTE = (
@@ -222,16 +221,10 @@ def run_speed(s: SpeedSettings, out: str | Path, command: str = "samout bench sp
     _validate(s)
     out = prepare_out_dir(out)
     device = resolve_device(s.device)
-    base = SamOutConfig.from_preset(s.preset, **s.overrides)
-    match_mixer = s.match_mixer or base.mixer
-    check_mixers([match_mixer])
-    longest = max(max(s.lengths), max(s.contexts) + s.decode_steps + 2)
-    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
-                        max_position_embeddings=max(4096, longest))
+    specs, matched = compared_models(s, max(max(s.lengths), max(s.contexts) + s.decode_steps + 2))
     header = run_header(device, command)
     results: dict[str, Any] = {
-        "benchmark": "speed", "header": header, "settings": asdict(s), "matched_to": f"samout-{match_mixer}",
-        "matched_target": matched_target(base, match_mixer),
+        "benchmark": "speed", "header": header, "settings": asdict(s), **matched,
         "memory_note": MEMORY_NOTE, "models": model_sizes(specs), "train": [], "decode": [],
     }
     bar = tqdm(total=len(s.lengths) + len(s.contexts), desc="bench speed", disable=not progress, unit="point")
