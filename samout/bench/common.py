@@ -26,10 +26,14 @@ from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
 from samout.models.transformer_config import match_transformer_to
 from samout.training.config import TrainConfig
+from samout.training.step import build_optimizer, clip_and_step, lm_loss
 
 REPO = Path(__file__).resolve().parents[2]
 
 GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
+# AdamW's learning rate in the timed training steps of speed and lowp's memory table (a
+# step costs the same at any rate).
+STEP_LR = 3e-4
 
 
 def cpu_model() -> str:
@@ -221,6 +225,40 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def measure_interleaved(steps: dict[str, Callable[[], Any]], repeats: int,
+                        device: torch.device) -> dict[str, list[float]]:
+    """Time every model's step `repeats` times, round-robin (rotating who goes first), so
+    that load from elsewhere on the machine falls on all models alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            seconds[name].append(timed(steps[name], device))
+    return seconds
+
+
+def training_step(model: nn.Module, config, length: int, tokens_per_step: int, lr: float,
+                  device: torch.device) -> tuple[Callable[[], None], dict[str, Any]]:
+    """The trainer's own step (loss, backward, clip, AdamW) on a fixed random batch of
+    `tokens_per_step // length` sequences (at least one), run once to create the optimizer
+    state; and what it measures: the batch and the bytes live between steps."""
+    model.train()
+    optimizer = build_optimizer(model, lr=lr)
+    batch = max(1, tokens_per_step // length)
+    ids = torch.randint(1, config.vocab_size, (batch, length + 1), device=device)
+
+    def step() -> None:
+        lm_loss(model, ids[:, :-1], ids[:, 1:]).backward()
+        clip_and_step(model.parameters(), optimizer, GRAD_CLIP)
+
+    step()  # warm-up; creates the optimizer state
+    resident = tensor_bytes(model.parameters()) + tensor_bytes(
+        t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)
+    )
+    info = {"length": length, "batch": batch, "tokens_per_step": batch * length, "resident_bytes": resident}
+    return step, info
 
 
 def median(values: list[float]) -> float:

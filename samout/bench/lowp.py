@@ -33,8 +33,10 @@ from torch import Tensor
 
 from samout.bench.arguments import command_line, ints, settings_from_args
 from samout.bench.common import (
+    STEP_LR,
     build_model,
     header_line,
+    measure_interleaved,
     median,
     model_specs,
     peak_allocated_bytes,
@@ -43,6 +45,7 @@ from samout.bench.common import (
     run_header,
     synchronize,
     timed,
+    training_step,
     write_json,
     write_report,
 )
@@ -215,8 +218,6 @@ def accuracy_table(s: LowpSettings, device: torch.device) -> dict[str, Any]:
 
 
 def memory_table(s: LowpSettings, device: torch.device, progress=print) -> dict[str, Any]:
-    from samout.bench.speed import SpeedSettings, training_step
-
     base = SamOutConfig.from_preset(s.memory_preset, vocab_size=s.memory_vocab)
     rows = []
     for tokens in s.memory_tokens:
@@ -229,17 +230,13 @@ def memory_table(s: LowpSettings, device: torch.device, progress=print) -> dict[
             else:
                 variants[name] = cfg
                 variants[name + "+recompute"] = SamOutConfig.from_dict({**cfg.to_dict(), "recompute": True})
-        speed = SpeedSettings(tokens_per_step=tokens)
         steps, infos = {}, {}
         for name, cfg in variants.items():
             model = build_model(cfg, device, s.seed)
-            steps[name], infos[name] = training_step(model, cfg, tokens, speed, device)
+            steps[name], infos[name] = training_step(model, cfg, tokens, tokens, STEP_LR, device)
         progress(f"training memory at {tokens} tokens/step: {', '.join(variants)}")
-        seconds = {n: [] for n in steps}
+        seconds = measure_interleaved(steps, s.memory_repeats, device)
         names = list(steps)
-        for r in range(s.memory_repeats):
-            for n in names[r % len(names):] + names[: r % len(names)]:
-                seconds[n].append(timed(steps[n], device))
         for n in names:
             peak = infos[n]["resident_bytes"] + peak_allocated_bytes(steps[n], device)
             rows.append({"model": n, "tokens_per_step": tokens, "peak_bytes": peak,

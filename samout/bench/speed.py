@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,14 @@ from samout.bench.arguments import (
     settings_from_args,
 )
 from samout.bench.common import (
-    GRAD_CLIP,
+    STEP_LR,
     build_model,
     check_mixers,
     check_positive,
     compared_models,
     header_line,
     header_lines,
+    measure_interleaved,
     median,
     model_sizes,
     peak_allocated_bytes,
@@ -57,12 +59,11 @@ from samout.bench.common import (
     resolve_device,
     run_header,
     tensor_bytes,
-    timed,
+    training_step,
     write_json,
     write_report,
 )
 from samout.config import MIXERS
-from samout.training.step import build_optimizer, clip_and_step, lm_loss
 
 MEMORY_NOTE = (
     "Bytes of live tensors (allocator caching and the process's code excluded). "
@@ -90,7 +91,7 @@ class SpeedSettings:
     decode_steps: int = 16
     prefill_chunk: int = 1024
     repeats: int = 5
-    lr: float = 3e-4
+    lr: float = STEP_LR
     device: str = "cpu"
     seed: int = 0
 
@@ -142,25 +143,6 @@ def _validate(s: SpeedSettings) -> None:
     check_positive(s, ("tokens_per_step", "decode_steps", "prefill_chunk", "repeats"))
 
 
-def training_step(model, config, length: int, s: SpeedSettings, device):
-    """A training step on a fixed random batch, and the bytes live between steps."""
-    model.train()
-    optimizer = build_optimizer(model, lr=s.lr)
-    batch = max(1, s.tokens_per_step // length)
-    ids = torch.randint(1, config.vocab_size, (batch, length + 1), device=device)
-
-    def step() -> None:  # the trainer's own step: loss, backward, clip, AdamW
-        lm_loss(model, ids[:, :-1], ids[:, 1:]).backward()
-        clip_and_step(model.parameters(), optimizer, GRAD_CLIP)
-
-    step()  # warm-up; creates the optimizer state
-    resident = tensor_bytes(model.parameters()) + tensor_bytes(
-        t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)
-    )
-    info = {"length": length, "batch": batch, "tokens_per_step": batch * length, "resident_bytes": resident}
-    return step, info
-
-
 @torch.no_grad()
 def decoding_step(model, config, context: int, s: SpeedSettings, device):
     """Feed `context` tokens in chunks, then return a one-token step that carries the state on."""
@@ -182,24 +164,14 @@ def decoding_step(model, config, context: int, s: SpeedSettings, device):
     return step, info
 
 
-def measure_interleaved(steps: dict[str, Any], repeats: int, device) -> dict[str, list[float]]:
-    """Time every model's step `repeats` times, round-robin (rotating who goes first), so
-    that load from elsewhere on the machine falls on all models alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            seconds[name].append(timed(steps[name], device))
-    return seconds
-
-
 def _measure_point(specs, prepare, point: int, repeats: int, s: SpeedSettings,
                    device) -> list[dict[str, Any]]:
-    """All models at one length / context: build, warm up, time interleaved, then memory."""
+    """All models at one length / context: build, warm up (`prepare(model, config, point)`
+    returns the step and what it measures), time interleaved, then memory."""
     steps, infos, rows = {}, {}, []
     for name, config in specs.items():
         try:
-            steps[name], infos[name] = prepare(build_model(config, device, s.seed), config, point, s, device)
+            steps[name], infos[name] = prepare(build_model(config, device, s.seed), config, point)
         except torch.OutOfMemoryError as err:
             torch.cuda.empty_cache()
             infos[name] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
@@ -227,17 +199,19 @@ def run_speed(s: SpeedSettings, out: str | Path, command: str = "samout bench sp
         "benchmark": "speed", "header": header, "settings": asdict(s), **matched,
         "memory_note": MEMORY_NOTE, "models": model_sizes(specs), "train": [], "decode": [],
     }
+    train = partial(training_step, tokens_per_step=s.tokens_per_step, lr=s.lr, device=device)
+    decode = partial(decoding_step, s=s, device=device)
     bar = tqdm(total=len(s.lengths) + len(s.contexts), desc="bench speed", disable=not progress, unit="point")
     for length in s.lengths:
         bar.set_postfix_str(f"train T={length}")
-        for row in _measure_point(specs, training_step, length, s.repeats, s, device):
+        for row in _measure_point(specs, train, length, s.repeats, s, device):
             if "median_seconds" in row:
                 row["tokens_per_s"] = row["tokens_per_step"] / row["median_seconds"]
             results["train"].append(row)
         bar.update()
     for context in s.contexts:
         bar.set_postfix_str(f"decode context={context}")
-        for row in _measure_point(specs, decoding_step, context, s.decode_steps, s, device):
+        for row in _measure_point(specs, decode, context, s.decode_steps, s, device):
             if "median_seconds" in row:
                 row["median_latency_ms"] = 1e3 * row["median_seconds"]
                 row["tokens_per_s"] = 1 / row["median_seconds"]
