@@ -49,11 +49,11 @@ def duration(text: str) -> float:
     return seconds
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, default_out: str = "bench-results") -> None:
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every SamOut-vs-Transformer benchmark takes (read by `settings_from_args`)."""
     parser.add_argument("--quick", action="store_true",
                         help="small, fast settings (a few minutes on 2 cores)")
-    parser.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
+    parser.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
     parser.add_argument("--device", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int)
