@@ -13,7 +13,6 @@ speed does not depend on the weights.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from samout.bench.common import header_line, run_header
+from samout.bench.common import header_line, run_header, write_json
 from samout.chat.conversation import Conversation
 from samout.chat.template import load_chat_template, render_ids
 from samout.generation import sample_next
@@ -136,7 +135,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     print(f"turn {args.turns} / turn 1: state {result['state_ratio_last_vs_first']:.2f}x, "
           f"re-prefill {result['reprefill_ratio_last_vs_first']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
     return 0
 
 

@@ -25,8 +25,15 @@ from samout.errors import SamoutError
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
 from samout.models.transformer_config import match_transformer_to
+from samout.training.config import TrainConfig
+from samout.training.step import build_optimizer, clip_and_step, lm_loss
 
 REPO = Path(__file__).resolve().parents[2]
+
+GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
+# AdamW's learning rate in the timed training steps of speed and lowp's memory table (a
+# step costs the same at any rate).
+STEP_LR = 3e-4
 
 
 def cpu_model() -> str:
@@ -96,6 +103,13 @@ def positive_ints(name: str, values: list[int]) -> list[int]:
     return sorted(set(values))
 
 
+def check_positive(settings: Any, fields: tuple[str, ...]) -> None:
+    """Each of `fields` of the settings is a positive integer."""
+    for name in fields:
+        if getattr(settings, name) <= 0:
+            raise SamoutError(f"{name} must be a positive integer, got {getattr(settings, name)}")
+
+
 # Issue 14's variants of the base SamOut (its own mixer): name -> config fields. The
 # sliding window is `window` (a benchmark setting). Attention layers have 4 D^2
 # parameters, as many as the gen4/openash projection they replace, so every variant has
@@ -159,6 +173,18 @@ def model_specs(base: SamOutConfig, mixers: list[str], match_mixer: str, variant
     return specs
 
 
+def compared_models(s: Any, longest: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The configs a speed or recall run compares, from its settings (preset, overrides,
+    mixers, variants, window, match_mixer, positional; the Transformer holds `longest`
+    positions, at least 4096), and which SamOut the Transformer is matched to."""
+    base = SamOutConfig.from_preset(s.preset, **s.overrides)
+    match_mixer = s.match_mixer or base.mixer
+    check_mixers([match_mixer])
+    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
+                        max_position_embeddings=max(4096, longest))
+    return specs, {"matched_to": f"samout-{match_mixer}", "matched_target": matched_target(base, match_mixer)}
+
+
 def matched_target(base: SamOutConfig, match_mixer: str) -> dict[str, Any]:
     """Which SamOut the Transformer was sized against, and its non-embedding count (it
     need not be among the models run)."""
@@ -166,6 +192,17 @@ def matched_target(base: SamOutConfig, match_mixer: str) -> dict[str, Any]:
 
     config = SamOutConfig.from_dict({**base.to_dict(), "mixer": match_mixer})
     return {"mixer": match_mixer, "non_embedding_parameters": samout_non_embedding_parameters(config)}
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    return {"parameters": model.num_parameters(),
+            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True)}
+
+
+def model_sizes(specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each compared model's config and parameter counts (built on the meta device)."""
+    return {name: {"config": config.to_dict(), **parameter_counts(build_model(config, torch.device("meta")))}
+            for name, config in specs.items()}
 
 
 def build_model(config, device: torch.device, seed: int = 0) -> nn.Module:
@@ -188,6 +225,40 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def measure_interleaved(steps: dict[str, Callable[[], Any]], repeats: int,
+                        device: torch.device) -> dict[str, list[float]]:
+    """Time every model's step `repeats` times, round-robin (rotating who goes first), so
+    that load from elsewhere on the machine falls on all models alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            seconds[name].append(timed(steps[name], device))
+    return seconds
+
+
+def training_step(model: nn.Module, config, length: int, tokens_per_step: int, lr: float,
+                  device: torch.device) -> tuple[Callable[[], None], dict[str, Any]]:
+    """The trainer's own step (loss, backward, clip, AdamW) on a fixed random batch of
+    `tokens_per_step // length` sequences (at least one), run once to create the optimizer
+    state; and what it measures: the batch and the bytes live between steps."""
+    model.train()
+    optimizer = build_optimizer(model, lr=lr)
+    batch = max(1, tokens_per_step // length)
+    ids = torch.randint(1, config.vocab_size, (batch, length + 1), device=device)
+
+    def step() -> None:
+        lm_loss(model, ids[:, :-1], ids[:, 1:]).backward()
+        clip_and_step(model.parameters(), optimizer, GRAD_CLIP)
+
+    step()  # warm-up; creates the optimizer state
+    resident = tensor_bytes(model.parameters()) + tensor_bytes(
+        t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)
+    )
+    info = {"length": length, "batch": batch, "tokens_per_step": batch * length, "resident_bytes": resident}
+    return step, info
 
 
 def median(values: list[float]) -> float:
@@ -252,6 +323,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     from samout.run_dir import atomic_write
 
     atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_report(out: str | Path, name: str, results: dict[str, Any], summary: str) -> int:
+    """Write `<name>.txt` beside the JSON and plots, and print the summary."""
+    from samout.run_dir import atomic_write
+
+    atomic_write(f"{out}/{name}.txt", summary + "\n")
+    print(summary)
+    files = [f"{name}.json", f"{name}.txt", *results.get("plots", [])]
+    print(f"\nwrote in {out}: {', '.join(files)}")
+    return 0
 
 
 def prepare_out_dir(out: str | Path) -> Path:

@@ -22,6 +22,7 @@ Three tables, each measured in one run so the ratios compare like with like:
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from samout.bench.arguments import command_line, ints, settings_from_args
 from samout.bench.common import (
+    STEP_LR,
     build_model,
     header_line,
+    measure_interleaved,
     median,
     model_specs,
     peak_allocated_bytes,
@@ -41,9 +45,12 @@ from samout.bench.common import (
     run_header,
     synchronize,
     timed,
+    training_step,
     write_json,
+    write_report,
 )
-from samout.config import SamOutConfig
+from samout.config import PRESETS, SamOutConfig
+from samout.errors import SamoutError
 from samout.quant import INFERENCE_DTYPES, convert_for_inference, weight_bytes
 
 
@@ -67,6 +74,36 @@ class LowpSettings:
 
 QUICK = dict(batches=[1, 8], decode_steps=4, repeats=3, memory_tokens=[256], memory_repeats=2,
              accuracy_windows=4)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench speed --lowp` (added to those of `samout bench speed`, whose
+    --decode-steps and --repeats it shares)."""
+    g = parser.add_argument_group("low precision and training memory (--lowp; samout/bench/lowp.py)")
+    g.add_argument("--lowp", action="store_true",
+                   help="instead: decode tokens/s by --dtype at batch 1/8/64 with the measured bandwidth "
+                        "limit, accuracy of --accuracy-run, training memory with/without recompute")
+    g.add_argument("--lowp-preset", choices=list(PRESETS), help="decode model (default openash-85m)")
+    g.add_argument("--batches", type=ints, help="decode batch sizes (default 1,8,64)")
+    g.add_argument("--accuracy-run", metavar="RUN_DIR", help="trained run: perplexity, greedy agreement")
+    g.add_argument("--accuracy-windows", type=int, help="validation windows for the accuracy table")
+    g.add_argument("--memory-tokens", type=ints, help="memory table tokens/step (default 1024,4096)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench speed --lowp`."""
+    s = settings_from_args(args, LowpSettings, QUICK,
+                           ("batches", "accuracy_run", "accuracy_windows", "memory_tokens", "device", "seed"))
+    if args.lowp_preset:
+        s.preset = args.lowp_preset
+    if args.decode_steps:
+        s.decode_steps = args.decode_steps
+    if args.repeats:
+        s.repeats = args.repeats
+    if s.accuracy_run and not Path(s.accuracy_run, "config.json").is_file():
+        raise SamoutError(f"--accuracy-run: no trained model in {s.accuracy_run}")
+    results = run_lowp(s, args.out, command=command_line(args), progress=not args.no_progress)
+    return write_report(args.out, "lowp", results, format_lowp(results))
 
 
 def bandwidth_bytes_per_s(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
@@ -181,8 +218,6 @@ def accuracy_table(s: LowpSettings, device: torch.device) -> dict[str, Any]:
 
 
 def memory_table(s: LowpSettings, device: torch.device, progress=print) -> dict[str, Any]:
-    from samout.bench.speed import SpeedSettings, training_step
-
     base = SamOutConfig.from_preset(s.memory_preset, vocab_size=s.memory_vocab)
     rows = []
     for tokens in s.memory_tokens:
@@ -195,17 +230,13 @@ def memory_table(s: LowpSettings, device: torch.device, progress=print) -> dict[
             else:
                 variants[name] = cfg
                 variants[name + "+recompute"] = SamOutConfig.from_dict({**cfg.to_dict(), "recompute": True})
-        speed = SpeedSettings(tokens_per_step=tokens)
         steps, infos = {}, {}
         for name, cfg in variants.items():
             model = build_model(cfg, device, s.seed)
-            steps[name], infos[name] = training_step(model, cfg, tokens, speed, device)
+            steps[name], infos[name] = training_step(model, cfg, tokens, tokens, STEP_LR, device)
         progress(f"training memory at {tokens} tokens/step: {', '.join(variants)}")
-        seconds = {n: [] for n in steps}
+        seconds = measure_interleaved(steps, s.memory_repeats, device)
         names = list(steps)
-        for r in range(s.memory_repeats):
-            for n in names[r % len(names):] + names[: r % len(names)]:
-                seconds[n].append(timed(steps[n], device))
         for n in names:
             peak = infos[n]["resident_bytes"] + peak_allocated_bytes(steps[n], device)
             rows.append({"model": n, "tokens_per_step": tokens, "peak_bytes": peak,

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from samout.bench.arguments import command_line
 from samout.bench.common import header_lines, run_header
 from samout.config import SamOutConfig
 from samout.models.samout import SamOut
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     return run(p.parse_args(argv), command=" ".join([COMMAND, *(argv or sys.argv[1:])]))
 
 
-def run(args: argparse.Namespace, command: str = COMMAND) -> int:
+def run(args: argparse.Namespace, command: str | None = None) -> int:
+    """`samout bench mixers`; `command` is what to record (default: the flags given)."""
+    command = command or command_line(args, spread=True)  # before --quick changes the flags
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from samout.bench.arguments import command_line
 from samout.bench.common import header_lines, run_header
 from samout.config import SamOutConfig
 from samout.data.sources import shakespeare_works
@@ -36,7 +37,6 @@ from samout.export.onnx import (
 from samout.models.samout import SamOut
 from samout.tokenizer import train_tokenizer
 
-COMMAND = "samout bench onnx"
 TRAIN_WORKS = 5  # the first five works train the model; the sixth is held out
 
 
@@ -89,13 +89,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=200, help="decode steps per timed repeat")
 
 
-def run(args: argparse.Namespace, command: str = COMMAND) -> int:
+def run(args: argparse.Namespace, command: str | None = None) -> int:
+    """`samout bench onnx`; `command` is what to record (default: the flags given)."""
     import onnxruntime
 
     from samout.export.onnx import _require_onnx
 
     _require_onnx()  # one clear line if the onnx extra is missing
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    command = command or command_line(args, spread=True)
     print("\n".join(header_lines("onnx", run_header(torch.device("cpu"), command))))
     print(f"# onnxruntime {onnxruntime.__version__}")
     with tempfile.TemporaryDirectory() as tmp:

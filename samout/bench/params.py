@@ -10,21 +10,36 @@ For each SamOut preset, two Transformers of the same vocabulary, width and depth
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
 
+from samout.bench.common import parameter_counts, prepare_out_dir, write_json
 from samout.config import PRESETS, SamOutConfig
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
+from samout.run_dir import atomic_write
 
 SEED_PRESETS = [p for p in PRESETS if p.startswith("seed-")] + ["openash-85m"]
 
 
-def _counts(model) -> dict[str, int]:
-    return {"parameters": model.num_parameters(),
-            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True)}
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flag of `samout bench params` (it measures nothing, so none of the shared ones)."""
+    parser.add_argument("--out", help="also write params.json (and params.md) into this directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench params`: print the table; with --out, write it as JSON and Markdown too."""
+    rows = parameter_table()
+    table = format_params(rows)
+    print(table)
+    if args.out:
+        out = prepare_out_dir(args.out)
+        write_json(out / "params.json", {"benchmark": "params", "rows": rows})
+        atomic_write(out / "params.md", table + "\n")
+    return 0
 
 
 def parameter_table(presets: list[str] | None = None) -> list[dict[str, Any]]:
@@ -40,12 +55,12 @@ def parameter_table(presets: list[str] | None = None) -> list[dict[str, Any]]:
         with torch.device("meta"):
             s, t, m = SamOut(config), Transformer(standard), Transformer(matched)
         rows.append({
-            "preset": name, "mixer": config.mixer, "samout": _counts(s),
-            "transformer_4d_ffn": _counts(t), "transformer_matched": _counts(m),
+            "preset": name, "mixer": config.mixer, "samout": parameter_counts(s),
+            "transformer_4d_ffn": parameter_counts(t), "transformer_matched": parameter_counts(m),
             "matched_ffn_hidden_size": matched.ffn_hidden_size,
             "fewer_than_4d_ffn": 1 - s.num_parameters() / t.num_parameters(),
-            "fewer_than_4d_ffn_non_embedding": 1 - _counts(s)["non_embedding_parameters"]
-            / _counts(t)["non_embedding_parameters"],
+            "fewer_than_4d_ffn_non_embedding": 1 - parameter_counts(s)["non_embedding_parameters"]
+            / parameter_counts(t)["non_embedding_parameters"],
         })
     return rows
 

@@ -14,24 +14,37 @@ JSON and the summary.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from samout.bench.arguments import (
+    add_run_arguments,
+    add_variant_arguments,
+    command_line,
+    duration,
+    ints,
+    names,
+    settings_from_args,
+)
 from samout.bench.common import (
+    check_mixers,
     check_variants,
     header_line,
     header_lines,
+    parameter_counts,
     plot_lines,
     prepare_out_dir,
     resolve_device,
     run_header,
     variant_fields,
     write_json,
+    write_report,
 )
-from samout.config import MIXERS, SamOutConfig
+from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
 from samout.run_dir import LOG_NAME
 
@@ -63,6 +76,38 @@ class QualitySettings:
 
 QUICK = dict(preset="tiny", vocab_size=1024, seq_len=128, batch_size=16, max_steps=200, warmup_steps=20,
              eval_every=50, eval_windows=16, final_eval_windows=32)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench quality`: the corpus, the models, and their training."""
+    parser.add_argument("--corpus", help="built-in corpus of named works (shakespeare), or a directory "
+                        "or glob of .txt files, one document each")
+    parser.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small)")
+    parser.add_argument("--mixers", type=names, help="SamOut mixers to train (default: all)")
+    add_variant_arguments(parser)
+    for name in ("hidden_size", "num_layers", "num_heads"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, help="model override (every run)")
+    parser.add_argument("--context-multiples", type=ints,
+                        help="evaluate at these multiples of --seq-len (default 1,2,4)")
+    for name, kind in (("vocab_size", int), ("seq_len", int), ("batch_size", int), ("max_steps", int),
+                       ("lr", float), ("warmup_steps", int), ("eval_every", int)):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind)
+    parser.add_argument("--max-time", type=duration,
+                        help="train every model for this long instead (e.g. 5m): equal wall time, "
+                             "--max-steps then only caps it")
+    parser.add_argument("--work-dir", help="where the data and trained runs go (default OUT/quality-work)")
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench quality` (--vocab-size is the tokenizer's, a setting, not a model override)."""
+    s = settings_from_args(args, QualitySettings, QUICK,
+                           ("corpus", "preset", "mixers", "variants", "window", "context_multiples",
+                            "vocab_size", "seq_len", "batch_size", "max_steps", "max_time", "lr",
+                            "warmup_steps", "eval_every", "device", "seed", "work_dir"),
+                           overrides=("hidden_size", "num_layers", "num_heads"))
+    results = run_quality(s, args.out, command=command_line(args), progress=not args.no_progress)
+    return write_report(args.out, "quality", results, format_quality(results))
 
 
 def corpus_files(corpus: str) -> list[str]:
@@ -109,9 +154,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
     if not s.corpus:
         raise SamoutError("give the text to train on with --corpus shakespeare (built in) or --corpus DIR "
                           "(one document per file)")
-    for m in s.mixers:
-        if m not in MIXERS:
-            raise SamoutError(f"unknown mixer {m!r}: choose from {', '.join(MIXERS)}")
+    check_mixers(s.mixers)
     out = prepare_out_dir(out)
     device = resolve_device(s.device)
     files = corpus_files(s.corpus)
@@ -162,8 +205,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                           batch_size=max(1, s.batch_size // k), device=device)
             contexts[str(k)] = {"seq_len": s.seq_len * k, "loss": ev.loss, "bits_per_byte": ev.bits_per_byte}
         results["models"][name] = {
-            "parameters": model.num_parameters(),
-            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+            **parameter_counts(model),
             "tokens": result["tokens"], "train_seconds": result["elapsed"],
             "curve": _curve(run_dir), "contexts": contexts,
         }

@@ -21,6 +21,7 @@ must hold all n pairs in [layers x D] numbers; attention can look them up.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,25 +31,33 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from samout.bench.arguments import (
+    MODEL_OVERRIDES,
+    add_model_arguments,
+    add_run_arguments,
+    apply_flags,
+    command_line,
+    settings_from_args,
+)
 from samout.bench.common import (
+    GRAD_CLIP,
     build_model,
     check_mixers,
+    check_positive,
+    compared_models,
     header_line,
     header_lines,
-    matched_target,
-    model_specs,
+    model_sizes,
     plot_lines,
     prepare_out_dir,
     resolve_device,
     run_header,
     write_json,
+    write_report,
 )
 from samout.config import SamOutConfig
 from samout.errors import SamoutError
-from samout.training.config import TrainConfig
 from samout.training.step import build_optimizer, clip_and_step, lm_loss
-
-GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
 
 IGNORE = -100
 
@@ -140,6 +149,30 @@ QUICK = dict(
 )
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench recall`."""
+    add_model_arguments(parser)
+    g = parser.add_argument_group("task and training")
+    g.add_argument("--tasks", help="comma-separated LENGTHxPAIRS, e.g. 64x4,128x16")
+    g.add_argument("--steps", type=int, help="training steps per model and task")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--eval-examples", type=int, help="held-out examples per task")
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench recall`."""
+    s = settings_from_args(args, RecallSettings, QUICK,
+                           ("preset", "mixers", "variants", "window", "match_mixer", "positional", "device",
+                            "seed"), overrides=MODEL_OVERRIDES)
+    if args.tasks is not None:
+        s.tasks = parse_tasks(args.tasks)
+    apply_flags(s, args, ("steps", "batch_size", "lr", "eval_examples"))
+    results = run_recall(s, args.out, command=command_line(args), progress=not args.no_progress)
+    return write_report(args.out, "recall", results, format_recall(results))
+
+
 def train_and_evaluate(model, task: tuple[int, int], s: RecallSettings, device) -> dict[str, Any]:
     """Train on fresh examples every step; accuracy on a held-out set made from another seed."""
     seq_len, pairs = task
@@ -181,29 +214,17 @@ def evaluate(model, seq_len: int, pairs: int, num_examples: int, generator, devi
 def run_recall(s: RecallSettings, out: str | Path, command: str = "samout bench recall",
                progress: bool = True) -> dict[str, Any]:
     s.mixers = check_mixers(s.mixers)
-    for name in ("steps", "batch_size", "eval_examples"):
-        if getattr(s, name) <= 0:
-            raise SamoutError(f"{name} must be a positive integer, got {getattr(s, name)}")
+    check_positive(s, ("steps", "batch_size", "eval_examples"))
     out = prepare_out_dir(out)
     device = resolve_device(s.device)
     base = SamOutConfig.from_preset(s.preset, **s.overrides)
     for length, pairs in s.tasks:  # fail before any training on an impossible task
         make_mqar(1, length, pairs, base.vocab_size)
-    match_mixer = s.match_mixer or base.mixer
-    check_mixers([match_mixer])
-    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
-                        max_position_embeddings=max(4096, max(t[0] for t in s.tasks)))
+    specs, matched = compared_models(s, max(t[0] for t in s.tasks))
     results: dict[str, Any] = {
-        "benchmark": "recall", "header": run_header(device, command), "settings": asdict(s),
-        "matched_to": f"samout-{match_mixer}",
-        "matched_target": matched_target(base, match_mixer), "models": {}, "runs": [],
+        "benchmark": "recall", "header": run_header(device, command), "settings": asdict(s), **matched,
+        "models": model_sizes(specs), "runs": [],
     }
-    for name, config in specs.items():
-        model = build_model(config, torch.device("meta"))
-        results["models"][name] = {
-            "config": config.to_dict(), "parameters": model.num_parameters(),
-            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
-        }
     bar = tqdm(total=len(specs) * len(s.tasks), desc="bench recall", disable=not progress, unit="run")
     for length, pairs in s.tasks:
         for name, config in specs.items():

@@ -39,6 +39,7 @@ The server is a separate process (`samout serve`), so its RSS is the server's al
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -54,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from samout.bench.arguments import add_run_arguments, command_line, ints, settings_from_args
 from samout.bench.common import (
     build_model,
     header_line,
@@ -63,6 +65,7 @@ from samout.bench.common import (
     resolve_device,
     run_header,
     write_json,
+    write_report,
 )
 from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
@@ -90,6 +93,31 @@ class ServeBenchSettings:
 
 QUICK = dict(preset="tiny", clients=[1, 4], histories=[64, 256], max_tokens=8, follow_up_tokens=8,
              repeats=2, prefill_chunk=128)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench serve`."""
+    parser.add_argument("--preset", choices=list(PRESETS), help="SamOut preset (default small); the "
+                        "Transformer is matched to it")
+    parser.add_argument("--clients", type=ints, help="concurrent clients (default 1,8,32,64)")
+    parser.add_argument("--histories", type=ints, help="history tokens per client (default 512,4096)")
+    for name, what in (("max_tokens", "greedy tokens each client asks for (default 64)"),
+                       ("follow_up_tokens", "new tokens of a next or follow-up turn (default 16)"),
+                       ("repeats", "runs of each one-client point and follow-up (median kept; default 5)"),
+                       ("prefill_chunk", "the server's --prefill-chunk (default 512)")):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, help=what)
+    parser.add_argument("--work-dir", help="where the temporary run directories go (default: system temp)")
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench serve`."""
+    s = settings_from_args(args, ServeBenchSettings, QUICK,
+                           ("preset", "clients", "histories", "max_tokens", "follow_up_tokens", "repeats",
+                            "prefill_chunk", "device", "seed"))
+    results = run_serve_bench(s, args.out, command=command_line(args), progress=not args.no_progress,
+                              work_dir=args.work_dir)
+    return write_report(args.out, "serve", results, format_serve(results))
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -23,21 +23,35 @@ from `torch.cuda.max_memory_allocated`. `state_bytes` is the exact size of the s
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from samout.bench import lowp
+from samout.bench.arguments import (
+    MODEL_OVERRIDES,
+    add_model_arguments,
+    add_run_arguments,
+    command_line,
+    ints,
+    settings_from_args,
+)
 from samout.bench.common import (
+    STEP_LR,
     build_model,
     check_mixers,
+    check_positive,
+    compared_models,
     header_line,
     header_lines,
-    matched_target,
+    measure_interleaved,
     median,
-    model_specs,
+    model_sizes,
     peak_allocated_bytes,
     plot_lines,
     positive_ints,
@@ -45,15 +59,11 @@ from samout.bench.common import (
     resolve_device,
     run_header,
     tensor_bytes,
-    timed,
+    training_step,
     write_json,
+    write_report,
 )
-from samout.config import MIXERS, SamOutConfig
-from samout.errors import SamoutError
-from samout.training.config import TrainConfig
-from samout.training.step import build_optimizer, clip_and_step, lm_loss
-
-GRAD_CLIP = TrainConfig.grad_clip  # the clipping a default training run applies
+from samout.config import MIXERS
 
 MEMORY_NOTE = (
     "Bytes of live tensors (allocator caching and the process's code excluded). "
@@ -81,7 +91,7 @@ class SpeedSettings:
     decode_steps: int = 16
     prefill_chunk: int = 1024
     repeats: int = 5
-    lr: float = 3e-4
+    lr: float = STEP_LR
     device: str = "cpu"
     seed: int = 0
 
@@ -99,32 +109,38 @@ QUICK = dict(
 )
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `samout bench speed` (with those of `--lowp`)."""
+    add_model_arguments(parser)
+    g = parser.add_argument_group("what to measure")
+    g.add_argument("--lengths", type=ints, help="training sequence lengths (default 256..8192)")
+    g.add_argument("--tokens-per-step", type=int, help="tokens per training step; batch = this / length")
+    g.add_argument("--contexts", type=ints, help="decode context lengths (default 128..32768)")
+    g.add_argument("--decode-steps", type=int, help="timed single-token steps per context")
+    g.add_argument("--prefill-chunk", type=int, help="tokens per call when building the context state")
+    g.add_argument("--repeats", type=int, help="timed training steps per point (median reported)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    lowp.add_arguments(parser)
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`samout bench speed` (or, with --lowp, `samout bench speed --lowp`)."""
+    if args.lowp:
+        return lowp.run(args)
+    s = settings_from_args(args, SpeedSettings, QUICK,
+                           ("preset", "mixers", "variants", "window", "match_mixer", "positional", "device",
+                            "seed", "lengths", "tokens_per_step", "contexts", "decode_steps", "prefill_chunk",
+                            "repeats", "lr"), overrides=MODEL_OVERRIDES)
+    results = run_speed(s, args.out, command=command_line(args), progress=not args.no_progress)
+    return write_report(args.out, "speed", results, format_speed(results))
+
+
 def _validate(s: SpeedSettings) -> None:
     s.mixers = check_mixers(s.mixers)
     s.lengths = positive_ints("lengths", s.lengths)
     s.contexts = positive_ints("contexts", s.contexts)
-    for name in ("tokens_per_step", "decode_steps", "prefill_chunk", "repeats"):
-        if getattr(s, name) <= 0:
-            raise SamoutError(f"{name} must be a positive integer, got {getattr(s, name)}")
-
-
-def training_step(model, config, length: int, s: SpeedSettings, device):
-    """A training step on a fixed random batch, and the bytes live between steps."""
-    model.train()
-    optimizer = build_optimizer(model, lr=s.lr)
-    batch = max(1, s.tokens_per_step // length)
-    ids = torch.randint(1, config.vocab_size, (batch, length + 1), device=device)
-
-    def step() -> None:  # the trainer's own step: loss, backward, clip, AdamW
-        lm_loss(model, ids[:, :-1], ids[:, 1:]).backward()
-        clip_and_step(model.parameters(), optimizer, GRAD_CLIP)
-
-    step()  # warm-up; creates the optimizer state
-    resident = tensor_bytes(model.parameters()) + tensor_bytes(
-        t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)
-    )
-    info = {"length": length, "batch": batch, "tokens_per_step": batch * length, "resident_bytes": resident}
-    return step, info
+    check_positive(s, ("tokens_per_step", "decode_steps", "prefill_chunk", "repeats"))
 
 
 @torch.no_grad()
@@ -148,24 +164,14 @@ def decoding_step(model, config, context: int, s: SpeedSettings, device):
     return step, info
 
 
-def measure_interleaved(steps: dict[str, Any], repeats: int, device) -> dict[str, list[float]]:
-    """Time every model's step `repeats` times, round-robin (rotating who goes first), so
-    that load from elsewhere on the machine falls on all models alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            seconds[name].append(timed(steps[name], device))
-    return seconds
-
-
 def _measure_point(specs, prepare, point: int, repeats: int, s: SpeedSettings,
                    device) -> list[dict[str, Any]]:
-    """All models at one length / context: build, warm up, time interleaved, then memory."""
+    """All models at one length / context: build, warm up (`prepare(model, config, point)`
+    returns the step and what it measures), time interleaved, then memory."""
     steps, infos, rows = {}, {}, []
     for name, config in specs.items():
         try:
-            steps[name], infos[name] = prepare(build_model(config, device, s.seed), config, point, s, device)
+            steps[name], infos[name] = prepare(build_model(config, device, s.seed), config, point)
         except torch.OutOfMemoryError as err:
             torch.cuda.empty_cache()
             infos[name] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
@@ -187,35 +193,25 @@ def run_speed(s: SpeedSettings, out: str | Path, command: str = "samout bench sp
     _validate(s)
     out = prepare_out_dir(out)
     device = resolve_device(s.device)
-    base = SamOutConfig.from_preset(s.preset, **s.overrides)
-    match_mixer = s.match_mixer or base.mixer
-    check_mixers([match_mixer])
-    longest = max(max(s.lengths), max(s.contexts) + s.decode_steps + 2)
-    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
-                        max_position_embeddings=max(4096, longest))
+    specs, matched = compared_models(s, max(max(s.lengths), max(s.contexts) + s.decode_steps + 2))
     header = run_header(device, command)
     results: dict[str, Any] = {
-        "benchmark": "speed", "header": header, "settings": asdict(s), "matched_to": f"samout-{match_mixer}",
-        "matched_target": matched_target(base, match_mixer),
-        "memory_note": MEMORY_NOTE, "models": {}, "train": [], "decode": [],
+        "benchmark": "speed", "header": header, "settings": asdict(s), **matched,
+        "memory_note": MEMORY_NOTE, "models": model_sizes(specs), "train": [], "decode": [],
     }
-    for name, config in specs.items():
-        model = build_model(config, torch.device("meta"))
-        results["models"][name] = {
-            "config": config.to_dict(), "parameters": model.num_parameters(),
-            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
-        }
+    train = partial(training_step, tokens_per_step=s.tokens_per_step, lr=s.lr, device=device)
+    decode = partial(decoding_step, s=s, device=device)
     bar = tqdm(total=len(s.lengths) + len(s.contexts), desc="bench speed", disable=not progress, unit="point")
     for length in s.lengths:
         bar.set_postfix_str(f"train T={length}")
-        for row in _measure_point(specs, training_step, length, s.repeats, s, device):
+        for row in _measure_point(specs, train, length, s.repeats, s, device):
             if "median_seconds" in row:
                 row["tokens_per_s"] = row["tokens_per_step"] / row["median_seconds"]
             results["train"].append(row)
         bar.update()
     for context in s.contexts:
         bar.set_postfix_str(f"decode context={context}")
-        for row in _measure_point(specs, decoding_step, context, s.decode_steps, s, device):
+        for row in _measure_point(specs, decode, context, s.decode_steps, s, device):
             if "median_seconds" in row:
                 row["median_latency_ms"] = 1e3 * row["median_seconds"]
                 row["tokens_per_s"] = 1 / row["median_seconds"]

@@ -92,3 +92,37 @@ def test_every_benchmark_has_help(benchmark, capsys):
         main(["bench", benchmark, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: samout bench {benchmark}" in capsys.readouterr().out
+
+
+def test_every_benchmark_declares_its_flags_and_runs_itself():
+    from samout.commands.bench import BENCHMARKS
+
+    for name, (module, summary) in BENCHMARKS.items():
+        assert callable(module.add_arguments) and callable(module.run), name
+        assert module.__doc__ and summary and "\n" not in summary, name
+
+
+def test_make_bench_commands_parse(tmp_path):
+    from pathlib import Path
+
+    from samout.cli import build_parser
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    lines = [line.split("samout ", 1)[1] for line in makefile.splitlines() if "/samout bench " in line]
+    assert len(lines) >= 4
+    for line in lines:
+        argv = line.replace("$(BENCH_OUT)", str(tmp_path)).replace("$(BENCH_FLAGS)", "--threads 1").split()
+        args = build_parser().parse_args(argv)
+        assert args.bench == argv[1] and callable(args.func)
+
+
+def test_old_handler_names_still_resolve():
+    import samout.commands.bench as bench_command
+    from samout.bench import lowp, speed
+
+    with pytest.warns(DeprecationWarning, match="samout.bench.speed.run"):
+        assert bench_command.run_speed_command is speed.run
+    with pytest.warns(DeprecationWarning):
+        assert bench_command.run_lowp_command is lowp.run
+    with pytest.raises(AttributeError):
+        bench_command.run_nothing_command  # noqa: B018
