@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"samout {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"samout.commands.{name.replace('-', '_')}")
-        except ModuleNotFoundError as err:
-            if err.name == f"samout.commands.{name.replace('-', '_')}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"samout.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from samout.chat.conversation import Conversation
 from samout.chat.template import DEFAULT_CHAT_TEMPLATE, assistant_mask, load_chat_template, render_ids
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "assistant_mask", "load_chat_template", "render_ids"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "Conversation", "assistant_mask", "load_chat_template", "render_ids"]

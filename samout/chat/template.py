@@ -57,11 +57,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def escape_content(text: str) -> str:
-    """Content as the template writes it (see the module docstring)."""
-    return text.replace("<|", ESCAPED_MARKER_START)
-
-
 def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:
     """`messages` as a list of {"role", "content"} dicts, or a SamoutError saying what is wrong."""
     if not isinstance(messages, list) or not messages:

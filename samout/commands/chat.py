@@ -21,8 +21,8 @@ HELP = """commands:
 
 DESCRIPTION = (
     "Interactive chat with a model trained with --objective sft/dpo. The conversation is "
-    "kept as the model's fixed-size state: each turn feeds only the new message, never the "
-    "history. Reads messages from stdin (one per line), streams the replies. " + HELP
+    "kept as the model's state (fixed-size for SamOut): each turn feeds only the new message, "
+    "never the history. Reads messages from stdin (one per line), streams the replies. " + HELP
 )
 
 

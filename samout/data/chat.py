@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,13 +246,6 @@ def prepare_conversations(inputs: list[str], out_dir: str | Path, fmt: str = "ch
     }
     atomic_write(out_dir / META_NAME, json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    """tokenizer.json (and tokenizer_config.json, if any) from one directory to another."""
-    for name in (TOKENIZER_NAME, "tokenizer_config.json"):
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
 class ChatData(TokenData):

@@ -27,7 +27,6 @@ from samout.data.dataset import TokenData
 from samout.errors import SamoutError
 from samout.training import step
 
-OBJECTIVES = ("lm", "sft", "dpo")
 DATA_KIND = {"sft": "chat", "dpo": "dpo"}
 
 

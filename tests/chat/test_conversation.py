@@ -96,3 +96,9 @@ def test_hugging_face_apply_chat_template_and_generate(run):
     chat = Conversation.load_run(path, temperature=0, max_new_tokens=6)
     ours = list(chat.send_ids("What is 2 + 3?"))
     assert new[: len(ours)] == ours and (len(new) == len(ours) or new[len(ours)] in (end, 1))
+
+
+def test_conversation_is_exported_by_the_chat_package():
+    import samout.chat
+
+    assert samout.chat.Conversation is Conversation
