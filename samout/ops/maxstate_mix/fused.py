@@ -1,26 +1,23 @@
 """Fused MaxStateSuper mixing: running max + polynomial in one autograd function.
 
-    y, new_state = fused_mix(kind, streams, state, alpha, weight)   # the model's path
-    y, new_state = mix_ref(kind, streams, state, alpha, weight)     # plain eager reference
+    y, new_state = fused_mix(kind, streams, state, alpha, weight, decay)   # the "fused" kernel
 
-kind is "gen3", "gen4" or "openash" (docs/architecture.md, "Mixers"); streams
-[B, T, k, H, dh] come from the mixer's fused projection; the running max is taken over stream 2 in all three.
-
-What the fused form changes, and why it is faster and leaner than eager autograd:
+Same contract as `reference.mix_ref`. What the fused form changes, and why it is faster
+and leaner than eager autograd:
 - backward keeps only the streams (which the projection produced anyway) and the state,
   and recomputes the running max e (one cheap scan); eager autograd also keeps every
   intermediate of the polynomial, the int64 arg-max indices of `torch.cummax`, and
   zero-fills a full streams-sized buffer for each stream it unbinds;
 - the gradients of all streams are written into one buffer laid out like `streams`, so
   the projection's backward reads it as is (no stack or cat);
-- the running max is the blocked scan of `samout.ops.running_max`; its backward routes
-  gradients from the saved input and output (no indices).
+- the running max is the blocked scan of `samout.ops.running_max.blocked`; its backward
+  routes gradients from the saved input and output (no indices).
 
 With `decay` δ [H, dh] (`max_decay`), the running max forgets: e_t = max(c_t, e_{t-1} - δ),
-computed and differentiated (δ included) by `samout.ops.running_max.scan_max_decay`.
+computed and differentiated (δ included) by `samout.ops.running_max.blocked.scan_max_decay`.
 decay=None runs exactly the code that existed before the option.
 
-The polynomial is written with plain binary ops (no fused multiply-add), so every
+The polynomial is restated here with plain binary ops (no fused multiply-add), so every
 position is computed by the same IEEE operations whatever the chunk length: full,
 chunked and one-step calls stay bit-identical. Against the reference it agrees to
 float rounding (the terms are grouped differently); the running max is bit-identical.
@@ -31,57 +28,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from samout.ops.running_max import (
-    _needs_grad,
-    _tracing,
-    running_max_cummax,
+from samout.ops.maxstate_mix.reference import MAX_STREAM, check_kind, check_state, mix_ref
+from samout.ops.running_max.blocked import (
+    needs_grad,
     scan_max,
     scan_max_backward,
     scan_max_decay,
     scan_max_decay_backward,
 )
-
-MAX_STREAM = 2  # the stream whose running max carries the context, in gen3/gen4/openash
-
-# -- references: the eager polynomials of docs/architecture.md, "Mixers" -------------
-
-
-def gen3_ref(alpha: Tensor, streams: Tensor, m: Tensor) -> Tensor:
-    a, b, c = streams.unbind(2)
-    al = alpha
-    return al[0] * b + al[1] * m + al[2] * a + al[3] * c + (a + b + c) * m + al[4] * m
-
-
-def gen4_ref(alpha: Tensor, streams: Tensor, m: Tensor) -> Tensor:
-    a, b, c, d = streams.unbind(2)
-    al = alpha
-    return a * b + al[0] * b + al[1] * d + a * (al[2] * m + d) + b * (c + m) + c * m
-
-
-def openash_ref(alpha: Tensor, weight: Tensor, streams: Tensor, m: Tensor) -> Tensor:
-    five = torch.cat([streams, m.unsqueeze(2)], dim=2)  # [B, T, 5, H, dh]
-    b_, t, _, h, dh = five.shape
-    # Streams and heads form the 5H inputs of G; channels ride along as a batch axis.
-    g = torch.nn.functional.linear(five.reshape(b_, t, 5 * h, dh).transpose(-1, -2), weight)
-    return gen4_ref(alpha, streams[:, :, :4], m) + g.transpose(-1, -2) * m
-
-
-def mix_ref(
-    kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor, weight: Tensor | None = None,
-    decay: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The eager reference: `torch.cummax` running max, then the polynomial."""
-    m = running_max_cummax(streams[:, :, MAX_STREAM], state, dim=1, decay=decay)
-    if kind == "gen3":
-        y = gen3_ref(alpha, streams, m)
-    elif kind == "gen4":
-        y = gen4_ref(alpha, streams, m)
-    elif kind == "openash":
-        y = openash_ref(alpha, weight, streams, m)
-    else:
-        raise ValueError(f"unknown fused mixer kind {kind!r}: choose gen3, gen4 or openash")
-    return y, m[:, -1]
-
+from samout.ops.tracing import is_tracing
 
 # -- the fused kernels ----------------------------------------------------------------
 # forward(alpha, weight, streams, e) -> y
@@ -89,8 +44,9 @@ def mix_ref(
 # gradients of every stream into gs (laid out like streams); ge is the gradient of e.
 
 
-def _gen4_forward(al: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor) -> Tensor:
-    # y = a (b + d + α3 e) + b (c + e + α1) + c e + α2 d
+def gen4_forward(al: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor) -> Tensor:
+    """`reference.gen4_ref` in place, with plain binary ops (see the module doc):
+    y = a (b + d + α3 e) + b (c + e + α1) + c e + α2 d."""
     t = torch.mul(e, al[2])
     t.add_(b).add_(d)
     y = torch.mul(a, t)
@@ -103,7 +59,7 @@ def _gen4_forward(al: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Ten
     return y.add_(t)
 
 
-def _gen4_backward(g, al, a, b, c, d, e, ga, gb, gc, gd) -> tuple[Tensor, Tensor]:
+def gen4_backward(g, al, a, b, c, d, e, ga, gb, gc, gd) -> tuple[Tensor, Tensor]:
     t = torch.addcmul(b, e, al[2])
     t.add_(d)
     torch.mul(g, t, out=ga)  # b + d + α3 e
@@ -156,15 +112,15 @@ class _Gen3:
 class _Gen4:
     @staticmethod
     def forward(al, weight, streams, e):
-        return _gen4_forward(al, *streams.unbind(2), e)
+        return gen4_forward(al, *streams.unbind(2), e)
 
     @staticmethod
     def backward(g, al, weight, streams, e, gs):
-        ge, galpha = _gen4_backward(g, al, *streams.unbind(2), e, *gs.unbind(2))
+        ge, galpha = gen4_backward(g, al, *streams.unbind(2), e, *gs.unbind(2))
         return ge, galpha, None
 
 
-def _stream_major(streams: Tensor, e: Tensor, rows: slice) -> Tensor:
+def stream_major(streams: Tensor, e: Tensor, rows: slice) -> Tensor:
     """[5H, n, dh] copy of the five streams [a; b; c; d; e] of positions `rows` (of the
     flattened B*T), stream-head axis first: G = W @ this is one large matrix product
     (a batch of B*T tiny [H, 5H] @ [5H, dh] products is several times slower)."""
@@ -191,7 +147,7 @@ def _head_mix(weight: Tensor, streams: Tensor, e: Tensor) -> Tensor:
     b, t, _, h, dh = streams.shape
     g = torch.empty((h, b * t, dh), dtype=streams.dtype, device=streams.device)
     for rows in _row_chunks(b * t, dh):
-        five = _stream_major(streams, e, rows)
+        five = stream_major(streams, e, rows)
         g[:, rows] = torch.mm(weight, five.view(5 * h, -1)).view(h, -1, dh)
     return g.transpose(0, 1).unflatten(0, (b, t))
 
@@ -199,20 +155,20 @@ def _head_mix(weight: Tensor, streams: Tensor, e: Tensor) -> Tensor:
 class _OpenAsh:
     @staticmethod
     def forward(al, weight, streams, e):
-        y = _gen4_forward(al, *streams.unbind(2), e)
+        y = gen4_forward(al, *streams.unbind(2), e)
         g = _head_mix(weight, streams, e)
         return y.add_(g.mul_(e))
 
     @staticmethod
     def backward(g, al, weight, streams, e, gs):
-        ge, galpha = _gen4_backward(g, al, *streams.unbind(2), e, *gs.unbind(2))
+        ge, galpha = gen4_backward(g, al, *streams.unbind(2), e, *gs.unbind(2))
         b, t, k, h, dh = streams.shape
         kh = k * h
         gw = torch.zeros_like(weight)
         g3, e3, ge3 = g.reshape(b * t, h, dh), e.reshape(b * t, h, dh), ge.view(b * t, h, dh)
         gs3 = gs.view(b * t, kh, dh)
         for rows in _row_chunks(b * t, dh):
-            five = _stream_major(streams, e, rows).view(5 * h, -1)
+            five = stream_major(streams, e, rows).view(5 * h, -1)
             # y += G ⊙ e: e gets G (recomputed) and G gets g ⊙ e.
             mixed = torch.mm(weight, five).view(h, -1, dh)
             ge3[rows].addcmul_(g3[rows], mixed.transpose(0, 1))
@@ -226,14 +182,16 @@ class _OpenAsh:
         return ge, galpha, gw
 
 
-KERNELS = {"gen3": _Gen3, "gen4": _Gen4, "openash": _OpenAsh}
+# The polynomial of each kind, as forward/backward functions (not the `kernel` setting).
+POLYNOMIALS = {"gen3": _Gen3, "gen4": _Gen4, "openash": _OpenAsh}
 
 
 def _decay_rows(decay: Tensor, b: int) -> Tensor:
     return decay.reshape(1, -1).expand(b, -1)
 
 
-def _scan_streams(streams: Tensor, state: Tensor | None, decay: Tensor | None = None) -> Tensor:
+def scan_streams(streams: Tensor, state: Tensor | None, decay: Tensor | None = None) -> Tensor:
+    """The running max e [B, T, H, dh] of the max stream, by the blocked scan."""
     b, t, _, h, dh = streams.shape
     s2 = None if state is None else state.reshape(b, h * dh)
     c = streams[:, :, MAX_STREAM].reshape(b, t, h * dh)
@@ -247,13 +205,10 @@ def fused_mix(
     decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The fast path; same contract as `mix_ref`."""
-    if kind not in KERNELS:
-        raise ValueError(f"unknown fused mixer kind {kind!r}: choose gen3, gen4 or openash")
-    if _tracing():
+    check_kind(kind)
+    if is_tracing():
         return mix_ref(kind, streams, state, alpha, weight, decay)
-    if state is not None and state.shape != streams.shape[:1] + streams.shape[3:]:
-        want = tuple(streams.shape[:1] + streams.shape[3:])
-        raise ValueError(f"mixer state must have shape {want}, got {tuple(state.shape)}")
+    check_state(streams, state)
     if weight is not None and weight.dtype != streams.dtype:
         # Under autocast the streams come out of the projection in bf16/fp16 while the
         # head-mixing weight is fp32: compute in the streams' dtype, as nn.Linear would
@@ -261,17 +216,17 @@ def fused_mix(
         weight = weight.to(streams.dtype)
     if decay is not None and decay.dtype != streams.dtype:
         decay = decay.to(streams.dtype)  # autocast, as for the weight
-    if _needs_grad(streams, state, alpha, weight, decay):
+    if needs_grad(streams, state, alpha, weight, decay):
         return _FusedMix.apply(kind, streams, state, alpha, weight, decay)
-    e = _scan_streams(streams, state, decay)
-    return KERNELS[kind].forward(alpha, weight, streams, e), e[:, -1]
+    e = scan_streams(streams, state, decay)
+    return POLYNOMIALS[kind].forward(alpha, weight, streams, e), e[:, -1]
 
 
 class _FusedMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, streams, state, alpha, weight, decay):
-        e = _scan_streams(streams, state, decay)
-        y = KERNELS[kind].forward(alpha, weight, streams, e)
+        e = scan_streams(streams, state, decay)
+        y = POLYNOMIALS[kind].forward(alpha, weight, streams, e)
         ctx.kind = kind
         # e is not saved: recomputing it in backward costs one cheap scan and saves a
         # [B, T, D] tensor per layer.
@@ -297,10 +252,10 @@ def mix_backward(kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor
                  decay: Tensor | None, gy: Tensor, gstate: Tensor):
     """The gradients of `fused_mix` from its inputs (the running max recomputed):
     (streams [B, T, k, H, dh], state or None, alpha, weight or None, decay or None)."""
-    e = _scan_streams(streams, state, decay)
+    e = scan_streams(streams, state, decay)
     b, t, k, h, dh = streams.shape
     gs = torch.empty((b, t, k, h, dh), dtype=streams.dtype, device=streams.device)
-    ge, galpha, gweight = KERNELS[kind].backward(gy, alpha, weight, streams, e, gs)
+    ge, galpha, gweight = POLYNOMIALS[kind].backward(gy, alpha, weight, streams, e, gs)
     ge[:, -1].add_(gstate)  # the new state is e's last step
     c = streams[:, :, MAX_STREAM].reshape(b, t, h * dh)
     s2 = None if state is None else state.reshape(b, h * dh)

@@ -2,20 +2,21 @@
 
     y, new_state = triton_mix(kind, streams, state, alpha, weight)   # contract of fused_mix
 
-kind is "gen4" or "openash" (gen3 has no Triton kernel; the dispatcher sends it to the
+kind is "gen4" or "openash" (gen3 has no Triton kernel; `maxstate_mix` sends it to the
 fused PyTorch path). streams [B, T, 4, H, dh] as the mixer's projection lays them out.
 
 Forward: one program per (batch row, block of channels) walks time, keeps the running
 max e of stream 2 in registers and writes y = a (b + d + α3 e) + b (c + e + α1) + c e +
-α2 d at once, so the streams are read once and y written once (e only when openash
-needs it for the head mixing G = W [a; b; c; d; e], a matrix product left to cuBLAS).
+α2 d (`reference.gen4_ref`, restated in the kernel) at once, so the streams are read once
+and y written once (e only when openash needs it for the head mixing G = W [a; b; c; d; e],
+a matrix product left to cuBLAS).
 One-token decode is the same kernel with T = 1.
 
 Backward (nothing but the streams and the state is saved, as in the fused path): e is
 recomputed by the forward kernel, then one kernel walks time backwards and writes the
 gradients of all four streams into one buffer laid out like `streams` (what the
 projection's backward reads), routes e's gradient through the running max with the
-rule of `samout.ops.triton_running_max`, and leaves per-program partial sums for the
+rule of `samout.ops.running_max.triton`, and leaves per-program partial sums for the
 three alphas. openash adds the head mixing's gradients (matrix products) around it.
 """
 
@@ -26,10 +27,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from samout.ops.fused_mix import MAX_STREAM, _stream_major
-from samout.ops.triton_running_max import BLOCK, acc_dtype
-
-TRITON_KINDS = ("gen4", "openash")
+from samout.ops.maxstate_mix.fused import stream_major
+from samout.ops.maxstate_mix.reference import TRITON_KINDS, check_state
+from samout.ops.running_max.blocked import needs_grad
+from samout.ops.running_max.triton import BLOCK, acc_dtype
 
 
 @triton.jit
@@ -145,7 +146,7 @@ def _forward(streams: Tensor, state: Tensor | None, alpha: Tensor, store_y: bool
 def _head_mix_forward(weight: Tensor, streams: Tensor, e: Tensor) -> Tensor:
     """G = W [a; b; c; d; e] over the 5H stream-head axis: [B, T, H, dh]."""
     b, t, _, h, dh = streams.shape
-    five = _stream_major(streams, e, slice(None)).view(5 * h, -1)
+    five = stream_major(streams, e, slice(None)).view(5 * h, -1)
     return torch.mm(weight, five).view(h, b * t, dh).transpose(0, 1).reshape(b, t, h, dh)
 
 
@@ -153,7 +154,7 @@ def _head_mix_backward(g: Tensor, weight: Tensor, streams: Tensor,
                        e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients through y += G ⊙ e: (to e [B,T,H,dh], to the streams [B,T,4,H,dh], to W)."""
     b, t, k, h, dh = streams.shape
-    five = _stream_major(streams, e, slice(None)).view(5 * h, -1)
+    five = stream_major(streams, e, slice(None)).view(5 * h, -1)
     mixed = torch.mm(weight, five).view(h, b * t, dh).transpose(0, 1).reshape(b, t, h, dh)
     gmix = (g * e).reshape(b * t, h, dh).transpose(0, 1).reshape(h, -1)
     gw = torch.mm(gmix, five.t())
@@ -167,21 +168,18 @@ def _check(kind: str, streams: Tensor, state: Tensor | None) -> None:
         raise ValueError(f"no Triton kernel for mixer kind {kind!r}: choose {' or '.join(TRITON_KINDS)}")
     if streams.shape[2] != 4:
         raise ValueError(f"{kind} needs 4 streams, got {streams.shape[2]}")
-    want = streams.shape[:1] + streams.shape[3:]
-    if state is not None and state.shape != want:
-        raise ValueError(f"mixer state must have shape {tuple(want)}, got {tuple(state.shape)}")
+    check_state(streams, state)
 
 
 def triton_mix(kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor,
                weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The Triton path; same contract as `samout.ops.fused_mix.fused_mix`."""
+    """The Triton path; same contract as `samout.ops.maxstate_mix.fused.fused_mix`."""
     _check(kind, streams, state)
     if weight is not None and weight.dtype != streams.dtype:
         weight = weight.to(streams.dtype)  # autocast: compute in the streams' dtype, as fused_mix
     if alpha.dtype != streams.dtype:
         alpha = alpha.to(streams.dtype)
-    needs = [streams, state, alpha, weight]
-    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in needs):
+    if needs_grad(streams, state, alpha, weight):
         return _TritonMix.apply(kind, streams, state, alpha, weight)
     streams = _layout(streams)
     y, e, new_state = _forward(streams, state, alpha, True, kind == "openash")
@@ -234,4 +232,4 @@ class _TritonMix(torch.autograd.Function):
         )
 
 
-__all__ = ["MAX_STREAM", "TRITON_KINDS", "triton_mix"]
+__all__ = ["triton_mix"]

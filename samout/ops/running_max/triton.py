@@ -1,11 +1,11 @@
-"""Triton kernels for the running max over time (the GPU path of `running_max`).
+"""Triton kernels for the running max over time (the "triton" kernel of `running_max`).
 
     m = triton_running_max(x, state, dim)      # same contract as samout.ops.running_max
 
 One program owns a block of channels of one row and walks time sequentially, keeping
 the running max in registers: the input is read once and the output written once (the
 scan is memory-bound, so that is the whole cost). The backward walks time backwards
-with the same routing rule as the CPU kernels, from the saved input and output (no
+with the same routing rule as the blocked scan, from the saved input and output (no
 arg-max indices):
 
     position t is an *event* when x_t == m_t (ties go to the newest position; the
@@ -15,7 +15,7 @@ arg-max indices):
 so `carry` (gradient still looking for its event) is added to each position's own
 gradient and handed to the position if it is an event, else passed on to t - 1.
 
-Triton is imported here only: `samout.ops.kernels` imports this module lazily, so CPU
+Triton is imported here only: `samout.ops.running_max` imports this module lazily, so CPU
 users never need triton, and tests can set TRITON_INTERPRET=1 before the first import
 (the interpreter runs these kernels on CPU tensors).
 """
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from samout.ops.running_max import _to_ptq, scan_function
+from samout.ops.running_max.blocked import needs_grad, scan_function, to_ptq
 
 BLOCK = 128  # channels per program (one warp-friendly vector)
 
@@ -112,8 +112,8 @@ _TritonRunningMax = scan_function(scan_max_triton, scan_max_backward_triton)
 def triton_running_max(x: Tensor, state: Tensor | None = None, dim: int = 1) -> Tensor:
     """Inclusive running max of x along `dim` from `state` (see samout.ops.running_max)."""
     dim = dim % x.dim()
-    x3, s2 = _to_ptq(x, state, dim)
-    if torch.is_grad_enabled() and (x.requires_grad or (state is not None and state.requires_grad)):
+    x3, s2 = to_ptq(x, state, dim)
+    if needs_grad(x, state):
         m3 = _TritonRunningMax.apply(x3, s2)
     else:
         m3 = scan_max_triton(x3, s2)
