@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from samout.config import KERNELS, SamOutConfig
 from samout.ops.doubling_max import cummax_values
-from samout.ops.maxstate_mix import gen3_ref, gen4_ref, maxstate_mix, openash_ref
+from samout.ops.maxstate_mix import gen3_ref, gen4_ref, maxstate_mix, mix_step, openash_ref
 from samout.ops.recompute import project_and_mix_recomputed
 from samout.ops.running_max import running_max, running_max_cummax
 
@@ -138,31 +138,15 @@ class DualMixer(MaxStateSuper):
         return (s + b) * c + b
 
 
-def step_max(c: Tensor, state: Tensor | None, decay: Tensor | None) -> Tensor:
-    """One step of the running max: max(c, state - δ), or c (a copy) with no state."""
-    if state is None:
-        return c.clone()
-    return torch.maximum(c, state if decay is None else state - decay)
-
-
 def step_gen4(mixer: MaxStateSuper, x: Tensor, state: Tensor | None,
               head_mix: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """gen4 (and openash with `head_mix`) for one token per row, written for few operations:
     decoding a small batch costs per operation, not per number (the 85M model at batch 1
     spends about as long in its ~30 small operations per layer as in reading its int8
-    weights). y = a (b + d + α3 e) + b (c + e + α1) + c e + α2 d [+ G ⊙ e], the polynomial of
-    `gen4_ref` / `openash_ref` rearranged; tests compare it with `forward`."""
+    weights): `samout.ops.maxstate_mix.mix_step`; tests compare it with `forward`."""
     n = x.shape[0]
     streams = mixer.proj(x).view(n, 4, mixer.num_heads, mixer.head_dim)
-    a, b, c, d = streams.unbind(1)
-    e = step_max(c, state, mixer.decay())
-    al = mixer.alpha
-    y = a * torch.addcmul(b + d, e, al[2])
-    y.addcmul_(b, (c + e).add_(al[0])).addcmul_(c, e).addcmul_(d, al[1])
-    if head_mix is not None:
-        # G = W [a; b; c; d; e] over the 5H stream-head axis, channels along for the ride.
-        five = torch.cat([streams.view(n, 4 * mixer.num_heads, -1), e], dim=1)
-        y.addcmul_(torch.matmul(head_mix, five), e)
+    y, e = mix_step(streams, state, mixer.alpha, head_mix, mixer.decay())
     return y.view(n, -1), e
 
 

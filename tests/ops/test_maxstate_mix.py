@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from samout.ops.maxstate_mix import fused_mix, gen4_ref, maxstate_mix, mix_ref
+from samout.ops.maxstate_mix import fused_mix, gen4_ref, maxstate_mix, mix_ref, mix_step
 from samout.ops.maxstate_mix.fused import gen4_forward
 from samout.ops.running_max import running_max_ref
 
@@ -167,6 +167,19 @@ def test_maxstate_mix_dispatches_on_the_kernel_setting(seed, kind):
     for kernel, (y_want, s_want) in want.items():
         y, s = maxstate_mix(kind, streams, state, alpha, weight, kernel=kernel)
         assert torch.equal(y, y_want) and torch.equal(s, s_want)
+
+
+@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("kind", ["gen4", "openash"])
+def test_one_token_step_equals_the_reference(seed, kind, decay):
+    # mix_step restates the gen4 polynomial with fused multiply-adds for decoding.
+    streams, state, alpha, weight = _inputs(kind, t=1)
+    d = torch.rand(3, 4, dtype=torch.float64) * 0.2 if decay else None
+    for s in (None, state):
+        y, new_state = mix_step(streams[:, 0], s, alpha, weight, d)
+        y_ref, s_ref = mix_ref(kind, streams, s, alpha, weight, d)
+        torch.testing.assert_close(y, y_ref[:, 0], rtol=1e-12, atol=1e-12)
+        assert torch.equal(new_state, s_ref)
 
 
 def test_fused_gen4_polynomial_equals_the_reference(seed):

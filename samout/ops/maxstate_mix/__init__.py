@@ -11,7 +11,8 @@ them; tests/ops/test_maxstate_mix.py and tests/ops/test_triton.py compare them):
   kernel, and what graphs capture);
 - `fused`: one autograd function with an explicit backward (the "fused" kernel);
 - `triton`: Triton kernels for gen4 and openash without a forgetting max (the "triton"
-  kernel; the rest takes the fused path).
+  kernel; the rest takes the fused path);
+- `step`: one token per row for decoding, in few operations (gen4 and openash).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from samout.ops.kernels import resolve_kernel
 from samout.ops.maxstate_mix.fused import fused_mix
 from samout.ops.maxstate_mix.reference import TRITON_KINDS, gen3_ref, gen4_ref, mix_ref, openash_ref
+from samout.ops.maxstate_mix.step import mix_step
 
 
 def maxstate_mix(kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor,
@@ -39,4 +41,4 @@ def maxstate_mix(kind: str, streams: Tensor, state: Tensor | None, alpha: Tensor
     return fused_mix(kind, streams, state, alpha, weight, decay)
 
 
-__all__ = ["fused_mix", "gen3_ref", "gen4_ref", "maxstate_mix", "mix_ref", "openash_ref"]
+__all__ = ["fused_mix", "gen3_ref", "gen4_ref", "maxstate_mix", "mix_ref", "mix_step", "openash_ref"]
