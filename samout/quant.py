@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samout.ops import cpu_build, row_gemv
+from samout.ops.tracing import is_tracing
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 DEFAULT_INFERENCE_DTYPE = "float32"
@@ -99,12 +100,11 @@ def _reduce_range() -> bool:
 def _row_kernel_takes(linear: nn.Module, x: Tensor) -> bool:
     """Whether a call goes to samout's row kernel (samout.ops.row_gemv): one float32 CPU
     row, outside autograd and graph capture, on a layer that holds the kernel's layout."""
-    # Graph capture (jit.trace, the ONNX exporters, torch.compile / export) is checked
-    # without torch.onnx.is_in_onnx_export, which alone costs 1.8 us: both ONNX exporters
-    # trace (jit) or compile (torch.export), which the first two report.
+    # Graph capture is checked without the slow ONNX check (see is_tracing): this runs per
+    # layer and token.
     return (linear.weight_rows is not None and x.dtype == torch.float32 and x.numel() == linear.in_features
             and x.is_contiguous() and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+            and not is_tracing(onnx=False))
 
 
 class Int8Linear(nn.Module):

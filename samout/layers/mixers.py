@@ -11,11 +11,11 @@ thing carried across time is the running max of one stream (`state`); all the re
 is per position, so any chunking gives the same outputs.
 
 Kernels compute `mix` (`config.kernel`, or `SamOut.set_kernel`; see samout/ops/kernels.py):
-- "fused": gen3, gen4 and openash run `samout.ops.fused_mix` (one autograd
-  function: blocked running max, polynomial with an explicit backward); dual and conv
-  use the fast `running_max` with their eager combine.
-- "triton": gen4 and openash run `samout.ops.triton_mix`; dual and conv the Triton
-  running max; gen3 the fused path.
+gen3, gen4 and openash call `samout.ops.maxstate_mix`, dual and conv `samout.ops.running_max`
+with their eager combine; each op picks its backend from the setting.
+- "fused": the fused mix (one autograd function: blocked running max, polynomial with
+  an explicit backward), or the blocked running max.
+- "triton": the Triton kernels for gen4, openash and the running max; gen3 the fused path.
 - "auto" (default): "triton" on CUDA tensors when triton imports, else "fused".
 - "reference": the plain eager code (`torch.cummax` + autograd through `combine`).
 All give the same outputs, states and gradients (to float rounding; tests compare them).
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samout.config import KERNELS, SamOutConfig
-from samout.ops import cummax_values, running_max, running_max_cummax
-from samout.ops.fused_mix import fused_mix, gen3_ref, gen4_ref, openash_ref
-from samout.ops.kernels import resolve_kernel
+from samout.ops.doubling_max import cummax_values
+from samout.ops.maxstate_mix import gen3_ref, gen4_ref, maxstate_mix, mix_step, openash_ref
 from samout.ops.recompute import project_and_mix_recomputed
+from samout.ops.running_max import running_max, running_max_cummax
 
 
 class MaxStateSuper(nn.Module):
@@ -47,7 +47,7 @@ class MaxStateSuper(nn.Module):
     num_streams: int
     max_stream: int  # index of the stream whose running max carries the context
     num_alphas: int = 0
-    fused: str | None = None  # name of this mixer's kernel in samout.ops.fused_mix, if any
+    fused: str | None = None  # this mixer's kind in samout.ops.maxstate_mix, if it is one
 
     def __init__(self, config: SamOutConfig) -> None:
         super().__init__()
@@ -76,27 +76,10 @@ class MaxStateSuper(nn.Module):
         return self.proj(x).view(b, t, self.num_streams, self.num_heads, self.head_dim)
 
     def mix(self, streams: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        kernel = resolve_kernel(self.kernel, streams)
-        if kernel == "reference":
-            return self.mix_reference(streams, state)
-        decay = self.decay()
-        if kernel == "triton" and decay is None:  # the Triton kernels have no forgetting max yet
-            return self._mix_triton(streams, state)
         if self.fused is not None:
-            return fused_mix(self.fused, streams, state, self.alpha, self._fused_weight(), decay)
-        m = running_max(streams[:, :, self.max_stream], state, dim=1, decay=decay)
-        return self.combine(streams, m), m[:, -1]
-
-    def _mix_triton(self, streams: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        # Imported here: triton is optional, and tests set TRITON_INTERPRET before the import.
-        from samout.ops.triton_mix import TRITON_KINDS, triton_mix
-        from samout.ops.triton_running_max import triton_running_max
-
-        if self.fused in TRITON_KINDS:
-            return triton_mix(self.fused, streams, state, self.alpha, self._fused_weight())
-        if self.fused is not None:  # gen3: no Triton polynomial, the fused one is used
-            return fused_mix(self.fused, streams, state, self.alpha, self._fused_weight())
-        m = triton_running_max(streams[:, :, self.max_stream], state, dim=1)
+            return maxstate_mix(self.fused, streams, state, self.alpha, self.fused_weight(), self.decay(),
+                                kernel=self.kernel)
+        m = running_max(streams[:, :, self.max_stream], state, dim=1, decay=self.decay(), kernel=self.kernel)
         return self.combine(streams, m), m[:, -1]
 
     def mix_reference(self, streams: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -109,7 +92,8 @@ class MaxStateSuper(nn.Module):
             raise ValueError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
         self.kernel = kernel
 
-    def _fused_weight(self) -> Tensor | None:
+    def fused_weight(self) -> Tensor | None:
+        """The head-mixing weight `maxstate_mix` takes (openash), or None."""
         return None
 
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
@@ -154,31 +138,15 @@ class DualMixer(MaxStateSuper):
         return (s + b) * c + b
 
 
-def step_max(c: Tensor, state: Tensor | None, decay: Tensor | None) -> Tensor:
-    """One step of the running max: max(c, state - δ), or c (a copy) with no state."""
-    if state is None:
-        return c.clone()
-    return torch.maximum(c, state if decay is None else state - decay)
-
-
 def step_gen4(mixer: MaxStateSuper, x: Tensor, state: Tensor | None,
               head_mix: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """gen4 (and openash with `head_mix`) for one token per row, written for few operations:
     decoding a small batch costs per operation, not per number (the 85M model at batch 1
     spends about as long in its ~30 small operations per layer as in reading its int8
-    weights). y = a (b + d + α3 e) + b (c + e + α1) + c e + α2 d [+ G ⊙ e], the polynomial of
-    `gen4_ref` / `openash_ref` rearranged; tests compare it with `forward`."""
+    weights): `samout.ops.maxstate_mix.mix_step`; tests compare it with `forward`."""
     n = x.shape[0]
     streams = mixer.proj(x).view(n, 4, mixer.num_heads, mixer.head_dim)
-    a, b, c, d = streams.unbind(1)
-    e = step_max(c, state, mixer.decay())
-    al = mixer.alpha
-    y = a * torch.addcmul(b + d, e, al[2])
-    y.addcmul_(b, (c + e).add_(al[0])).addcmul_(c, e).addcmul_(d, al[1])
-    if head_mix is not None:
-        # G = W [a; b; c; d; e] over the 5H stream-head axis, channels along for the ride.
-        five = torch.cat([streams.view(n, 4 * mixer.num_heads, -1), e], dim=1)
-        y.addcmul_(torch.matmul(head_mix, five), e)
+    y, e = mix_step(streams, state, mixer.alpha, head_mix, mixer.decay())
     return y.view(n, -1), e
 
 
@@ -208,7 +176,7 @@ class OpenAshMixer(MaxStateSuper):
     def combine(self, streams: Tensor, m: Tensor) -> Tensor:
         return openash_ref(self.alpha, self.head_mix.weight, streams, m)
 
-    def _fused_weight(self) -> Tensor:
+    def fused_weight(self) -> Tensor:
         return self.head_mix.weight
 
     def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:

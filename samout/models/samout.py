@@ -22,6 +22,7 @@ from samout.models.base import PretrainedModelMixin
 from samout.ops.blend_norm import blend_norm
 from samout.ops.gated_ffn import gated_ffn
 from samout.ops.kernels import resolve_kernel
+from samout.ops.tracing import is_tracing
 from samout.state import State, check_state_layers
 
 
@@ -144,7 +145,7 @@ class SamOut(PretrainedModelMixin, nn.Module):
         path; the "reference" and "triton" kernels keep the plain one."""
         if input_ids.shape[1] != 1 or torch.is_grad_enabled():
             return False
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        if is_tracing():
             return False
         return resolve_kernel(self.config.kernel, self.embed.weight) == "fused"
 
@@ -226,8 +227,8 @@ def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
         )
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
-    if torch.compiler.is_compiling():
-        return  # a traced graph (torch.compile, ONNX export) cannot branch on values
+    if is_tracing():
+        return  # a captured graph (jit.trace, torch.compile, ONNX export) cannot branch on values
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samout.ops.tracing import is_tracing
+
 
 def blend_norm_ref(h: Tensor, x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return F.layer_norm(alpha * h + (1 - alpha) * x, weight.shape, weight, bias, eps)
@@ -39,7 +41,6 @@ class _BlendNorm(torch.autograd.Function):
 
 
 def blend_norm(h: Tensor, x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    if (torch.is_autocast_enabled(h.device.type) or h.dtype != x.dtype or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()):
+    if torch.is_autocast_enabled(h.device.type) or h.dtype != x.dtype or is_tracing():
         return blend_norm_ref(h, x, alpha, weight, bias, eps)
     return _BlendNorm.apply(h, x, alpha, weight, bias, eps)

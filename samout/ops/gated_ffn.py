@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samout.ops.tracing import is_tracing
+
 
 def gated_ffn_ref(x: Tensor, w1: Tensor, b1: Tensor, wg: Tensor, bg: Tensor, w2: Tensor,
                   b2: Tensor) -> Tensor:
@@ -58,6 +60,6 @@ class _GatedFFN(torch.autograd.Function):
 
 def gated_ffn(x: Tensor, w1: Tensor, b1: Tensor, wg: Tensor, bg: Tensor, w2: Tensor,
               b2: Tensor) -> Tensor:
-    if torch.is_autocast_enabled(x.device.type) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled(x.device.type) or is_tracing():
         return gated_ffn_ref(x, w1, b1, wg, bg, w2, b2)  # autocast casts per op; keep its rules
     return _GatedFFN.apply(x, w1, b1, wg, bg, w2, b2)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samout.ops.tracing import is_tracing
+
 CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MiB in float32)
 
 
@@ -73,7 +75,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
     fused = (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
              and x.dtype == weight.dtype == torch.float32
              and not torch.is_autocast_enabled(x.device.type)
-             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+             and not is_tracing())
     if not fused:
         return linear_cross_entropy_ref(x, weight, targets, ignore_index)
     return _LinearCrossEntropy.apply(x, weight, targets, ignore_index)

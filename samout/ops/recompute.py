@@ -10,7 +10,7 @@ step, for 4D fewer floats per position and layer.
 Two forms, the same function (tests compare gradients with the plain path):
 - `_ProjectMix` (fused mixers on the "fused" kernel, no autocast): one autograd function
   for projection + mixing whose backward recomputes only the projection and goes
-  straight to the fused mix's backward (`fused_mix.mix_backward`, which recomputes the
+  straight to the fused mix's backward (`maxstate_mix.fused.mix_backward`, which recomputes the
   running max as it always does). Nothing else runs twice.
 - `torch.utils.checkpoint` (non-reentrant) around `project` + `mix` for everything else
   (Triton, reference, the conv and dual mixers, autocast): it runs the whole mixing
@@ -24,17 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from samout.ops.fused_mix import KERNELS, _scan_streams, mix_backward
 from samout.ops.kernels import resolve_kernel
-from samout.ops.running_max import _tracing
+from samout.ops.maxstate_mix.fused import POLYNOMIALS, mix_backward, scan_streams
+from samout.ops.maxstate_mix.reference import check_state
+from samout.ops.tracing import is_tracing
 
 
 def project_and_mix_recomputed(mixer, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
     """mixer.mix(mixer.project(x), state), keeping only x and state for backward."""
-    if (mixer.fused is not None and resolve_kernel(mixer.kernel, x) == "fused" and not _tracing()
+    if (mixer.fused is not None and resolve_kernel(mixer.kernel, x) == "fused" and not is_tracing()
             and not torch.is_autocast_enabled(x.device.type)):
         return _ProjectMix.apply(mixer.fused, x, mixer.proj.weight, mixer.proj.bias, state, mixer.alpha,
-                                 mixer._fused_weight(), mixer.decay(), mixer.num_heads, mixer.head_dim)
+                                 mixer.fused_weight(), mixer.decay(), mixer.num_heads, mixer.head_dim)
     return checkpoint(_project_and_mix, mixer, x, state, use_reentrant=False, preserve_rng_state=False)
 
 
@@ -53,11 +54,9 @@ class _ProjectMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, x, w, bias, state, alpha, weight, decay, heads, dh):
         streams = _project(x, w, bias, heads, dh)
-        if state is not None and state.shape != streams.shape[:1] + streams.shape[3:]:
-            want = tuple(streams.shape[:1] + streams.shape[3:])
-            raise ValueError(f"mixer state must have shape {want}, got {tuple(state.shape)}")
-        e = _scan_streams(streams, state, decay)
-        y = KERNELS[kind].forward(alpha, weight, streams, e)
+        check_state(streams, state)
+        e = scan_streams(streams, state, decay)
+        y = POLYNOMIALS[kind].forward(alpha, weight, streams, e)
         ctx.kind, ctx.heads, ctx.dh = kind, heads, dh
         ctx.save_for_backward(x, w, bias, state, alpha, weight, decay)
         return y, e[:, -1].clone()

@@ -105,16 +105,17 @@ def test_chunked_equals_full(seed):
 # -- the forgetting running max (decay) ------------------------------------------------
 
 from samout.ops import running_max_cummax  # noqa: E402
+from samout.ops.running_max.blocked import blocked_running_max  # noqa: E402
 from tests.helpers import random_chunks  # noqa: E402
 
-rm = importlib.import_module("samout.ops.running_max")
+reference = importlib.import_module("samout.ops.running_max.reference")
 DECAY_FNS = [running_max, running_max_cummax, running_max_ref]
 
 
 @pytest.fixture(params=[256, 4])
 def decay_chunk(request, monkeypatch):
     """The real piece length, and a tiny one so the tests' short inputs cross pieces."""
-    monkeypatch.setattr(rm, "DECAY_CHUNK", request.param)
+    monkeypatch.setattr(reference, "DECAY_CHUNK", request.param)
     return request.param
 
 
@@ -189,3 +190,46 @@ def test_decay_keeps_float32_precision_on_long_sequences(seed):
     want = running_max_ref(x.double(), None, 1, decay.double())
     for fn in (running_max, running_max_cummax):
         assert (fn(x, None, 1, decay).double() - want).abs().max() < 1e-5
+
+
+# -- the blocked scan's edges, and the one public function --------------------------
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 8, 15, 16, 17, 63, 64, 65])
+def test_running_max_block_edges(seed, t):
+    # The blocked scan splits time into sqrt(T) blocks plus a tail: probe every edge.
+    x = torch.randint(0, 6, (2, t, 5)).double().requires_grad_()
+    state = torch.randint(0, 6, (2, 5)).double().requires_grad_()
+    g = torch.randn(2, t, 5, dtype=torch.float64)
+    for s in (None, state):
+        out = running_max(x, s)
+        assert torch.equal(out, running_max_ref(x, s))
+        ins = [x] + ([s] if s is not None else [])
+        fast = torch.autograd.grad((out * g).sum(), ins)
+        ref = torch.autograd.grad((running_max_cummax(x, s) * g).sum(), ins)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            assert torch.equal(a != 0, b != 0)
+
+
+def test_running_max_keeps_no_integer_tensors_for_backward(seed):
+    x = torch.randn(2, 50, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        running_max(x, torch.randn(2, 8)).sum().backward()
+    assert saved and all(t.is_floating_point() for t in saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        running_max_cummax(x).sum()
+    assert any(t.dtype == torch.int64 for t in saved)  # what the reference keeps
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_running_max_dispatches_on_the_kernel_setting(seed, decay):
+    x = torch.randn(2, 9, 5)
+    state = torch.randn(2, 5)
+    d = torch.rand(5) * 0.1 if decay else None
+    want = {"reference": running_max_cummax(x, state, 1, d), "fused": blocked_running_max(x, state, 1, d)}
+    want["auto"] = want["fused"]  # CPU tensors
+    for kernel, m in want.items():
+        assert torch.equal(running_max(x, state, 1, d, kernel=kernel), m)

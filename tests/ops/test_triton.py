@@ -20,18 +20,16 @@ if importlib.util.find_spec("triton") is None:
                     "(pip install -e '.[all]')", pytrace=False)
     pytest.skip("triton is not installed (pip install 'samout[gpu]')", allow_module_level=True)
 
-import samout.ops.triton_mix as tmix  # noqa: E402
-import samout.ops.triton_running_max as trm  # noqa: E402
 from samout import SamOut, SamOutConfig  # noqa: E402
 from samout.config import MIXERS  # noqa: E402
-from samout.ops.fused_mix import mix_ref  # noqa: E402
 from samout.ops.kernels import resolve_kernel  # noqa: E402
+from samout.ops.maxstate_mix import mix_ref  # noqa: E402
 from samout.ops.running_max import running_max_ref  # noqa: E402
 from tests.helpers import random_chunks  # noqa: E402
 
 # If an earlier test imported these modules without the interpreter, decorate them again.
-trm = importlib.reload(trm)
-tmix = importlib.reload(tmix)
+trm = importlib.reload(importlib.import_module("samout.ops.running_max.triton"))
+tmix = importlib.reload(importlib.import_module("samout.ops.maxstate_mix.triton"))
 
 
 @pytest.fixture(autouse=True)

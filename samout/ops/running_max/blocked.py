@@ -1,46 +1,19 @@
-"""The running maximum over time with an incoming state: SamOut's whole memory.
+"""The blocked scan: the running max (see `reference`) as elementwise ops, any device.
 
-    m_t = max(S, s_1, ..., s_t)        new state = m_T
+    m = blocked_running_max(x, state, dim, decay)     # the "fused" kernel of `running_max`
 
-Three implementations with the same semantics:
-
-- `running_max`: the path the model uses. A blocked scan made of elementwise ops (so it
-  runs on every core, whatever the memory layout) inside an autograd function whose
-  backward recovers the gradient routing from the saved input and output: no int64
-  arg-max indices are kept for backward. (Small inputs use one `torch.cummax`, whose
-  indices the backward recomputes as a temporary.)
-- `running_max_cummax`: the original eager form, `torch.cummax` plus a `where` for the
-  state. Used by the reference mixers and under tracing/compilation; while exporting to
-  ONNX its cumulative max is the doubling scan of `samout.ops.doubling_max`.
-- `running_max_ref`: a plain loop over time in float64 that documents the semantics.
-
-With a decay (`max_decay`, a forgetting running max) every function takes `decay` δ ≥ 0,
-broadcastable to the state's shape (one per channel):
-
-    m_t = max(x_t, m_{t-1} - δ)  =  max over s <= t of (x_s + s δ)  -  t δ
-
-a running max of the shifted sequence u_s = x_s + s δ (the incoming state S enters as
-u_{-1} = S - δ). Positions s are counted from the start of a piece of at most
-`DECAY_CHUNK` steps, and each piece hands its last value to the next as the state, so the
-shift never exceeds DECAY_CHUNK δ whatever the length: float32 keeps its precision on long
-sequences. Any chunking gives the same values up to float rounding (the pieces fall at
-other places); without a decay (None) nothing of this runs, so the plain max is unchanged
-bit for bit, and δ = 0 gives the same bits too (u = x + 0, m = M - 0).
-
-They agree exactly on values (max is exact) and on gradients to rounding, ties included:
-
-    On a tie, the gradient goes to the most recent position holding the maximum;
-    the incoming state counts as older than every position of the chunk.
-
-That rule is what `torch.cummax` does (it returns the latest index of a tie), and it
-makes chunked calls route gradients exactly as one call on the whole sequence.
+A blocked scan made of elementwise ops (so it runs on every core, whatever the memory
+layout) inside an autograd function whose backward recovers the gradient routing from
+the saved input and output: no int64 arg-max indices are kept for backward. (Small
+inputs use one `torch.cummax`, whose indices the backward recomputes as a temporary.)
+Under tracing it hands over to `running_max_cummax`, which has no Python loop.
 
 How the backward works without indices: call position t an *event* when x_t == m_t
-(x_t is, or ties with, the running max, and by the rule above it wins). The gradient of
-output t goes to the latest event <= t, or to the state when there is none. So the
-input gradient is a segmented suffix sum of the output gradient, each segment starting
-at an event; it is computed with float ops only (the segment masks are 0/1, so the sums
-are exact additions of the same terms, not differences of prefix sums).
+(x_t is, or ties with, the running max, and by the tie rule of `reference` it wins). The
+gradient of output t goes to the latest event <= t, or to the state when there is none.
+So the input gradient is a segmented suffix sum of the output gradient, each segment
+starting at an event; it is computed with float ops only (the segment masks are 0/1, so
+the sums are exact additions of the same terms, not differences of prefix sums).
 """
 
 from __future__ import annotations
@@ -50,10 +23,12 @@ import math
 import torch
 from torch import Tensor
 
-from samout.ops.doubling_max import cummax_values
+from samout.ops.running_max.reference import decay_pieces, max_with_state, running_max_cummax
+from samout.ops.tracing import is_tracing
 
 
-def running_max(x: Tensor, state: Tensor | None = None, dim: int = 1, decay: Tensor | None = None) -> Tensor:
+def blocked_running_max(x: Tensor, state: Tensor | None = None, dim: int = 1,
+                        decay: Tensor | None = None) -> Tensor:
     """Inclusive running maximum of `x` along `dim`, continuing from `state`.
 
     x:     [..., T, ...] with time on `dim`.
@@ -61,58 +36,20 @@ def running_max(x: Tensor, state: Tensor | None = None, dim: int = 1, decay: Ten
     decay: None, or δ >= 0 broadcastable to the state's shape (a forgetting max).
     Returns a tensor shaped like x; its last slice along `dim` is the new state.
     """
-    if _tracing():
+    if is_tracing():
         return running_max_cummax(x, state, dim, decay)
     dim = dim % x.dim()
-    x3, s2 = _to_ptq(x, state, dim)
+    x3, s2 = to_ptq(x, state, dim)
     if decay is not None:
         d1 = _decay_q(decay, x, dim)
-        if _needs_grad(x, state, decay):
+        if needs_grad(x, state, decay):
             return _RunningMaxDecay.apply(x3, s2, d1).view(x.shape)
         return scan_max_decay(x3, s2, d1).view(x.shape)
-    if _needs_grad(x, state):
+    if needs_grad(x, state):
         m3 = _RunningMax.apply(x3, s2)
     else:
         m3 = scan_max(x3, s2)
     return m3.view(x.shape)
-
-
-def running_max_cummax(x: Tensor, state: Tensor | None = None, dim: int = 1,
-                       decay: Tensor | None = None) -> Tensor:
-    """The original eager form: `torch.cummax` (saves int64 indices for backward).
-    With a decay: the same on the shifted sequence, in pieces of DECAY_CHUNK steps
-    (one piece under tracing, where a graph cannot loop over a symbolic length)."""
-    if decay is not None:
-        return _cummax_decay(x, state, dim, decay)
-    if x.shape[dim] == 1:
-        return x if state is None else _max_with_state(x, state.unsqueeze(dim))
-    out = cummax_values(x, dim)
-    if state is not None:
-        out = _max_with_state(out, state.unsqueeze(dim))
-    return out
-
-
-def _max_with_state(x: Tensor, state: Tensor) -> Tensor:
-    # torch.maximum splits the gradient of a tie in halves; `where` with `>=` gives it
-    # all to the chunk, which is the more recent side.
-    return torch.where(x >= state, x, state)
-
-
-def running_max_ref(x: Tensor, state: Tensor | None = None, dim: int = 1,
-                    decay: Tensor | None = None) -> Tensor:
-    """Reference: a loop over time in float64. Slow, obviously correct, differentiable.
-    With a decay: m_t = max(x_t, m_{t-1} - δ), the recurrence itself."""
-    xt = x.movedim(dim, 0).to(torch.float64)
-    m = None if state is None else state.to(torch.float64)
-    d = None if decay is None else decay.to(torch.float64)
-    outs = []
-    for t in range(xt.shape[0]):
-        if m is not None and d is not None:
-            m = m - d
-        # `>=`: a tie takes the newer value, so the gradient goes to the newer position.
-        m = xt[t] if m is None else torch.where(xt[t] >= m, xt[t], m)
-        outs.append(m)
-    return torch.stack(outs, 0).movedim(0, dim).to(x.dtype)
 
 
 # -- the blocked scan -----------------------------------------------------------------
@@ -122,17 +59,12 @@ def running_max_ref(x: Tensor, state: Tensor | None = None, dim: int = 1,
 # the next. Every op is an exact max (forward) or an exact 0/1-masked add (backward).
 
 
-def _tracing() -> bool:
-    # The blocked scan unrolls a T-dependent loop: keep graphs (ONNX, torch.compile,
-    # jit.trace) on the plain cummax form, which has no Python loop.
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _to_ptq(x: Tensor, state: Tensor | None, dim: int) -> tuple[Tensor, Tensor | None]:
+def to_ptq(x: Tensor, state: Tensor | None, dim: int) -> tuple[Tensor, Tensor | None]:
     """View x as [P, T, Q] (a copy only if its strides do not allow a view)."""
     p = math.prod(x.shape[:dim])
     q = math.prod(x.shape[dim + 1 :])
@@ -166,7 +98,7 @@ def scan_max(x: Tensor, state: Tensor | None = None) -> Tensor:
         return running_max_cummax(x, state, dim=1).contiguous()
     m = torch.empty((p, t, q), dtype=x.dtype, device=x.device)
     if t == 1:
-        m[:, 0] = x[:, 0] if state is None else _max_with_state(x[:, 0], state)
+        m[:, 0] = x[:, 0] if state is None else max_with_state(x[:, 0], state)
         return m
     size = _block(t)
     nb = t // size
@@ -272,9 +204,7 @@ _RunningMax = scan_function(scan_max, scan_max_backward)
 
 
 # -- the forgetting running max (decay) -------------------------------------------------
-# Pieces of DECAY_CHUNK steps: inside a piece the shift s δ stays below DECAY_CHUNK δ, so
-# x_s + s δ loses no more float32 precision than x_s itself at any sequence length.
-DECAY_CHUNK = 256
+# The blocked scan of the shifted sequence, piece by piece (`reference.decay_pieces`).
 
 
 def _decay_q(decay: Tensor, x: Tensor, dim: int) -> Tensor:
@@ -282,10 +212,6 @@ def _decay_q(decay: Tensor, x: Tensor, dim: int) -> Tensor:
     sums its gradient back)."""
     want = x.shape[:dim] + x.shape[dim + 1 :]
     return decay.expand(want).reshape(math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1 :]))
-
-
-def _pieces(t: int) -> list[tuple[int, int]]:
-    return [(a, min(t, a + DECAY_CHUNK)) for a in range(0, t, DECAY_CHUNK)]
 
 
 def _offsets(n: int, like: Tensor) -> Tensor:
@@ -299,7 +225,7 @@ def scan_max_decay(x: Tensor, state: Tensor | None, decay: Tensor) -> Tensor:
     m = torch.empty((p, t, q), dtype=x.dtype, device=x.device)
     d = decay.unsqueeze(1)
     s = state
-    for a, b in _pieces(t):
+    for a, b in decay_pieces(t):
         off = _offsets(b - a, x) * d  # [P, n, Q]
         u = x[:, a:b] + off
         su = None if s is None else s - decay
@@ -322,7 +248,7 @@ def scan_max_decay_backward(
     gdecay = torch.zeros((p, q), dtype=x.dtype, device=x.device)
     g = grad.clone(memory_format=torch.contiguous_format)
     gstate = None
-    for a, b in reversed(_pieces(t)):
+    for a, b in reversed(decay_pieces(t)):
         n = b - a
         pos = _offsets(n, x)
         off = pos * d
@@ -356,24 +282,3 @@ class _RunningMaxDecay(torch.autograd.Function):
         x, m, state, decay = ctx.saved_tensors
         gx, gs, gd = scan_max_decay_backward(grad, x, m, state, decay)
         return gx, gs, gd
-
-
-def _cummax_decay(x: Tensor, state: Tensor | None, dim: int, decay: Tensor) -> Tensor:
-    """Eager (autograd through torch.cummax) forgetting max, in DECAY_CHUNK pieces; one
-    piece under tracing (the graph's prefill length bounds the shift there)."""
-    t = x.shape[dim]
-    want = x.shape[:dim] + x.shape[dim + 1 :]
-    d = decay.expand(want).unsqueeze(dim)
-    pieces = [(0, t)] if _tracing() else _pieces(t)
-    outs = []
-    s = state
-    for a, b in pieces:
-        xp = x.narrow(dim, a, b - a)
-        shape = [1] * x.dim()
-        shape[dim] = b - a
-        off = torch.arange(b - a, dtype=x.dtype, device=x.device).view(shape) * d
-        su = None if s is None else s - decay.expand(want)
-        out = running_max_cummax(xp + off, su, dim) - off
-        outs.append(out)
-        s = out.select(dim, b - a - 1)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim)

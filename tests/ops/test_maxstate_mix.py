@@ -1,13 +1,15 @@
-"""The fused mixer kernels against the eager reference: outputs, states and gradients
-(streams, incoming state, alphas, head-mix weight), ties included."""
+"""samout.ops.maxstate_mix: the fused kernels and the one-token step against the eager
+reference: outputs, states and gradients (streams, incoming state, alphas, head-mix
+weight), ties included."""
 
 import importlib
 
 import pytest
 import torch
 
-from samout.ops.fused_mix import fused_mix, mix_ref
-from samout.ops.running_max import running_max, running_max_cummax, running_max_ref
+from samout.ops.maxstate_mix import fused_mix, gen4_ref, maxstate_mix, mix_ref, mix_step
+from samout.ops.maxstate_mix.fused import gen4_forward
+from samout.ops.running_max import running_max_ref
 
 KINDS = {"gen3": (3, 5), "gen4": (4, 3), "openash": (4, 3)}
 
@@ -40,7 +42,7 @@ def _grads(fn, kind, streams, state, alpha, weight, gy, gs, decay=None):
 @pytest.mark.parametrize("ties", [False, True])
 def test_fused_equals_reference(seed, kind, ties, decay, monkeypatch):
     if decay:  # pieces of 5 steps, so the chunk-relative offsets are exercised
-        monkeypatch.setattr(importlib.import_module("samout.ops.running_max"), "DECAY_CHUNK", 5)
+        monkeypatch.setattr(importlib.import_module("samout.ops.running_max.reference"), "DECAY_CHUNK", 5)
     t = int(torch.randint(1, 40, ()).item())
     streams, state, alpha, weight = _inputs(kind, t=t, ties=ties)
     d = torch.rand(3, 4, dtype=torch.float64) * 0.2 if decay else None
@@ -79,7 +81,7 @@ def test_fused_zero_decay_is_bit_identical(seed, kind):
 
 def test_openash_head_mix_in_chunks(seed, monkeypatch):
     # The head mixing works through chunks of positions; force several, uneven ones.
-    import samout.ops.fused_mix as fm
+    fm = importlib.import_module("samout.ops.maxstate_mix.fused")
 
     monkeypatch.setattr(fm, "HEAD_MIX_CHUNK", 4 * 7)  # 7 positions of dh = 4 per chunk
     streams, state, alpha, weight = _inputs("openash", t=13)  # 26 positions: 7+7+7+5
@@ -140,35 +142,6 @@ def test_fused_tie_rule_state_is_oldest():
     assert gx[0, :, 2, 0, 0].tolist() == [3.0, 3.0 + 4.0, 3.0]
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, 4, 8, 15, 16, 17, 63, 64, 65])
-def test_running_max_block_edges(seed, t):
-    # The blocked scan splits time into sqrt(T) blocks plus a tail: probe every edge.
-    x = torch.randint(0, 6, (2, t, 5)).double().requires_grad_()
-    state = torch.randint(0, 6, (2, 5)).double().requires_grad_()
-    g = torch.randn(2, t, 5, dtype=torch.float64)
-    for s in (None, state):
-        out = running_max(x, s)
-        assert torch.equal(out, running_max_ref(x, s))
-        ins = [x] + ([s] if s is not None else [])
-        fast = torch.autograd.grad((out * g).sum(), ins)
-        ref = torch.autograd.grad((running_max_cummax(x, s) * g).sum(), ins)
-        for a, b in zip(fast, ref):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-            assert torch.equal(a != 0, b != 0)
-
-
-def test_running_max_keeps_no_integer_tensors_for_backward(seed):
-    x = torch.randn(2, 50, 8, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        running_max(x, torch.randn(2, 8)).sum().backward()
-    assert saved and all(t.is_floating_point() for t in saved)
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        running_max_cummax(x).sum()
-    assert any(t.dtype == torch.int64 for t in saved)  # what the reference keeps
-
-
 @pytest.mark.filterwarnings("ignore")  # torch.jit.trace's deprecation and tracer warnings
 def test_traced_graphs_use_the_loop_free_form(seed):
     # The blocked scan unrolls a Python loop over time; under tracing the kernels fall
@@ -180,3 +153,38 @@ def test_traced_graphs_use_the_loop_free_form(seed):
     y_ref, s_ref = mix_ref("gen4", longer, state, alpha)
     assert torch.equal(new_state, s_ref)
     torch.testing.assert_close(y, y_ref)
+
+
+# -- the one public function, and the restatements of the polynomial ------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_maxstate_mix_dispatches_on_the_kernel_setting(seed, kind):
+    streams, state, alpha, weight = _inputs(kind, t=9)
+    want = {"reference": mix_ref(kind, streams, state, alpha, weight),
+            "fused": fused_mix(kind, streams, state, alpha, weight)}
+    want["auto"] = want["fused"]  # CPU tensors
+    for kernel, (y_want, s_want) in want.items():
+        y, s = maxstate_mix(kind, streams, state, alpha, weight, kernel=kernel)
+        assert torch.equal(y, y_want) and torch.equal(s, s_want)
+
+
+@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("kind", ["gen4", "openash"])
+def test_one_token_step_equals_the_reference(seed, kind, decay):
+    # mix_step restates the gen4 polynomial with fused multiply-adds for decoding.
+    streams, state, alpha, weight = _inputs(kind, t=1)
+    d = torch.rand(3, 4, dtype=torch.float64) * 0.2 if decay else None
+    for s in (None, state):
+        y, new_state = mix_step(streams[:, 0], s, alpha, weight, d)
+        y_ref, s_ref = mix_ref(kind, streams, s, alpha, weight, d)
+        torch.testing.assert_close(y, y_ref[:, 0], rtol=1e-12, atol=1e-12)
+        assert torch.equal(new_state, s_ref)
+
+
+def test_fused_gen4_polynomial_equals_the_reference(seed):
+    # gen4_forward restates gen4_ref in place, with plain binary ops.
+    streams, _, alpha, _ = _inputs("gen4", t=7)
+    e = torch.randn(2, 7, 3, 4, dtype=torch.float64)
+    got = gen4_forward(alpha, *streams.unbind(2), e)
+    torch.testing.assert_close(got, gen4_ref(alpha, streams, e), rtol=1e-12, atol=1e-12)
