@@ -35,6 +35,7 @@ from samout.config import SamOutConfig
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
 from samout.models.transformer_config import match_transformer_to
+from samout.procmem import proc_status_kib
 
 COMMAND = "samout bench mixers"
 
@@ -168,10 +169,10 @@ def child_memory(args, kernel: str, seq_len: int) -> None:
 
 
 def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    kib = proc_status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    return kib
 
 
 def mixer_times(args, seq_len: int, repeats: int) -> dict:

@@ -70,6 +70,7 @@ from samout.bench.common import (
 from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
 from samout.models.transformer_config import match_transformer_to
+from samout.procmem import proc_status_kib
 from samout.tokenizer import EOT_ID, TOKENIZER_NAME, train_tokenizer
 
 MODELS = ("samout", "transformer")
@@ -192,10 +193,7 @@ class ServerProcess:
             time.sleep(0.2)
 
     def rss(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return (proc_status_kib("VmRSS", self.proc.pid) or 0) * 1024
 
     def health(self, reset_peaks: bool = False) -> dict:
         import httpx

@@ -43,8 +43,7 @@ def exact_match(model, tokenizer, template: str, conversations: list[list[dict[s
             logits.append(out[0, -1])
             states.append(state)
         last = torch.stack(logits)
-        state = State([{k: torch.cat([s[i][k] for s in states]) for k in states[0][i]}
-                       for i in range(len(states[0]))])
+        state = State.stack(states)
         replies: list[list[int]] = [[] for _ in batch]
         done = [None] * len(batch)  # the token that stopped each reply
         for _ in range(max_new_tokens):

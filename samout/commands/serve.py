@@ -34,9 +34,9 @@ DESCRIPTION = (
 
 
 def register(subparsers) -> None:
-    from samout.serve.api_server import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
     from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
     from samout.serve.loading import DEFAULT_STATE_CACHE_MB
+    from samout.serve.serving import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
 
     p = add_command(subparsers, "serve", SUMMARY, DESCRIPTION, _HelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or model directories to serve")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -213,8 +212,7 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
                     f"layer {i} is attention: prompts of different lengths (left padding) give key/value "
                     "states of different lengths; run them one at a time or with equal lengths"
                 )
-        return logits, State([{k: torch.cat([s[i][k] for s in states]) for k in states[0][i]}
-                              for i in range(len(states[0]))])
+        return logits, State.stack(states)
 
 
 # The names a cache can arrive under (transformers < 5.24 used `past_key_values`, later

@@ -23,7 +23,7 @@ from samout.ops.blend_norm import blend_norm
 from samout.ops.gated_ffn import gated_ffn
 from samout.ops.kernels import resolve_kernel
 from samout.ops.tracing import is_tracing
-from samout.state import State, check_state_layers
+from samout.state import State, StateBatch, check_state_layers
 
 
 class FeedForward(nn.Module):
@@ -95,6 +95,7 @@ class SamOut(PretrainedModelMixin, nn.Module):
     """
 
     config_class = SamOutConfig
+    state_batch = StateBatch  # fixed-size states (and attention layers of equal lengths) stack
 
     def __init__(self, config: SamOutConfig) -> None:
         super().__init__()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from samout.models.base import PretrainedModelMixin
 from samout.models.samout import check_input_ids, check_logits_to_keep
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
-from samout.state import State, check_state_layers
+from samout.state import State, StateBatch, check_state_layers
 
 
 def sinusoidal_positions(start: int | Tensor, length: int, dim: int, device=None, dtype=None) -> Tensor:
@@ -151,6 +151,28 @@ class TransformerLayer(nn.Module):
         return self.ffn_norm(x + self.ffn(x)), cache
 
 
+class PaddedKVBatch(StateBatch):
+    """KV caches of any lengths in one batch: left-padded to the longest, the model called
+    with each row's real length (`cache_lengths`), each row's state a view without padding."""
+
+    def __init__(self, states: list[State]) -> None:
+        self.state, lengths = left_pad_caches(states)
+        self.lengths: list[int] = lengths.tolist()
+
+    @staticmethod
+    def key(state: State) -> None:
+        return None  # every cache pads to the longest
+
+    def model_kwargs(self) -> dict[str, Tensor]:
+        return {"cache_lengths": torch.tensor(self.lengths)}
+
+    def advance(self, state: State, new_tokens: int) -> None:
+        self.state, self.lengths = state, [n + new_tokens for n in self.lengths]
+
+    def rows(self) -> list[State]:
+        return [cache_row(self.state, i, n) for i, n in enumerate(self.lengths)]
+
+
 class Transformer(PretrainedModelMixin, nn.Module):
     """`logits, state = model(input_ids, state=None)`, exactly like `SamOut`.
 
@@ -161,6 +183,7 @@ class Transformer(PretrainedModelMixin, nn.Module):
     """
 
     config_class = TransformerConfig
+    state_batch = PaddedKVBatch
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -273,4 +296,5 @@ def cache_row(state: State, row: int, length: int) -> State:
     return State([{k: v[row:row + 1, :, v.shape[2] - length:] for k, v in layer.items()} for layer in state])
 
 
-__all__ = ["Transformer", "TransformerConfig", "cache_row", "left_pad_caches", "match_transformer_to"]
+__all__ = ["PaddedKVBatch", "Transformer", "TransformerConfig", "cache_row", "left_pad_caches",
+           "match_transformer_to"]

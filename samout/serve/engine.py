@@ -13,13 +13,13 @@ Each iteration of the loop:
      `torch.Generator`, so seeded sampling gives the same tokens batched or alone), and
      feeds all the new tokens in ONE batched one-token model call.
 
-SamOut's state is a fixed-size running max per layer ([1, H, dh] per sequence), so the
-batched step concatenates the states along the batch and splits them back. A
-Transformer's state is a KV cache whose length differs per sequence: the batched step
-left-pads the caches to the longest and passes the per-row lengths (`cache_lengths`: a key
-padding mask and per-row positions), and each sequence keeps a view of its row. While the
-set of decoding sequences stays the same, the next step reuses that padded batch as it is
-(no re-padding); it is rebuilt only when a sequence joins or leaves.
+How states go into one batched step is the model's business (`model.state_batch`, a
+`samout.state.StateBatch`): SamOut's fixed-size states are concatenated along the batch
+and split back; a Transformer's KV caches, whose lengths differ per sequence, are
+left-padded to the longest and called with per-row lengths. Sequences whose states cannot
+share a batch (the batch's `key` differs) step in separate calls. While the set of
+sequences in a batch stays the same, the next step reuses that batch as it is (no
+re-stacking, no re-padding); it is rebuilt only when a sequence joins or leaves.
 `batched_decode=False` steps every sequence alone: the plain reference path.
 
 Requests talk to the engine through `emit(event)` callbacks, called on the engine thread, or,
@@ -53,9 +53,8 @@ from torch import Tensor, nn
 
 from samout.errors import SamoutError
 from samout.generation import SamplingParams, sample_next
-from samout.models.transformer import Transformer, cache_row, left_pad_caches
 from samout.serve.state_cache import StateCache
-from samout.state import State
+from samout.state import State, StateBatch
 from samout.tokenizer import EOT_ID
 
 assert array("i").itemsize == 4, "token ids are kept as array('i') of int32"
@@ -98,13 +97,12 @@ class _Sequence:
 
 
 @dataclass(eq=False)
-class _PaddedBatch:
-    """The last batched Transformer step: its sequences (in row order), their left-padded
-    KV caches and each row's real length."""
+class _Batch:
+    """A batched decode step's sequences (in row order) and their batched state, kept for
+    the next step while the same sequences go on together."""
 
     seqs: list[_Sequence]
-    state: State
-    lengths: list[int]
+    states: StateBatch
 
 
 class Engine:
@@ -125,8 +123,9 @@ class Engine:
         self.name = name
         self.device = next(model.parameters()).device
         self.batched = batched_decode
-        self.kv_cache = isinstance(model, Transformer)
-        self._padded: _PaddedBatch | None = None
+        # A model whose states do not simply stack names its own batching (samout.state).
+        self.state_batch: type[StateBatch] = getattr(model, "state_batch", StateBatch)
+        self._batches: list[_Batch] = []  # the last decode step's
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.cache = cache
         self._waiting: deque[GenerationRequest] = deque()
@@ -226,7 +225,7 @@ class Engine:
             try:
                 self._iteration()
             except Exception as err:  # never let one bad batch kill the server
-                self._padded = None
+                self._batches = []
                 print(f"samout serve: engine error: {type(err).__name__}: {err}", file=sys.stderr)
                 for seq in list(self._active):
                     self._fail(seq, f"generation failed: {type(err).__name__}")
@@ -258,13 +257,12 @@ class Engine:
 
     def _live_state_bytes(self) -> tuple[int, int]:
         """(bytes the live sequences' states hold, how many sequences hold one). The rows of
-        the padded Transformer batch count with their padding: that is what they occupy."""
-        padded = self._padded
-        in_batch = {id(s) for s in padded.seqs} if padded is not None else set()
+        a batch kept from the last step count as the batch (a Transformer's with its
+        padding): that is what they occupy."""
+        in_batch = {id(s) for b in self._batches for s in b.seqs}
         live = [s for s in self._active if s.state is not None]
         total = sum(s.state.nbytes for s in live if id(s) not in in_batch)
-        if padded is not None:
-            total += padded.state.nbytes
+        total += sum(b.states.nbytes for b in self._batches)
         return total, len(live)
 
     def _drop_cancelled(self) -> None:
@@ -309,7 +307,7 @@ class Engine:
             chunks.append((seq, chunk))
         groups: dict[tuple, list[tuple[_Sequence, np.ndarray]]] = {}
         for seq, chunk in chunks:
-            shapes = None if seq.state is None else state_shapes(seq.state)
+            shapes = None if seq.state is None else seq.state.shapes()
             groups.setdefault((len(chunk), shapes), []).append((seq, chunk))
         for group in groups.values():
             self._prefill_group(group)
@@ -317,10 +315,7 @@ class Engine:
     def _prefill_group(self, group: list[tuple[_Sequence, np.ndarray]]) -> None:
         seqs = [seq for seq, _ in group]
         ids = torch.from_numpy(np.stack([chunk for _, chunk in group]).astype(np.int64)).to(self.device)
-        if seqs[0].state is None:
-            state = None
-        else:
-            state = seqs[0].state if len(seqs) == 1 else cat_states([seq.state for seq in seqs])
+        state = None if seqs[0].state is None else State.stack([seq.state for seq in seqs])
         try:
             logits, state = self.model(ids, state, logits_to_keep=1)
         except Exception as err:
@@ -330,7 +325,7 @@ class Engine:
                 return
             self._fail(seqs[0], f"prefill failed: {err}")
             return
-        parts = [state] if len(seqs) == 1 else split_state(state)
+        parts = state.split()
         for i, (seq, chunk) in enumerate(group):
             seq.state, seq.logits = parts[i], logits[i, -1]
             seq.fed.frombytes(chunk.tobytes())
@@ -355,12 +350,7 @@ class Engine:
             if seq.generated >= params.max_new_tokens:
                 self._finish(seq, "length")
                 continue
-            if params.temperature == 0 and params.repetition_penalty == 1.0:
-                token = greedy[i]
-            else:
-                seen = torch.from_numpy(np.frombuffer(seq.fed, dtype=np.int32).astype(np.int64)) \
-                    if params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-                token = sample_next(logits, seen, params, seq.generator)
+            token = _sample(seq, logits, greedy[i])
             if params.stop_at_eot and token in seq.request.stop_ids:
                 self._finish(seq, "stop")
                 continue
@@ -379,56 +369,47 @@ class Engine:
         if not feed:
             return
         if not self.batched:
+            self._batches = []
             for seq, token in feed:
-                self._step_batched([(seq, token)])
-        elif self.kv_cache:
-            self._step_padded(feed)
-        else:
-            # SamOut states are the same size for every sequence; a hybrid's attention layers
-            # keep as many keys as each sequence has seen (up to its window), so only
-            # sequences whose states have the same shapes are stacked into one call.
-            groups: dict[tuple, list[tuple[_Sequence, int]]] = {}
-            for seq, token in feed:
-                groups.setdefault(state_shapes(seq.state), []).append((seq, token))
-            for group in groups.values():
-                self._step_batched(group)
+                self._step_alone(seq, token)
+            return
+        groups: dict = {}
+        for seq, token in feed:
+            groups.setdefault(self.state_batch.key(seq.state), []).append((seq, token))
+        last, self._batches = self._batches, []
+        for group in groups.values():
+            self._step_batched(group, last)
 
-    def _step_batched(self, feed: list[tuple[_Sequence, int]]) -> None:
-        seqs = [s for s, _ in feed]
-        tokens = torch.tensor([[t] for _, t in feed], device=self.device)
-        state = seqs[0].state if len(seqs) == 1 else cat_states([s.state for s in seqs])
+    def _step_alone(self, seq: _Sequence, token: int) -> None:
+        """One token for one sequence: the plain model call."""
+        tokens = torch.tensor([[token]], device=self.device)
         try:
-            logits, state = self.model(tokens, state)
+            logits, state = self.model(tokens, seq.state)
+        except Exception as err:
+            self._fail(seq, f"decode failed: {err}")
+            return
+        seq.state, seq.logits = state, logits[0, -1]
+        seq.fed.append(token)
+
+    def _step_batched(self, feed: list[tuple[_Sequence, int]], last: list[_Batch]) -> None:
+        """One token for every sequence in `feed` in one model call, on the batch of the last
+        step when it held exactly these sequences."""
+        seqs = [s for s, _ in feed]
+        batch = next((b.states for b in last if _same(b.seqs, seqs)), None)
+        if batch is None:
+            batch = self.state_batch([s.state for s in seqs])
+        tokens = torch.tensor([[t] for _, t in feed], device=self.device)
+        try:
+            logits, state = self.model(tokens, batch.state, **batch.model_kwargs())
         except Exception as err:
             for seq in seqs:
                 self._fail(seq, f"decode failed: {err}")
             return
-        parts = [state] if len(seqs) == 1 else split_state(state)
-        for i, (seq, token) in enumerate(feed):
-            seq.state, seq.logits = parts[i], logits[i, -1]
+        batch.advance(state, 1)
+        for i, ((seq, token), row) in enumerate(zip(feed, batch.rows())):
+            seq.state, seq.logits = row, logits[i, -1]
             seq.fed.append(token)
-
-    def _step_padded(self, feed: list[tuple[_Sequence, int]]) -> None:
-        """One token for every sequence in `feed` on left-padded KV caches of different lengths."""
-        seqs = [s for s, _ in feed]
-        last, self._padded = self._padded, None
-        if last is not None and len(last.seqs) == len(seqs) and all(a is b for a, b in zip(last.seqs, seqs)):
-            state, lengths = last.state, torch.tensor(last.lengths)
-        else:
-            state, lengths = left_pad_caches([s.state for s in seqs])
-        del last
-        tokens = torch.tensor([[t] for _, t in feed], device=self.device)
-        try:
-            logits, state = self.model(tokens, state, cache_lengths=lengths)
-        except Exception as err:
-            for seq in seqs:
-                self._fail(seq, f"decode failed: {err}")
-            return
-        new_lengths = [n + 1 for n in lengths.tolist()]
-        for i, (seq, token) in enumerate(feed):
-            seq.state, seq.logits = cache_row(state, i, new_lengths[i]), logits[i, -1]
-            seq.fed.append(token)
-        self._padded = _PaddedBatch(seqs, state, new_lengths)
+        self._batches.append(_Batch(seqs, batch))
 
     # -- leaving -----------------------------------------------------------------------
     def _usage(self, seq: _Sequence) -> dict:
@@ -447,8 +428,8 @@ class Engine:
     def _remove(self, seq: _Sequence) -> None:
         if seq in self._active:
             self._active.remove(seq)
-        if self._padded is not None and any(s is seq for s in self._padded.seqs):
-            self._padded = None  # the batch is rebuilt without it (and its memory freed)
+        # A batch that held it is rebuilt without it (and its memory freed).
+        self._batches = [b for b in self._batches if not any(s is seq for s in b.seqs)]
         if self.cache is not None and seq.state is not None and len(seq.fed):
             self.cache.put(seq.fed, seq.state)  # the state after exactly `fed`
 
@@ -464,19 +445,17 @@ class Engine:
             seq.request.cancelled = True
 
 
-def state_shapes(state: State) -> tuple:
-    """The shapes of a state's tensors, without the batch: states with equal shapes stack."""
-    return tuple(tuple((k, tuple(v.shape[1:])) for k, v in layer.items()) for layer in state)
+def _same(a: list[_Sequence], b: list[_Sequence]) -> bool:
+    """The same sequences in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def cat_states(states: list[State]) -> State:
-    """One batched state from per-sequence states (every tensor has the batch first)."""
-    return State([{k: torch.cat([s[i][k] for s in states]) for k in states[0][i]}
-                  for i in range(len(states[0]))])
-
-
-def split_state(state: State) -> list[State]:
-    """Per-sequence states (batch 1 each) from a batched state."""
-    rows = [{k: v.split(1) for k, v in layer.items()} for layer in state]
-    return [State([{k: parts[j] for k, parts in layer.items()} for layer in rows])
-            for j in range(state.batch_size)]
+def _sample(seq: _Sequence, logits: Tensor, greedy: int) -> int:
+    """The next token of `seq` from its logits ([vocab], float32): `greedy` (the batch's
+    argmax) when its request samples greedily, else drawn with its own generator."""
+    params = seq.request.params
+    if params.temperature == 0 and params.repetition_penalty == 1.0:
+        return greedy
+    seen = torch.from_numpy(np.frombuffer(seq.fed, dtype=np.int32).astype(np.int64)) \
+        if params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+    return sample_next(logits, seen, params, seq.generator)

@@ -7,7 +7,7 @@ import torch
 from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, load_pretrained
 from samout.config import MIXERS, PRESETS
 from samout.models import MODEL_CLASSES
-from samout.models.transformer import cache_row, left_pad_caches
+from samout.models.transformer import PaddedKVBatch, cache_row, left_pad_caches
 from samout.models.transformer_config import MATCH_TOLERANCE, match_transformer_to
 from tests.helpers import random_chunks
 
@@ -161,6 +161,26 @@ def test_padded_caches_of_different_lengths_equal_each_row_alone(seed, kw):
                 for a, b in zip(row, states[j]):
                     assert a["key"].shape == b["key"].shape
                     assert (a["value"] - b["value"]).abs().max() <= 1e-5 * b["value"].abs().max()
+
+
+def test_padded_kv_batch_steps_like_each_row_alone(seed):
+    """The Transformer's state batching (what the serving engine calls): one key for every
+    cache, and after each step each row's state is its own cache without the padding."""
+    model = _tiny()
+    assert model.state_batch is PaddedKVBatch
+    with torch.no_grad():
+        states = [model(torch.randint(0, VOCAB, (1, n)))[1] for n in (3, 7, 5)]
+        assert len({PaddedKVBatch.key(s) for s in states}) == 1
+        batch = PaddedKVBatch(states)
+        for _ in range(2):
+            new = torch.randint(0, VOCAB, (3, 1))
+            logits, state = model(new, batch.state, **batch.model_kwargs())
+            batch.advance(state, 1)
+            for j, row in enumerate(batch.rows()):
+                alone, states[j] = model(new[j:j + 1], states[j])
+                assert (logits[j:j + 1] - alone).abs().max() <= 1e-5 * alone.abs().max()
+                assert row[0]["key"].shape == states[j][0]["key"].shape
+    assert batch.lengths == [5, 9, 7] and batch.nbytes == batch.state.nbytes
 
 
 def test_equal_cache_lengths_equal_the_plain_call(seed):

@@ -318,23 +318,6 @@ def test_page_is_served(server):
     assert "samout chat" in r.text and "http://" not in r.text.replace("http://www.w3.org", "")
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_templated_text_chunks_are_the_plain_json(chat):
-    """Text chunks come from a per-choice template (one json.dumps of the text per token):
-    byte for byte what serialising the whole chunk gives, whatever the text holds."""
-    from types import SimpleNamespace
-
-    from samout.serve.api_server import _Run
-
-    run = _Run.__new__(_Run)
-    run.rid, run.created, run.chat, run._templates = "cmpl-x", 1700000000, chat, {}
-    run.served = SimpleNamespace(name='m"odel\\n')
-    for text in ["hello", ' "quoted" \\ back', "line\nnext\t", "中文 ✓", "\x00nul", "samout-text"]:
-        for index in (0, 3):
-            assert run._text_chunk(index, text) == run._chunk(index, text, None)
-            assert json.loads(run._text_chunk(index, text)[len("data: "):])
-
-
 def test_health_reports_memory_and_the_state_cache(server):
     health = httpx.get(server + "/health").json()
     memory = health["memory"]

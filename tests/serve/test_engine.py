@@ -184,7 +184,7 @@ def test_transformer_batched_decode_with_joins_and_leaves_equals_alone(serve_mod
         handle.remove()
     assert [o.tokens for o in outs] == want
     assert max(sizes) >= 3, sizes  # really batched, not one sequence at a time
-    assert engine.stats()["active"] == 0 and engine._padded is None
+    assert engine.stats()["active"] == 0 and engine._batches == []
 
 
 @pytest.mark.parametrize("window", [None, 6])

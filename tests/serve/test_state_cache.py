@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from samout.serve.api_server import memory_stats
+from samout.procmem import memory_stats
 from samout.serve.state_cache import ENTRY_OVERHEAD_BYTES, StateCache
 from samout.state import State
 

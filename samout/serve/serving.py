@@ -1,0 +1,278 @@
+"""What the OpenAI endpoints share (the shape of vLLM's `entrypoints/openai/serving_engine.py`):
+the served models and the server's limits, turning a request's prompts into engine
+submissions, and an engine's events for one request into a response or a stream of chunks.
+`serving_completions.py` and `serving_chat.py` add what differs: how prompts are made and
+how the response and chunks look.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from samout.generation import SamplingParams
+from samout.serve import protocol as P
+from samout.serve.detokenizer import TextStream
+from samout.serve.engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
+from samout.serve.protocol import OpenAIError
+
+DEFAULT_MAX_PROMPT_TOKENS = 8192
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+RETRY_AFTER_SECONDS = 1
+# Non-streaming requests check for a vanished client this often while they wait.
+DISCONNECT_POLL_SECONDS = 0.25
+_MARKER = "\x00samout-text\x00"  # stands for a chunk's text in its template
+
+
+@dataclass
+class ServedModel:
+    """One model behind the API: its engine, tokenizer and (optional) chat renderer."""
+
+    name: str
+    engine: Engine
+    tokenizer: object
+    # messages -> prompt ids ending in the assistant marker; None: no chat template.
+    render_chat: Callable[[list[dict]], list[int]] | None = None
+    chat_stop_ids: frozenset[int] = frozenset()
+    context_limit: int | None = None  # a Transformer's max_position_embeddings
+    dtype: str = "float32"  # the weights' inference dtype (samout.quant)
+    created: int = field(default_factory=P.now)
+
+
+@dataclass
+class ServerSettings:
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    api_key: str | None = None
+    drain_timeout: float = 30.0
+
+
+class Run:
+    """The choices of one request as they come from the engine. Subclasses say how the
+    response and the stream's chunks look."""
+
+    id_prefix: str  # of the response's id
+
+    def __init__(self, body: P.CompletionRequest | P.ChatCompletionRequest, served: ServedModel,
+                 requests: list[GenerationRequest], queue: asyncio.Queue) -> None:
+        self.body, self.served, self.requests, self.queue = body, served, requests, queue
+        self.rid = P.new_id(self.id_prefix)
+        self.created = P.now()
+        self.streams = [TextStream(served.tokenizer, body.stop_list) for _ in requests]
+        self.finish: list[str | None] = [None] * len(requests)
+        self.usage = [{"prompt_tokens": len(r.prompt), "completion_tokens": 0, "cached_tokens": 0}
+                      for r in requests]
+        self._templates: dict[int, list[str]] = {}
+
+    # -- what a subclass defines ------------------------------------------------------------
+    def _chunk(self, index: int, text: str | None, finish: str | None, usage: dict | None = None) -> str:
+        """One `data:` line of the stream for choice `index`."""
+        raise NotImplementedError
+
+    def _opening_chunks(self) -> list[str]:
+        """What the stream starts with, before any text."""
+        return []
+
+    def _response(self, choices: list[dict], usage: dict) -> dict:
+        raise NotImplementedError
+
+    def _usage_chunk(self, usage: dict) -> dict:
+        raise NotImplementedError
+
+    # -- engine events ------------------------------------------------------------------------
+    def _abort_unfinished(self) -> None:
+        for i, r in enumerate(self.requests):
+            if self.finish[i] is None:
+                self.served.engine.abort(r)
+
+    def _total_usage(self) -> dict:
+        # Prompts shared by several choices (n > 1) are counted once per distinct prompt.
+        prompt = sum(u["prompt_tokens"] for u in self.usage[::self.body.n])
+        cached = sum(u["cached_tokens"] for u in self.usage[::self.body.n])
+        return P.usage_dict(prompt, sum(u["completion_tokens"] for u in self.usage), cached)
+
+    def _apply(self, index: int, event: tuple) -> str:
+        """Update choice `index` with an engine event; returns the new text (may be "")."""
+        stream = self.streams[index]
+        if event[0] == "admitted":
+            self.usage[index]["cached_tokens"] = event[1]
+            return ""
+        if event[0] == "token":
+            self.usage[index]["completion_tokens"] += 1
+            text = stream.add(event[1])
+            if stream.stopped:
+                self.finish[index] = "stop"
+                self.served.engine.abort(self.requests[index])
+            return text
+        if event[0] == "finish":
+            self.usage[index].update(event[2])
+            self.finish[index] = "stop" if stream.stopped else event[1]
+            return stream.finish()
+        raise OpenAIError(500, event[1], type="server_error")
+
+    # -- the two ways out ---------------------------------------------------------------------
+    async def collect(self, request: Request) -> dict:
+        try:
+            while any(f is None for f in self.finish):
+                try:
+                    index, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        break
+                    continue
+                if self.finish[index] is None:
+                    self._apply(index, event)
+        finally:
+            self._abort_unfinished()
+        choices = [{"index": i, "text": s.text, "finish_reason": self.finish[i] or "abort"}
+                   for i, s in enumerate(self.streams)]
+        return self._response(choices, self._total_usage())
+
+    def _text_chunk(self, index: int, text: str) -> str:
+        """A chunk carrying only new text (nearly every chunk): the JSON of `_chunk` made from a
+        per-choice template, so each token costs one small json.dumps of its text."""
+        parts = self._templates.get(index)
+        if parts is None:
+            marker = json.dumps(_MARKER)
+            parts = self._chunk(index, _MARKER, None).split(marker)
+            self._templates[index] = parts
+        if len(parts) != 2:  # the marker did not come out once (cannot happen): the plain way
+            return self._chunk(index, text, None)
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+
+    async def stream(self) -> AsyncIterator[str]:
+        try:
+            for chunk in self._opening_chunks():
+                yield chunk
+            while any(f is None for f in self.finish):
+                # Everything that has arrived goes out in one write (fewer sends under load).
+                events = [await self.queue.get()]
+                while not self.queue.empty():
+                    events.append(self.queue.get_nowait())
+                out = []
+                for index, event in events:
+                    if self.finish[index] is not None:
+                        continue
+                    try:
+                        text = self._apply(index, event)
+                    except OpenAIError as err:
+                        yield "".join(out) + sse(err.body())
+                        return
+                    if self.finish[index] is not None:
+                        u = self.usage[index]
+                        usage = P.usage_dict(u["prompt_tokens"], u["completion_tokens"], u["cached_tokens"])
+                        out.append(self._chunk(index, text, self.finish[index], usage))
+                    elif text:
+                        out.append(self._text_chunk(index, text))
+                if out:
+                    yield "".join(out)
+            if self.body.include_usage_chunk:
+                yield sse(self._usage_chunk(self._total_usage()))
+            yield "data: [DONE]\n\n"
+        finally:  # also on cancellation: the client went away, free the slots now
+            self._abort_unfinished()
+
+
+def sse(obj: dict, ensure_ascii: bool = True) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=ensure_ascii)}\n\n"
+
+
+class OpenAIServing:
+    """One endpoint's serving over the served models: the subclass makes the prompts and
+    names its defaults; `generate` checks the limits, submits and answers."""
+
+    run_class: type[Run]
+    default_max_tokens: int  # when the request names none
+    prompt_param: str  # the field a prompt over --max-prompt-tokens is blamed on
+
+    def __init__(self, models: list[ServedModel], settings: ServerSettings) -> None:
+        self.models, self.settings = models, settings
+        self.by_name = {m.name: m for m in models}
+
+    def pick_model(self, name: str | None) -> ServedModel:
+        if name is None:
+            return self.models[0]
+        if name not in self.by_name:
+            raise OpenAIError(404, f"the model {name!r} does not exist; served: {', '.join(self.by_name)}",
+                              type="not_found_error", param="model", code="model_not_found")
+        return self.by_name[name]
+
+    def stop_ids(self, served: ServedModel) -> frozenset[int]:
+        """The token ids that end a reply."""
+        raise NotImplementedError
+
+    def release_prompt(self, body: P.CompletionRequest | P.ChatCompletionRequest) -> None:
+        """Drop the body's copy of the prompt once the engine holds its own."""
+
+    def max_tokens(self, body: P.CompletionRequest | P.ChatCompletionRequest, served: ServedModel,
+                   prompts: list[list[int]]) -> int:
+        """The request's token budget, checked against the server's and the model's limits."""
+        settings = self.settings
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        for ids in prompts:
+            if len(ids) > settings.max_prompt_tokens:
+                raise OpenAIError(400, f"the prompt is {len(ids)} tokens, more than this server's limit of "
+                                       f"{settings.max_prompt_tokens} (--max-prompt-tokens)",
+                                  param=self.prompt_param, code="context_length_exceeded")
+        room = settings.max_tokens_limit
+        if served.context_limit is not None:
+            room = min(room, served.context_limit - max(len(ids) for ids in prompts))
+            if room < 1:
+                raise OpenAIError(400, f"the prompt fills the model's context of {served.context_limit} "
+                                       "tokens", param="prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            return min(self.default_max_tokens, room)
+        if not 1 <= max_tokens <= room:
+            raise OpenAIError(400, f"max_tokens must lie in [1, {room}] for this prompt and server, "
+                                   f"got {max_tokens}", param="max_tokens")
+        return max_tokens
+
+    async def generate(self, body: P.CompletionRequest | P.ChatCompletionRequest, served: ServedModel,
+                       prompts: list[list[int]], request: Request) -> dict | StreamingResponse:
+        """Submit `body.n` choices per prompt; the response, or the stream of its chunks."""
+        max_tokens = self.max_tokens(body, served, prompts)
+        stop_ids = self.stop_ids(served)
+        choices = [(ids, j) for ids in prompts for j in range(body.n)]
+        queue: asyncio.Queue = asyncio.Queue()
+        submitted: list[GenerationRequest] = []
+        try:
+            for index, (ids, j) in enumerate(choices):
+                def emit(event, index=index):  # on the event loop (the engine's `deliver`)
+                    queue.put_nowait((index, event))
+                submitted.append(served.engine.submit(ids, sampling_params(body, max_tokens, j), emit,
+                                                      stop_ids))
+        except QueueFullError as err:
+            for r in submitted:
+                served.engine.abort(r)
+            raise OpenAIError(429, f"{err}; retry later", type="rate_limit_error", code="queue_full",
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except EngineStoppedError as err:
+            for r in submitted:
+                served.engine.abort(r)
+            raise OpenAIError(503, str(err), type="server_error", code="shutting_down") from None
+        run = self.run_class(body, served, submitted, queue)
+        # The engine holds the ids as int32. The body's list of Python ints (36 bytes a token)
+        # need not live as long as the stream, nor the copies Starlette's Request caches for
+        # its whole life: the raw bytes and the parsed JSON.
+        self.release_prompt(body)
+        for cached in ("_body", "_json"):
+            request.__dict__.pop(cached, None)
+        if body.stream:
+            return StreamingResponse(run.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await run.collect(request)
+
+
+def sampling_params(body: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
+                    choice: int) -> SamplingParams:
+    """The sampling of one choice; choice j of a seeded request samples with seed + j."""
+    return SamplingParams(max_new_tokens=max_tokens,
+                          temperature=1.0 if body.temperature is None else body.temperature,
+                          top_p=body.top_p, top_k=body.top_k, stop_at_eot=not body.ignore_eos,
+                          seed=None if body.seed is None else (body.seed + choice) % 2**63)
