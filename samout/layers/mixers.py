@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samout.config import KERNELS, SamOutConfig
+from samout.config import KERNELS, MIXERS, SamOutConfig
 from samout.ops import cummax_values, running_max, running_max_cummax
 from samout.ops.fused_mix import fused_mix, gen3_ref, gen4_ref, openash_ref
 from samout.ops.kernels import resolve_kernel
@@ -242,6 +242,10 @@ MIXER_CLASSES: dict[str, type[MaxStateSuper]] = {
     "openash": OpenAshMixer,
     "conv": ConvMixer,
 }
+# One mixer class per name a config accepts (samout.config.MIXERS), in the same order.
+if tuple(MIXER_CLASSES) != MIXERS:
+    raise ImportError(f"samout.layers.mixers.MIXER_CLASSES {tuple(MIXER_CLASSES)} does not match "
+                      f"samout.config.MIXERS {MIXERS}")
 
 
 def build_mixer(config: SamOutConfig) -> MaxStateSuper:
