@@ -58,6 +58,7 @@ chat-demo: venv
 
 lint: venv
 	$(BIN)/ruff check --output-format concise samout tests
+	$(BIN)/python scripts/check_import_cycles.py
 
 # Quick benchmarks (about 2 minutes on a quiet 2-core CPU, longer on a busy one); figures and JSON go to docs/figures.
 # Full-size runs: see docs/benchmarks.md. BENCH_FLAGS="--threads 1" steadies timings on a busy machine.

@@ -11,11 +11,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
-DEFAULT_MIXER = "openash"
-# The mixers' names: `MIXERS` (below) reads them from the one registry,
-# samout.layers.mixers.MIXER_CLASSES, which imports this module.
+# The token mixers a config may name: data here, so that a config is checked without
+# importing the layers; samout.layers.mixers.MIXER_CLASSES implements each of them (checked
+# when it is imported).
+MixerName = Literal["gen3", "dual", "gen4", "openash", "conv"]
+MIXERS: tuple[str, ...] = get_args(MixerName)
+DEFAULT_MIXER: MixerName = "openash"
 # What a decoder layer mixes tokens with: a MaxStateSuper mixer (`mixer`) or causal
 # softmax attention (samout/layers/attention.py), named per layer in `layer_types`.
 LAYER_TYPES = ("maxstate", "attention")
@@ -129,7 +132,7 @@ class SamOutConfig(JsonConfig):
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 8
-    mixer: str = DEFAULT_MIXER
+    mixer: MixerName = DEFAULT_MIXER
     padding_idx: int | None = 0
     # Options (not in the seeds; measured, never silently on for a seed preset).
     ffn_mult: int = 1
@@ -164,10 +167,9 @@ class SamOutConfig(JsonConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        mixers = _mixer_names()
-        if self.mixer not in mixers:
+        if self.mixer not in MIXERS:
             raise ValueError(
-                f"unknown mixer {self.mixer!r}: choose one of {', '.join(mixers)}"
+                f"unknown mixer {self.mixer!r}: choose one of {', '.join(MIXERS)}"
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(
@@ -233,16 +235,3 @@ class SamOutConfig(JsonConfig):
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
-
-def _mixer_names() -> tuple[str, ...]:
-    from samout.layers.mixers import MIXER_CLASSES
-
-    return tuple(MIXER_CLASSES)
-
-
-def __getattr__(name: str) -> Any:
-    # `from samout.config import MIXERS`: the registry's names, looked up on first use
-    # (the registry's module imports this one, so it cannot be imported at the top).
-    if name == "MIXERS":
-        return _mixer_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,8 +3,9 @@ step of the model on one token (for SamOut, O(1) work and memory; the prefix is 
 recomputed). Works for any model with the contract `logits, state = model(ids, state)`,
 including one whose state grows (a Transformer's KV cache).
 
-    from samout.generation import load_for_generation, generate, stream
-    model, tokenizer = load_for_generation("runs/demo")
+    import samout
+    from samout.generation import generate, stream
+    model, tokenizer = samout.load("runs/demo")
     print(generate(model, tokenizer, "In the beginning", max_new_tokens=50, seed=0))
     for piece in stream(model, tokenizer, "And God said", temperature=0.8):
         print(piece, end="", flush=True)
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from samout.errors import SamoutError
-from samout.run_dir import load_run
+from samout.run_dir import load
 from samout.tokenizer import EOT_ID, document_prefix, end_ids
 
 # The defaults of the API and of `samout generate`.
@@ -155,6 +156,5 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> str:
 
 
 def load_for_generation(run_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) from a run or model directory (see `samout.run_dir.load_run`: falls
-    back to the newest intact checkpoint; never reads optimizer state). `dtype`: see samout.quant."""
-    return load_run(run_dir, device, dtype=dtype)
+    """Deprecated alias of `samout.load` (kept for one release)."""
+    return load(run_dir, device, dtype=dtype)

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from samout.errors import SamoutError
+from samout.files import VOCAB_NAME  # noqa: F401  (the file a run directory holds instead of tokenizer.json)
 
-# The file a run directory holds instead of tokenizer.json (the author's open_ash_voc_agent.json).
-VOCAB_NAME = "openash_vocab.json"
 # The author's encode() writes 10 for a character it cannot encode (<|unk|> in their list).
 UNK_ID = 10
 PAD_TOKEN, IM_START, IM_END, USER, AGENT, SYSTEM = (

@@ -19,9 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from samout.openash_tokenizer import VOCAB_NAME
-from samout.run_dir import CONFIG_NAME, atomic_write
-from samout.tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, update_tokenizer_config
+from samout.files import CONFIG_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, VOCAB_NAME, atomic_write
+from samout.tokenizer import update_tokenizer_config
 
 _HEADER = '''"""Hugging Face remote code of a samout model directory (written by samout).
 
@@ -87,7 +86,12 @@ def write_hf_files(directory: str | Path) -> list[str]:
     if tokenizer is not None:
         name, entry = tokenizer
         update_tokenizer_config(directory, tokenizer_class=name, auto_map={"AutoTokenizer": entry})
-    return [name for name in HF_FILES if (directory / name).is_file()]
+    return hf_files_in(directory)
+
+
+def hf_files_in(directory: str | Path) -> list[str]:
+    """The Hugging Face files `directory` holds (what `write_hf_files` wrote there)."""
+    return [name for name in HF_FILES if (Path(directory) / name).is_file()]
 
 
 def _tokenizer_kind(directory: Path) -> tuple[str, list] | None:

@@ -21,7 +21,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from samout.errors import SamoutError
-from samout.run_dir import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, atomic_write
+from samout.files import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, VOCAB_NAME, atomic_write
+from samout.openash_tokenizer import OpenAshVocab
 
 PAD_TOKEN, EOT_TOKEN = "<|pad|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOT_TOKEN]
@@ -71,8 +72,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     `samout convert openash`) gives a `samout.openash_tokenizer.OpenAshVocab`, which has the
     same interface as far as samout uses it.
     """
-    from samout.openash_tokenizer import VOCAB_NAME, OpenAshVocab
-
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     if path.name == VOCAB_NAME or (not path.is_file() and (directory / VOCAB_NAME).is_file()):
@@ -84,7 +83,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust side raises a bare Exception
-        raise SamoutError(f"{path} is not a valid tokenizer.json: {err}") from None
+        raise SamoutError(f"{path} is not a valid {TOKENIZER_NAME}: {err}") from None
     check_special_tokens(tokenizer, str(path))
     # Text that spells "<|endoftext|>" is encoded as text: documents cannot inject a
     # boundary, and decode(encode(text)) == text for every string.

@@ -130,3 +130,34 @@ def test_an_unavailable_device_is_not_called_corruption(trained_run, monkeypatch
         assert "corrupt" not in str(err.value)
     with pytest.raises(SamoutError, match="unknown device"):
         load_model(trained_run, device="gpu7")
+
+
+def test_samout_load_is_the_one_loader(trained_run):
+    import samout
+    from samout.generation import load_for_generation
+
+    model, tokenizer = samout.load(trained_run)
+    weights_only = samout.load_model(trained_run)
+    for other in (weights_only, load_run(trained_run)[0], load_for_generation(trained_run)[0]):
+        assert type(other) is type(model)
+        pairs = zip(model.state_dict().values(), other.state_dict().values())
+        assert all(torch.equal(a, b) for a, b in pairs)
+    assert tokenizer.get_vocab() == load_run(trained_run)[1].get_vocab()
+    with pytest.raises(SamoutError, match="run directory not found"):
+        samout.load(trained_run / "nowhere")
+
+
+def test_a_checkpoint_writes_the_hugging_face_files_once_per_directory(tmp_path, monkeypatch):
+    import samout.models.base as base
+    from samout.run_dir import save_checkpoint
+    from samout.tokenizer import train_tokenizer
+
+    written = []
+    real = base.write_hf_files
+    monkeypatch.setattr(base, "write_hf_files", lambda d: written.append(Path(d).name) or real(d))
+    tokenizer = tmp_path / TOKENIZER_NAME
+    train_tokenizer(["to be or not to be"] * 20, vocab_size=300).save(str(tokenizer))
+    model = SamOut(SamOutConfig.from_preset("tiny", vocab_size=300))
+    save_checkpoint(tmp_path / "run", 1, model, tokenizer, {"step": 1}, keep=2)
+    assert written == [".tmp-step-000001", "run"]
+    assert (tmp_path / "run" / "tokenizer_config.json").is_file()  # the tokenizer's entries too

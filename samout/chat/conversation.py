@@ -36,8 +36,9 @@ from samout.chat.template import (
     turn_text,
 )
 from samout.errors import SamoutError
-from samout.generation import SamplingParams, load_for_generation, sample_next
-from samout.run_dir import atomic_write
+from samout.files import atomic_write
+from samout.generation import SamplingParams, sample_next
+from samout.run_dir import load
 from samout.state import State
 from samout.tokenizer import end_ids
 
@@ -65,7 +66,7 @@ class Conversation:
     @classmethod
     def load_run(cls, run_dir: str | Path, device: str = "cpu", system: str | None = None,
                  dtype: str = "float32", **sampling) -> Conversation:
-        model, tokenizer = load_for_generation(run_dir, device, dtype=dtype)
+        model, tokenizer = load(run_dir, device, dtype=dtype)
         return cls(model, tokenizer, load_chat_template(run_dir), system=system, **sampling)
 
     # -- the conversation ----------------------------------------------------

@@ -24,7 +24,8 @@ from samout.chat.tasks import write_task_files
 from samout.chat.template import load_chat_template
 from samout.data.chat import prepare_conversations
 from samout.data.prepare import prepare
-from samout.generation import load_for_generation
+from samout.files import WEIGHTS_NAME
+from samout.run_dir import load
 from samout.training.config import parse_duration
 from samout.training.init_from import grow_vocab
 from samout.training.setup import train
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {name} ({time.time() - start:.0f}s so far)", flush=True)
 
     pre_run = out / "run-pretrain"
-    if not (pre_run / "model.safetensors").is_file():
+    if not (pre_run / WEIGHTS_NAME).is_file():
         stage("pretraining")
         prepare([str(files["pretrain"])], out / "data-pretrain", vocab_size=1024, quiet=True)
         train(out / "data-pretrain", pre_run, preset="tiny", model_overrides=model_fields,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def evaluate(label: str, run_dir: Path, grow_from: Path | None = None) -> None:
-        model, tokenizer = load_for_generation(run_dir)
+        model, tokenizer = load(run_dir)
         template = load_chat_template(run_dir)
         if grow_from is not None:  # the pretrained model with the chat tokens' new rows
             from samout.tokenizer import load_tokenizer

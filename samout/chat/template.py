@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from samout.errors import SamoutError
+from samout.files import TOKENIZER_CONFIG_NAME
 from samout.tokenizer import (
     ASSISTANT_TOKEN,
     CHAT_TOKENS,
@@ -208,6 +209,6 @@ def load_chat_template(directory: str | Path) -> str:
     if template is None:
         return DEFAULT_CHAT_TEMPLATE
     if not isinstance(template, str):
-        raise SamoutError(f"{Path(directory) / 'tokenizer_config.json'}: chat_template must be a "
+        raise SamoutError(f"{Path(directory) / TOKENIZER_CONFIG_NAME}: chat_template must be a "
                           "Jinja string (named templates are not supported)")
     return template

@@ -10,7 +10,7 @@ from samout.chat.evaluate import evaluate_chat
 from samout.chat.template import load_chat_template
 from samout.commands import add_command
 from samout.errors import SamoutError
-from samout.generation import load_for_generation
+from samout.run_dir import load
 from samout.tokenizer import TOKENIZER_NAME, has_chat_tokens, load_tokenizer
 
 SUMMARY = "exact-match accuracy, end-of-turn rate and preference accuracy of a chat model"
@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.sft and not args.dpo:
         raise SamoutError("give --sft FILE and/or --dpo FILE")
-    model, tokenizer = load_for_generation(args.run_dir, args.device)
+    model, tokenizer = load(args.run_dir, args.device)
     template = load_chat_template(args.run_dir)
     if args.tokenizer_from:
         from samout.data.dataset import TokenData

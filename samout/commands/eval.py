@@ -12,7 +12,7 @@ from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
 from samout.evaluation import evaluate
 from samout.quant import add_dtype_argument
-from samout.run_dir import TOKENIZER_NAME, load_run, read_train_config
+from samout.run_dir import TOKENIZER_NAME, load, read_train_config
 from samout.tokenizer import token_byte_lengths
 
 DESCRIPTION = (
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    model, tokenizer = load_run(run_dir, device=args.device, dtype=args.dtype)
+    model, tokenizer = load(run_dir, device=args.device, dtype=args.dtype)
     saved = read_train_config(run_dir)
     data_dir = args.data or saved.get("data_dir")
     if data_dir is None:

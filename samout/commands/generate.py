@@ -12,7 +12,7 @@ from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
 from samout.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams, stream
 from samout.quant import add_dtype_argument
-from samout.run_dir import load_run
+from samout.run_dir import load
 
 DESCRIPTION = (
     "Stream text from a run or model directory using the recurrent state "
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                              seed=None if args.seed is None else args.seed + i) for i in range(len(prompts))]
-    model, tokenizer = load_run(args.run_dir, device=args.device, dtype=args.dtype)
+    model, tokenizer = load(args.run_dir, device=args.device, dtype=args.dtype)
     for i, prompt in enumerate(prompts):
         if i:
             print("\n" + "-" * 40)

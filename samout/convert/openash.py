@@ -21,10 +21,10 @@ import torch
 
 from samout.config import SamOutConfig
 from samout.errors import SamoutError
+from samout.files import CONFIG_NAME, WEIGHTS_NAME, write_checksums
 from samout.models.samout import SamOut
 from samout.openash_tokenizer import CHAT_TEMPLATE, VOCAB_NAME, OpenAshVocab, read_vocab
-from samout.remote_code import write_hf_files
-from samout.run_dir import CONFIG_NAME, WEIGHTS_NAME, write_checksums
+from samout.remote_code import hf_files_in
 from samout.tokenizer import update_tokenizer_config
 
 _LAYER = re.compile(r"decoder_layers\.(\d+)\.")
@@ -111,9 +111,9 @@ def convert_openash(weights: str | Path, vocab: str | Path, out: str | Path) -> 
                           "rows: the vocabulary does not belong to these weights")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(vocab, out / VOCAB_NAME)  # first: save_pretrained writes its tokenizer's HF entries
     model.eval().save_pretrained(out)
-    shutil.copyfile(vocab, out / VOCAB_NAME)
-    files = [CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME] + write_hf_files(out)
+    files = [CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME] + hf_files_in(out)
     update_tokenizer_config(out, chat_template=CHAT_TEMPLATE)
     write_checksums(out, sorted(set(files)))
     return model

@@ -38,10 +38,10 @@ from samout.chat.template import (
     render_text,
 )
 from samout.data.dataset import TokenData
-from samout.data.prepare import DATA_FORMAT, DATA_VERSION, META_NAME, split_documents
+from samout.data.prepare import DATA_FORMAT, DATA_VERSION, split_documents
 from samout.data.sources import jsonl_records
 from samout.errors import SamoutError
-from samout.run_dir import atomic_write
+from samout.files import META_NAME, atomic_write
 from samout.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     EOT_ID,

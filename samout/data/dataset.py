@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from samout.data.prepare import DATA_FORMAT, DATA_VERSION, META_NAME
+from samout.data.prepare import DATA_FORMAT, DATA_VERSION
 from samout.errors import SamoutError
+from samout.files import META_NAME
 from samout.tokenizer import TOKENIZER_NAME
 
 

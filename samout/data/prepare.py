@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from samout.data.sources import Document, load_documents
 from samout.errors import SamoutError
-from samout.run_dir import atomic_write
+from samout.files import META_NAME, atomic_write
 from samout.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     EOT_ID,
@@ -31,7 +31,6 @@ from samout.tokenizer import (
     train_tokenizer,
 )
 
-META_NAME = "meta.json"
 DATA_FORMAT = "samout-data"
 DATA_VERSION = 1
 # Below this many documents the split is made over pieces of the documents (line

@@ -35,9 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from samout.errors import SamoutError
+from samout.files import TOKENIZER_NAME
 from samout.models.samout import SamOut
 from samout.ops.doubling_max import export_length_bound
-from samout.run_dir import TOKENIZER_NAME
 from samout.state import State
 from samout.tokenizer import EOT_ID, PAD_ID
 

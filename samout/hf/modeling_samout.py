@@ -29,11 +29,11 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from samout.files import MODEL_FILES, verify_checksums
 from samout.hf.cache import SamOutCache
 from samout.hf.configuration_samout import SamOutHFConfig
 from samout.layers.mixers import MaxStateSuper
 from samout.models.samout import DecoderLayer, SamOut
-from samout.run_dir import MODEL_FILES, verify_checksums
 from samout.state import State
 
 

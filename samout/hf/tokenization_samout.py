@@ -25,8 +25,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
+from samout.files import CONFIG_NAME, TOKENIZER_NAME
 from samout.openash_tokenizer import IM_END, SPECIAL_TOKENS, VOCAB_NAME, OpenAshVocab
-from samout.run_dir import TOKENIZER_NAME
 from samout.tokenizer import EOT_TOKEN, PAD_TOKEN  # the OpenASH vocabulary's pad is the same "<|pad|>"
 
 
@@ -120,5 +120,5 @@ def _write_hf_files(directory) -> None:
     # The auto_map entries, once the model's config.json is there too.
     from samout.remote_code import write_hf_files
 
-    if (Path(directory) / "config.json").is_file():
+    if (Path(directory) / CONFIG_NAME).is_file():
         write_hf_files(directory)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samout.config import KERNELS, SamOutConfig
+from samout.config import KERNELS, MIXERS, SamOutConfig
 from samout.ops.doubling_max import cummax_values
 from samout.ops.maxstate_mix import gen3_ref, gen4_ref, maxstate_mix, mix_step, openash_ref
 from samout.ops.recompute import project_and_mix_recomputed
@@ -210,6 +210,10 @@ MIXER_CLASSES: dict[str, type[MaxStateSuper]] = {
     "openash": OpenAshMixer,
     "conv": ConvMixer,
 }
+# One mixer class per name a config accepts (samout.config.MIXERS), in the same order.
+if tuple(MIXER_CLASSES) != MIXERS:
+    raise ImportError(f"samout.layers.mixers.MIXER_CLASSES {tuple(MIXER_CLASSES)} does not match "
+                      f"samout.config.MIXERS {MIXERS}")
 
 
 def build_mixer(config: SamOutConfig) -> MaxStateSuper:

@@ -169,10 +169,6 @@ class SamOut(PretrainedModelMixin, nn.Module):
             out.append(entry)
         return out
 
-    @property
-    def has_attention(self) -> bool:
-        return any(layer.kind == "attention" for layer in self.layers)
-
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """An explicit empty state (running max = -inf; no keys or values), for graphs
         that need tensors."""

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from samout.chat.template import DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, render_ids
 from samout.errors import SamoutError
-from samout.generation import load_for_generation
+from samout.files import TOKENIZER_CONFIG_NAME
 from samout.models.transformer import Transformer
 from samout.quant import DEFAULT_INFERENCE_DTYPE
+from samout.run_dir import load
 from samout.serve.api_server import ServedModel
 from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Engine
 from samout.serve.state_cache import StateCache
@@ -52,10 +53,10 @@ def load_served_model(run_dir: str | Path, name: str | None = None, device: str 
                       dtype: str = DEFAULT_INFERENCE_DTYPE, **engine_options) -> ServedModel:
     """`dtype`: the weights for inference (float32, bfloat16, int8; see samout.quant)."""
     run_dir = Path(run_dir)
-    model, tokenizer = load_for_generation(run_dir, device, dtype=dtype)
+    model, tokenizer = load(run_dir, device, dtype=dtype)
     template = read_tokenizer_config(run_dir).get("chat_template")
     if template is not None and not isinstance(template, str):
-        raise SamoutError(f"{run_dir / 'tokenizer_config.json'}: chat_template must be a Jinja string")
+        raise SamoutError(f"{run_dir / TOKENIZER_CONFIG_NAME}: chat_template must be a Jinja string")
     if template == DEFAULT_CHAT_TEMPLATE and not has_chat_tokens(tokenizer):
         print(f"warning: {run_dir} has a chat template but its tokenizer has no chat tokens; "
               "/v1/chat/completions is off for it", file=sys.stderr)

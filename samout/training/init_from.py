@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from samout.errors import SamoutError
-from samout.models import MODEL_CLASSES, load_pretrained
-from samout.run_dir import CheckpointError
-from samout.tokenizer import TOKENIZER_NAME, load_tokenizer
+from samout.files import CONFIG_NAME, TOKENIZER_NAME, CheckpointError
+from samout.models import MODEL_CLASSES
+from samout.run_dir import load_model
+from samout.tokenizer import load_tokenizer
 
 
 def check_tokenizers(source_dir: Path, data_tokenizer_path: Path) -> None:
@@ -73,12 +74,12 @@ def load_init_model(source: str | Path, data, model_fields: dict[str, Any] | Non
                     preset: str | None = None, quiet: bool = True) -> torch.nn.Module:
     """The source run's model, checked against the data directory and grown to its vocabulary."""
     source = Path(source)
-    if not (source / "config.json").is_file():
-        raise SamoutError(f"--init-from {source}: no model there (config.json is missing)")
+    if not (source / CONFIG_NAME).is_file():
+        raise SamoutError(f"--init-from {source}: no model there ({CONFIG_NAME} is missing)")
     if not (source / TOKENIZER_NAME).is_file():
         raise SamoutError(f"--init-from {source}: {TOKENIZER_NAME} is missing")
     try:
-        model = load_pretrained(source)
+        model = load_model(source, fallback=False)
     except CheckpointError as err:
         raise SamoutError(f"--init-from {source}: {err}") from None
     if type(model) not in MODEL_CLASSES.values():

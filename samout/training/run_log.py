@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from samout.errors import SamoutError
-from samout.run_dir import LOG_NAME, PLOT_NAME, atomic_write, latest_checkpoint
+from samout.files import LOG_NAME, PLOT_NAME, atomic_write
+from samout.run_dir import latest_checkpoint
 
 
 class RunLog:

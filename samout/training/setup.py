@@ -15,15 +15,13 @@ import torch
 
 from samout.device import resolve_device
 from samout.errors import SamoutError
-from samout.models import MODEL_CLASSES, load_pretrained
+from samout.files import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, CheckpointError, atomic_write
+from samout.models import MODEL_CLASSES
 from samout.run_dir import (
-    TOKENIZER_CONFIG_NAME,
-    TOKENIZER_NAME,
-    CheckpointError,
-    atomic_write,
     find_resumable,
     latest_checkpoint,
     list_checkpoints,
+    load_model,
     read_train_config,
     remove_partial_checkpoints,
     set_aside,
@@ -88,7 +86,7 @@ def _train(data_dir, run_dir, env: dist_utils.DistEnv, *, preset, config_file, o
         file_model, file_train = load_config_file(config_file) if config_file else ({}, {})
         cfg = TrainConfig.from_dict({**state["train_config"], **file_train, **overrides})
         data.check_seq_len(cfg.seq_len)
-        model = load_pretrained(checkpoint, verify=False)  # verified just above
+        model = load_model(checkpoint, verify=False, fallback=False)  # verified just above
         check_same_model(model.config, {**file_model, **(model_overrides or {})}, preset)
         if model.config.vocab_size != data.vocab_size:
             raise SamoutError(f"{data_dir} has vocab {data.vocab_size} but the run's model has "

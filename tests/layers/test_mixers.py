@@ -155,3 +155,9 @@ def test_bfloat16_autocast_trains_with_both_kernels(seed, name, decay):
     # Same values to bf16 precision (the polynomial's terms are rounded in another order).
     scale = outs["reference"].abs().max()
     assert (outs["fused"] - outs["reference"]).abs().max() <= 2e-2 * scale
+
+
+def test_the_registry_implements_exactly_the_configs_mixer_names():
+    from samout.layers.mixers import MIXER_CLASSES
+
+    assert tuple(MIXER_CLASSES) == MIXERS
