@@ -51,6 +51,7 @@ from samout.bench.common import (
 )
 from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
+from samout.files import CONFIG_NAME
 from samout.quant import INFERENCE_DTYPES, convert_for_inference, weight_bytes
 
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         s.decode_steps = args.decode_steps
     if args.repeats:
         s.repeats = args.repeats
-    if s.accuracy_run and not Path(s.accuracy_run, "config.json").is_file():
+    if s.accuracy_run and not Path(s.accuracy_run, CONFIG_NAME).is_file():
         raise SamoutError(f"--accuracy-run: no trained model in {s.accuracy_run}")
     results = run_lowp(s, args.out, command=command_line(args), progress=not args.no_progress)
     return write_report(args.out, "lowp", results, format_lowp(results))

@@ -34,6 +34,7 @@ from samout.export.onnx import (
     quantize_int8,
     torch_step,
 )
+from samout.files import TOKENIZER_NAME
 from samout.models.samout import SamOut
 from samout.tokenizer import train_tokenizer
 
@@ -63,7 +64,7 @@ def train_small(out: Path, steps: int, preset: str) -> tuple[SamOut, Tokenizer, 
             print(f"  train step {step:4d}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f} s)")
     model.eval()
     model.save_pretrained(out)
-    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizer.save(str(out / TOKENIZER_NAME))
     return model, tokenizer, held_out
 
 
@@ -93,9 +94,9 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     """`samout bench onnx`; `command` is what to record (default: the flags given)."""
     import onnxruntime
 
-    from samout.export.onnx import _require_onnx
+    from samout.export.onnx import require_onnx
 
-    _require_onnx()  # one clear line if the onnx extra is missing
+    require_onnx()  # one clear line if the onnx extra is missing
     torch.set_num_threads(min(2, torch.get_num_threads()))
     command = command or command_line(args, spread=True)
     print("\n".join(header_lines("onnx", run_header(torch.device("cpu"), command))))
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         if args.run_dir:
             run_dir = args.run_dir
             model = SamOut.from_pretrained(run_dir).eval()
-            tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+            tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_NAME))
             held_out = shakespeare_works()["sonnets_gut.txt"]
         else:
             run_dir = tmp / "run"

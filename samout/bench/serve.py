@@ -69,6 +69,7 @@ from samout.bench.common import (
 )
 from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
+from samout.files import CONFIG_NAME
 from samout.models.transformer_config import match_transformer_to
 from samout.procmem import proc_status_kib
 from samout.tokenizer import EOT_ID, TOKENIZER_NAME, train_tokenizer
@@ -422,7 +423,7 @@ def run_serve_bench(s: ServeBenchSettings, out: str | Path, command: str, progre
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         dirs = write_runs(s, Path(tmp))
-        vocab = json.loads((dirs["samout"] / "config.json").read_text())["vocab_size"]
+        vocab = json.loads((dirs["samout"] / CONFIG_NAME).read_text())["vocab_size"]
         follow_ups = []
         points = _sweep(dirs, s, 0, throughput_point, "", vocab, rng, progress)
         conversations = _sweep(dirs, s, CONVERSATION_CACHE_MB, conversation_point, "next turn ", vocab, rng,
@@ -438,7 +439,7 @@ def run_serve_bench(s: ServeBenchSettings, out: str | Path, command: str, progre
                               f"miss {point['ttft_miss_s']:.3f} s", file=sys.stderr)
         finally:
             server.stop()
-        models = {name: json.loads((d / "config.json").read_text()) for name, d in dirs.items()}
+        models = {name: json.loads((d / CONFIG_NAME).read_text()) for name, d in dirs.items()}
     results = {"benchmark": "serve", "header": header, "settings": asdict(s), "models": models,
                "throughput": points, "conversations": conversations, "follow_up": follow_ups, "plots": []}
     results["plots"] = _plots(results, out)

@@ -79,7 +79,7 @@ def export_onnx(model: SamOut, out_dir: str | Path, max_prefill_len: int = DEFAU
     """Write decode.onnx, prefill.onnx and samout_onnx.json (the graphs' names and sizes)."""
     if not isinstance(max_prefill_len, int) or max_prefill_len < 2:
         raise SamoutError(f"max_prefill_len must be an integer >= 2, got {max_prefill_len!r}")
-    _require_onnx()
+    require_onnx()
     attention = [i for i, kind in enumerate(model.config.resolved_layer_types) if kind == "attention"]
     if attention:
         # Their state (keys and values) grows along a dynamic axis the graphs here do not carry.
@@ -138,7 +138,7 @@ def _quiet():
             logger.setLevel(level)
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
