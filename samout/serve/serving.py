@@ -24,7 +24,7 @@ from samout.serve.protocol import OpenAIError
 DEFAULT_MAX_PROMPT_TOKENS = 8192
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 RETRY_AFTER_SECONDS = 1
-# Non-streaming requests check for a vanished client this often while they wait.
+# Deprecated, unused: a non-streaming request now learns of a vanished client at once.
 DISCONNECT_POLL_SECONDS = 0.25
 _MARKER = "\x00samout-text\x00"  # stands for a chunk's text in its template
 
@@ -117,17 +117,18 @@ class Run:
 
     # -- the two ways out ---------------------------------------------------------------------
     async def collect(self, request: Request) -> dict:
+        # A watcher, not a poll between events: while tokens keep arriving a poll never ran,
+        # and a vanished client's request generated to its end.
+        watcher = asyncio.create_task(_watch_disconnect(request, self.queue))
         try:
             while any(f is None for f in self.finish):
-                try:
-                    index, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        break
-                    continue
+                index, event = await self.queue.get()
+                if index is None:  # the client went away
+                    break
                 if self.finish[index] is None:
                     self._apply(index, event)
         finally:
+            watcher.cancel()
             self._abort_unfinished()
         choices = [{"index": i, "text": s.text, "finish_reason": self.finish[i] or "abort"}
                    for i, s in enumerate(self.streams)]
@@ -176,6 +177,14 @@ class Run:
             yield "data: [DONE]\n\n"
         finally:  # also on cancellation: the client went away, free the slots now
             self._abort_unfinished()
+
+
+async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
+    """Put (None, None) on `queue` when the client disconnects. The body has been read, so
+    the next ASGI message is the disconnect (or the response's end, when this is cancelled)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait((None, None))
 
 
 def sse(obj: dict, ensure_ascii: bool = True) -> str:

