@@ -277,14 +277,14 @@ async def _stream_one(http, url: str, body: dict) -> dict:
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            if '"usage"' not in line:
-                # A text chunk (the server sends no empty ones, and only the last chunk has
-                # usage): not parsed, so that the clients, on the same cores as the server,
-                # take as little CPU as they can.
+            if '"finish_reason": null' in line:
+                # A text chunk (the server sends no empty ones; the final chunks, a choice's
+                # last and the usage chunk, are parsed): not parsed, so that the clients, on
+                # the same cores as the server, take as little CPU as they can.
                 arrivals.append(time.perf_counter())
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["text"]:
+            if chunk["choices"] and chunk["choices"][0]["text"]:  # a choice's last chunk
                 arrivals.append(time.perf_counter())
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -304,7 +304,7 @@ async def _concurrent(url: str, model: str, histories: list[list[int]], max_toke
     limits = httpx.Limits(max_connections=len(histories) + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
         bodies = [{"model": model, "prompt": h, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                   "ignore_eos": True} for h in histories]
+                   "ignore_eos": True, "stream_options": {"include_usage": True}} for h in histories]
         return await asyncio.gather(*(_stream_one(http, url, b) for b in bodies))
 
 

@@ -164,10 +164,8 @@ class Run:
                     except OpenAIError as err:
                         yield "".join(out) + sse(err.body())
                         return
-                    if self.finish[index] is not None:
-                        u = self.usage[index]
-                        usage = P.usage_dict(u["prompt_tokens"], u["completion_tokens"], u["cached_tokens"])
-                        out.append(self._chunk(index, text, self.finish[index], usage))
+                    if self.finish[index] is not None:  # usage: once, in the usage chunk (OpenAI's way)
+                        out.append(self._chunk(index, text, self.finish[index]))
                     elif text:
                         out.append(self._text_chunk(index, text))
                 if out:

@@ -57,10 +57,11 @@ def test_openai_client_completions_match_generate(serve_models, client, name):
     assert answer.usage.completion_tokens == 12 or answer.choices[0].finish_reason == "stop"
     assert answer.usage.prompt_tokens == len(tokenizer.encode("Hello there").ids) + 1
     stream = client.completions.create(model=name, prompt="Hello there", max_tokens=12, temperature=0,
-                                       stream=True)
+                                       stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    assert "".join(c.choices[0].text for c in chunks) == want
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage is not None
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-2].usage is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == answer.usage.total_tokens
 
 
 @pytest.mark.parametrize("name", ["samout", "transformer"])

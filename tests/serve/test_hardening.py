@@ -57,3 +57,27 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot(serve_models, path, b
         time.sleep(0.2)
         assert engine.stats()["tokens_generated"] <= generated + 1  # nothing more for it
         assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def sse_chunks(response: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.text.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_a_stream_reports_usage_once(serve_models, include_usage):
+    """Usage came on every choice's last chunk and again in the usage chunk: a client adding
+    usage across chunks counted tokens three times (n=2). OpenAI: only the usage chunk."""
+    model, _, tokenizer = serve_models[:3]
+    with running_server([served_model(model, tokenizer, "samout")]) as url:
+        body = {"prompt": "Hi", "max_tokens": 5, "n": 2, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": include_usage}}
+        chunks = sse_chunks(httpx.post(url + "/v1/completions", json=body, timeout=30))
+    with_usage = [c for c in chunks if c.get("usage")]
+    assert sorted(c["choices"][0]["finish_reason"] for c in chunks if c["choices"]
+                  and c["choices"][0]["finish_reason"]) == ["length", "length"]
+    if include_usage:
+        assert with_usage == [chunks[-1]] and chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"]["completion_tokens"] == 10
+    else:
+        assert with_usage == []
