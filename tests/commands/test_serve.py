@@ -59,7 +59,7 @@ def test_serve_then_sigint_drains_and_exits_cleanly(run_dirs):
         models = httpx.get(url + "/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["small", "baseline"] and all(m["chat"] for m in models)
         body = {"model": "baseline", "prompt": "Hello", "max_tokens": 200, "stream": True,
-                "ignore_eos": True, "temperature": 0}
+                "ignore_eos": True, "temperature": 0, "stream_options": {"include_usage": True}}
         events = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
