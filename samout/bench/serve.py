@@ -7,7 +7,7 @@ generated tokens/s (all tokens / wall time from the first request to the last an
 to first token p50/p95, inter-token latency p50/p95 (gaps between streamed chunks), the server
 process's peak RSS during the point (sampled from /proc at 50 Hz) and its growth over the
 idle RSS before the point, and the engine's exact peak bytes of live sequence states
-(`state_bytes`, from /health; the Transformer's KV caches count as held in its padded
+(`state_bytes`, from /v1/health; the Transformer's KV caches count as held in its padded
 decode batch, padding included) with the bytes per session. This server runs with the state
 cache off, so its memory is the model plus the sessions.
 
@@ -19,9 +19,9 @@ of fixed size pays: the cache holds every conversation at any history length. Th
 budget (`CONVERSATION_CACHE_MB`) holds every Transformer KV cache too, so both run at their
 best.
 
-Memory: before each point the server returns its freed heap to the OS (`/health?reset_peaks`),
+Memory: before each point the server returns its freed heap to the OS (`/v1/health?reset_peaks`),
 and the point's RSS growth is its peak over that idle RSS. The heap in use (glibc's mallinfo2,
-from /health) is read too: while every session decodes (what requests in flight hold) and
+from /v1/health) is read too: while every session decodes (what requests in flight hold) and
 after the point (what the server keeps: the state cache's new entries). Bytes per session are
 least-squares slopes of these growths over N.
 
@@ -199,7 +199,7 @@ class ServerProcess:
     def health(self, reset_peaks: bool = False) -> dict:
         import httpx
 
-        return httpx.get(self.url + "/health", params={"reset_peaks": reset_peaks}, timeout=10).json()
+        return httpx.get(self.url + "/v1/health", params={"reset_peaks": reset_peaks}, timeout=10).json()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -214,7 +214,7 @@ class ServerProcess:
 class _Sampler:
     """Peak RSS and peak engine state bytes while a point runs."""
 
-    HEAP_EVERY_S = 0.25  # the heap is read through /health: rarely, so as not to load the server
+    HEAP_EVERY_S = 0.25  # the heap is read through /v1/health: rarely, so as not to load the server
 
     def __init__(self, server: ServerProcess, model: str) -> None:
         self.server, self.model = server, model

@@ -2,7 +2,8 @@
 `entrypoints/openai/api_server.py`) over one `Engine` per served model.
 
     GET  /                      the chat page (samout/serve/static/index.html)
-    GET  /health                {"status": "ok", ...engine statistics}
+    GET  /health                {"status": "ok"}: liveness, open without the key
+    GET  /v1/health             engine statistics, state caches, memory (behind the key)
     GET  /v1/models
     POST /v1/completions        prompt: text, list of texts, or token ids
     POST /v1/chat/completions   messages rendered with the run's chat template
@@ -109,10 +110,16 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         return HTMLResponse(chat_page_html())
 
     @app.get("/health")
-    async def health(reset_peaks: bool = False):
-        """`reset_peaks` (benchmarks): the engines' peak figures start afresh, and the heap
-        memory freed so far goes back to the OS, so that RSS read next is what the server
-        holds now, not the most an earlier load ever needed."""
+    async def health():
+        """Liveness only: open to anyone, so it must cost a constant and tell nothing."""
+        return {"status": "ok"}
+
+    @app.get("/v1/health")
+    async def health_details(reset_peaks: bool = False):
+        """The engines' counters, the state caches and the process memory: behind the API key
+        (under /v1/) when one is set. `reset_peaks` (benchmarks): the engines' peak figures
+        start afresh, and the heap memory freed so far goes back to the OS, so that RSS read
+        next is what the server holds now, not the most an earlier load ever needed."""
         stats = {m.name: m.engine.stats(reset_peaks) for m in models}
         if reset_peaks:
             release_free_memory()

@@ -116,7 +116,7 @@ def test_concurrent_greedy_requests_match_generate(serve_models, server):
     for t in threads:
         t.join(90)
     assert got == want
-    assert httpx.get(server + "/health").json()["models"]["samout"]["peak_active"] > 1
+    assert httpx.get(server + "/v1/health").json()["models"]["samout"]["peak_active"] > 1
 
 
 def test_n_choices_and_seeds(serve_models, client):
@@ -307,7 +307,7 @@ def test_full_queue_is_429_with_retry_after(serve_models):
             assert r.json()["error"]["type"] == "rate_limit_error"
         # Closing the stream freed the slot.
         for _ in range(100):
-            if http.get(url + "/health").json()["models"]["samout"]["active"] == 0:
+            if http.get(url + "/v1/health").json()["models"]["samout"]["active"] == 0:
                 break
             threading.Event().wait(0.05)
         assert http.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
@@ -320,7 +320,7 @@ def test_page_is_served(server):
 
 
 def test_health_reports_memory_and_the_state_cache(server):
-    health = httpx.get(server + "/health").json()
+    health = httpx.get(server + "/v1/health").json()
     memory = health["memory"]
     assert memory["rss_bytes"] > 50 * 2**20  # torch and a model are resident
     assert memory["heap_in_use_bytes"] > 0 and memory["heap_free_bytes"] >= 0

@@ -81,3 +81,21 @@ def test_a_stream_reports_usage_once(serve_models, include_usage):
         assert chunks[-1]["usage"]["completion_tokens"] == 10
     else:
         assert with_usage == []
+
+
+def test_health_is_liveness_only_and_the_details_need_the_key(serve_models):
+    """/health listed models and memory to anyone, and ?reset_peaks=true cost ~150 ms of the
+    server's thread per keyless call."""
+    model, _, tokenizer = serve_models[:3]
+    with running_server([served_model(model, tokenizer, "samout")], ServerSettings(api_key="k")) as url:
+        open_ = httpx.get(url + "/health", params={"reset_peaks": "true"})
+        assert open_.status_code == 200 and open_.json() == {"status": "ok"}
+        assert httpx.get(url + "/v1/health").status_code == 401
+        assert httpx.get(url + "/v1/health", params={"reset_peaks": "true"}).status_code == 401
+        details = httpx.get(url + "/v1/health", headers={"Authorization": "Bearer k"}).json()
+        assert details["models"]["samout"]["active"] == 0 and details["memory"]["rss_bytes"] > 0
+        start = time.monotonic()
+        with httpx.Client() as http:
+            for _ in range(50):
+                http.get(url + "/health", params={"reset_peaks": "true"})
+        assert time.monotonic() - start < 2.5  # 50 calls: no heap trimming, no engine locks

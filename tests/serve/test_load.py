@@ -86,7 +86,7 @@ def test_load_with_disconnects_and_malformed_bodies(serve_models, seed):
         health = httpx.get(url + "/health").json()
         assert health["status"] == "ok"
         for _ in range(100):  # hung-up streams are freed
-            stats = httpx.get(url + "/health").json()["models"]
+            stats = httpx.get(url + "/v1/health").json()["models"]
             if all(s["active"] == 0 and s["waiting"] == 0 for s in stats.values()):
                 break
             time.sleep(0.05)

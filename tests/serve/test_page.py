@@ -81,10 +81,10 @@ def test_chat_page_streams_stops_and_starts_a_new_chat(serve_models, browser):
         page.click("#stop")
         page.wait_for_function("document.getElementById('stop').disabled === true")
         for _ in range(100):
-            if httpx.get(url + "/health").json()["models"]["samout"]["active"] == 0:
+            if httpx.get(url + "/v1/health").json()["models"]["samout"]["active"] == 0:
                 break
             time.sleep(0.05)
-        assert httpx.get(url + "/health").json()["models"]["samout"]["active"] == 0
+        assert httpx.get(url + "/v1/health").json()["models"]["samout"]["active"] == 0
         assert page.query_selector(".msg.error") is None
 
         page.unroute("**/v1/chat/completions")
