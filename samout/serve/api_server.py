@@ -2,6 +2,7 @@
 `entrypoints/openai/api_server.py`) over one `Engine` per served model.
 
     GET  /                      the chat page (samout/serve/static/index.html)
+    GET  /static/chat.js, .css  its script and style
     GET  /health                {"status": "ok"}: liveness, open without the key
     GET  /v1/health             engine statistics, state caches, memory (behind the key)
     GET  /v1/models
@@ -25,7 +26,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from samout.errors import SamoutError
@@ -40,6 +41,17 @@ from samout.serve.serving import (
 )
 from samout.serve.serving_chat import OpenAIServingChat
 from samout.serve.serving_completions import OpenAIServingCompletion
+
+# The page's own files (static/), with their media types: nothing else is served from there.
+PAGE_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
+# On every answer. The page loads its script and style from this origin only (no inline
+# code, so an injected <script> does not run), talks to this origin only, and may not be
+# framed (clickjacking); nosniff: a JSON answer is never run as a script or page.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                           "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [(b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+                    (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
 
 # What a field of several accepted shapes must be, for its 400 message.
 FIELD_FORMS = {"prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids",
@@ -103,11 +115,20 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
 
     if settings.api_key:
         app.add_middleware(_BearerAuth, api_key=settings.api_key)
+    # Added last, so outermost: a foreign Host is refused before anything else runs, and
+    # every answer (a 401 too) carries the security headers.
+    app.add_middleware(_Guard, allowed_hosts=settings.allowed_hosts)
 
     # -- routes -------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(chat_page_html())
+
+    @app.get("/static/{name}")
+    async def page_file(name: str):
+        if name not in PAGE_FILES:
+            raise StarletteHTTPException(404, f"no file {name!r}")
+        return Response(static_text(name), media_type=PAGE_FILES[name])
 
     @app.get("/health")
     async def health():
@@ -163,13 +184,51 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _Guard:
+    """Refuses a request whose Host header is not allowed (400: a DNS-rebinding page reaches
+    a loopback server under its own name), and adds SECURITY_HEADERS to every answer."""
+
+    def __init__(self, app, allowed_hosts: frozenset[str] | None) -> None:
+        self.app, self.allowed = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
+            await send(message)
+
+        host = dict(scope["headers"]).get(b"host")  # None: an HTTP/1.0 client; browsers send one
+        if self.allowed is not None and host is not None and host_name(host) not in self.allowed:
+            body = P.error_body(f"the Host {host.decode('latin-1')[:100]!r} is not served here "
+                                "(see --allowed-host)", code="host_not_allowed")
+            await JSONResponse(body, status_code=400)(scope, receive, send_secured)
+            return
+        await self.app(scope, receive, send_secured)
+
+
+def host_name(host: bytes) -> str:
+    """A Host header's name without its port, lower case: b"[::1]:80" -> "[::1]"."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[:text.find("]") + 1] if "]" in text else text
+    return text.rsplit(":", 1)[0] if ":" in text else text
+
+
 def _run_events(batch: list) -> None:
     for emit, event in batch:
         emit(event)
 
 
 def chat_page_html() -> str:
-    return resources.files("samout.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    return static_text("index.html")
+
+
+def static_text(name: str) -> str:
+    return resources.files("samout.serve").joinpath(f"static/{name}").read_text(encoding="utf-8")
 
 
 # Names that lived here before the serving split; importing them from here still works for

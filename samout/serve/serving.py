@@ -24,6 +24,8 @@ from samout.serve.protocol import OpenAIError
 DEFAULT_MAX_PROMPT_TOKENS = 8192
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 RETRY_AFTER_SECONDS = 1
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+DEFAULT_BODY_TIMEOUT = 30.0
 # Deprecated, unused: a non-streaming request now learns of a vanished client at once.
 DISCONNECT_POLL_SECONDS = 0.25
 _MARKER = "\x00samout-text\x00"  # stands for a chunk's text in its template
@@ -50,6 +52,10 @@ class ServerSettings:
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
     api_key: str | None = None
     drain_timeout: float = 30.0
+    # Host headers answered (any port); None: any. Loopback names by default, against DNS
+    # rebinding: `samout serve` widens it to None when bound to a non-loopback address.
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a request body may take to arrive
 
 
 class Run:

@@ -14,6 +14,7 @@ import pytest
 from samout.chat.template import DEFAULT_CHAT_TEMPLATE
 from samout.serve.api_server import ServerSettings
 from samout.serve.loading import served_model
+from samout.serve.serving import LOOPBACK_HOSTS
 from tests.serve.serve_fixtures import running_server
 
 
@@ -99,3 +100,49 @@ def test_health_is_liveness_only_and_the_details_need_the_key(serve_models):
             for _ in range(50):
                 http.get(url + "/health", params={"reset_peaks": "true"})
         assert time.monotonic() - start < 2.5  # 50 calls: no heap trimming, no engine locks
+
+
+def test_the_page_and_the_api_send_security_headers(serve_models):
+    model, _, tokenizer = serve_models[:3]
+    with running_server([served_model(model, tokenizer, "samout")]) as url:
+        page = httpx.get(url + "/")
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert "frame-ancestors 'none'" in csp and "<script>" not in page.text and "<style>" not in page.text
+        for r in (page, httpx.get(url + "/v1/models"), httpx.post(url + "/v1/completions", json={})):
+            assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+        script = httpx.get(url + "/static/chat.js")
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+        assert "loadModels" in script.text
+        assert httpx.get(url + "/static/chat.css").headers["content-type"].startswith("text/css")
+        assert httpx.get(url + "/static/index.html").status_code == 404
+        assert httpx.get(url + "/static/..%2Fapi_server.py").status_code == 404
+
+
+FOREIGN = ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example:80"]
+LOOPBACK = ["localhost", "LOCALHOST:8000", "127.0.0.1:1", "[::1]:8000", "[::1]", "models.internal:80"]
+
+
+def test_a_loopback_server_refuses_foreign_hosts(serve_models):
+    """DNS rebinding: a page at evil.example, its name re-pointed at 127.0.0.1, reaches the
+    loopback server with `Host: evil.example`, and drove it when no key was set."""
+    model, _, tokenizer = serve_models[:3]
+    settings = ServerSettings(allowed_hosts=LOOPBACK_HOSTS | {"models.internal"})
+    completion = {"prompt": "Hi", "max_tokens": 2}
+    with running_server([served_model(model, tokenizer, "samout")], settings) as url, httpx.Client() as http:
+        for host in FOREIGN + LOOPBACK:
+            answers = [http.get(url + "/", headers={"Host": host}),
+                       http.get(url + "/v1/models", headers={"Host": host}),
+                       http.post(url + "/v1/completions", json=completion, headers={"Host": host})]
+            for r in answers:
+                if host in LOOPBACK:
+                    assert r.status_code == 200, host
+                else:
+                    assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", host
+
+
+def test_a_server_without_a_host_list_answers_any_host(serve_models):
+    model, _, tokenizer = serve_models[:3]
+    settings = ServerSettings(allowed_hosts=None)
+    with running_server([served_model(model, tokenizer, "samout")], settings) as url:
+        assert httpx.get(url + "/v1/models", headers={"Host": "models.example.com"}).status_code == 200

@@ -41,8 +41,13 @@ def test_chat_page_streams_stops_and_starts_a_new_chat(serve_models, browser):
     assert want.strip(), "the reference reply is empty: the test would prove nothing"
     with running_server(serve_pair(model, transformer, tokenizer)) as url:
         page = browser.new_page()
+        # The server's Content-Security-Policy allows no inline code: the page must need none.
+        # (So the waits below are functions: a string expression is an eval, which it forbids.)
+        violations = []
+        page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text
+                else None)
         page.goto(url + "/")
-        page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+        page.wait_for_function("() => document.querySelectorAll('#model option').length === 2")
         page.fill("#temperature", "0")
         page.fill("#max-tokens", "24")
         # Record every text the reply bubble shows, to see it grow while streaming.
@@ -56,7 +61,7 @@ def test_chat_page_streams_stops_and_starts_a_new_chat(serve_models, browser):
         }""")
         page.fill("#input", message)
         page.click("#send")
-        page.wait_for_function("document.getElementById('send').disabled === false "
+        page.wait_for_function("() => document.getElementById('send').disabled === false "
                                "&& document.querySelector('.msg.assistant') !== null", timeout=60_000)
         assert page.inner_text(".msg.user") == message
         assert page.eval_on_selector(".msg.assistant", "b => b.textContent") == want
@@ -76,10 +81,10 @@ def test_chat_page_streams_stops_and_starts_a_new_chat(serve_models, browser):
         page.fill("#temperature", "1")
         page.fill("#input", "Tell me a long story.")
         page.click("#send")
-        page.wait_for_function("document.querySelectorAll('.msg.assistant')[1]?.textContent.length > 0",
-                               timeout=60_000)
+        page.wait_for_function(
+            "() => document.querySelectorAll('.msg.assistant')[1]?.textContent.length > 0", timeout=60_000)
         page.click("#stop")
-        page.wait_for_function("document.getElementById('stop').disabled === true")
+        page.wait_for_function("() => document.getElementById('stop').disabled === true")
         for _ in range(100):
             if httpx.get(url + "/v1/health").json()["models"]["samout"]["active"] == 0:
                 break
@@ -94,9 +99,10 @@ def test_chat_page_streams_stops_and_starts_a_new_chat(serve_models, browser):
         page.fill("#temperature", "0")
         page.fill("#input", message)
         page.click("#send")
-        page.wait_for_function("document.getElementById('send').disabled === false "
+        page.wait_for_function("() => document.getElementById('send').disabled === false "
                                "&& document.querySelector('.msg.assistant') !== null", timeout=60_000)
         # A new chat starts from scratch: the same first message gives the same first reply.
         assert page.eval_on_selector(".msg.assistant", "b => b.textContent") == want
+        assert violations == []
         assert len(page.query_selector_all("#messages .msg")) == 2
         page.close()
