@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import socket
 import sys
@@ -37,6 +38,7 @@ def register(subparsers) -> None:
     from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
     from samout.serve.loading import DEFAULT_STATE_CACHE_MB
     from samout.serve.serving import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
+    from samout.serve.timeouts import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT
 
     p = add_command(subparsers, "serve", SUMMARY, DESCRIPTION, _HelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or model directories to serve")
@@ -60,6 +62,17 @@ def register(subparsers) -> None:
                         "longer: 400")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
                    help="largest max_tokens a request may ask for; larger: 400")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="a Host header to answer besides localhost, 127.0.0.1 and [::1] (repeatable). "
+                        "Bound to a loopback address the server answers only those names (against "
+                        "DNS rebinding); bound elsewhere, any name unless this is given")
+    p.add_argument("--timeout-headers", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                   help="seconds a client may take to send a request's headers; then 408 and closed")
+    p.add_argument("--timeout-body", type=float, default=DEFAULT_BODY_TIMEOUT,
+                   help="seconds a client may take to send a request's body after its headers; "
+                        "then 408 and closed")
+    p.add_argument("--timeout-keep-alive", type=int, default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+                   help="seconds an idle kept-alive connection stays open")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
@@ -78,6 +91,9 @@ def run(args) -> int:
     for label in ("max_batch", "prefill_chunk", "max_prompt_tokens", "max_tokens_limit"):
         if getattr(args, label) < 1:
             raise SamoutError(f"--{label.replace('_', '-')} must be at least 1")
+    for label in ("timeout_headers", "timeout_body", "timeout_keep_alive"):
+        if not getattr(args, label) > 0:
+            raise SamoutError(f"--{label.replace('_', '-')} must be more than 0")
     if not 1 <= args.port < 65536:
         raise SamoutError(f"--port must lie in [1, 65535], got {args.port}")
     # Bound before the (slow) model loading: a port in use is a one-line error at once.
@@ -96,12 +112,16 @@ def run(args) -> int:
               file=sys.stderr)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServerSettings(max_prompt_tokens=args.max_prompt_tokens,
-                              max_tokens_limit=args.max_tokens_limit, api_key=api_key)
+                              max_tokens_limit=args.max_tokens_limit, api_key=api_key,
+                              allowed_hosts=allowed_hosts(args.host, args.allowed_host),
+                              header_timeout=args.timeout_headers, body_timeout=args.timeout_body,
+                              keep_alive_timeout=args.timeout_keep_alive)
     app = build_app(models, settings)
     print(f"serving {', '.join(m.name for m in models)} at http://{args.host}:{args.port} "
           f"(chat page at /, API at /v1; Ctrl-C drains and stops)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_timeout))
+                            timeout_graceful_shutdown=int(settings.drain_timeout),
+                            **settings.uvicorn_options())
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
@@ -113,6 +133,24 @@ def run(args) -> int:
         raise SamoutError(f"the server failed to start on {args.host}:{args.port}")
     print("samout serve: stopped", file=sys.stderr)
     return 0
+
+
+def allowed_hosts(bind: str, extra: list[str]) -> frozenset[str] | None:
+    """The Host names the server answers (None: any). On a loopback address only the loopback
+    names and `extra`: a DNS-rebinding page reaches it under its own name."""
+    from samout.serve.api_server import host_name
+    from samout.serve.serving import LOOPBACK_HOSTS
+
+    if not extra and not is_loopback(bind):
+        return None
+    return LOOPBACK_HOSTS | {host_name(h.encode("latin-1")) for h in extra}
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -41,6 +41,7 @@ from samout.serve.serving import (
 )
 from samout.serve.serving_chat import OpenAIServingChat
 from samout.serve.serving_completions import OpenAIServingCompletion
+from samout.serve.timeouts import BodyDeadline
 
 # The page's own files (static/), with their media types: nothing else is served from there.
 PAGE_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
@@ -113,6 +114,7 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         return JSONResponse(P.error_body(f"internal error: {type(err).__name__}", type="server_error"),
                             status_code=500)
 
+    app.add_middleware(BodyDeadline, seconds=settings.body_timeout)
     if settings.api_key:
         app.add_middleware(_BearerAuth, api_key=settings.api_key)
     # Added last, so outermost: a foreign Host is refused before anything else runs, and

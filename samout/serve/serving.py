@@ -20,12 +20,17 @@ from samout.serve import protocol as P
 from samout.serve.detokenizer import TextStream
 from samout.serve.engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
 from samout.serve.protocol import OpenAIError
+from samout.serve.timeouts import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
+    timed_protocol,
+)
 
 DEFAULT_MAX_PROMPT_TOKENS = 8192
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 RETRY_AFTER_SECONDS = 1
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
-DEFAULT_BODY_TIMEOUT = 30.0
 # Deprecated, unused: a non-streaming request now learns of a vanished client at once.
 DISCONNECT_POLL_SECONDS = 0.25
 _MARKER = "\x00samout-text\x00"  # stands for a chunk's text in its template
@@ -55,7 +60,15 @@ class ServerSettings:
     # Host headers answered (any port); None: any. Loopback names by default, against DNS
     # rebinding: `samout serve` widens it to None when bound to a non-loopback address.
     allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS
-    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a request body may take to arrive
+    # Seconds a client may take to send a request's headers, then its body, and a kept-alive
+    # connection may stay idle (samout.serve.timeouts).
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_TIMEOUT
+
+    def uvicorn_options(self) -> dict:
+        """What uvicorn.Config needs to enforce the header and keep-alive timeouts."""
+        return {"http": timed_protocol(self.header_timeout), "timeout_keep_alive": self.keep_alive_timeout}
 
 
 class Run:

@@ -87,5 +87,24 @@ def test_help_lists_every_option(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     for option in ("--dtype {float32,bfloat16,int8}", "--max-prompt-tokens", "--max-tokens-limit",
-                   "--state-cache-mb", "--api-key", "--prefill-chunk", "127.0.0.1"):
+                   "--state-cache-mb", "--api-key", "--prefill-chunk", "127.0.0.1", "--allowed-host",
+                   "--timeout-headers", "--timeout-body", "--timeout-keep-alive"):
         assert option in out, option
+
+
+def test_a_loopback_bind_answers_loopback_names_only():
+    from samout.commands.serve import allowed_hosts
+
+    loopback = {"localhost", "127.0.0.1", "[::1]"}
+    for bind in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        assert allowed_hosts(bind, []) == loopback, bind
+    assert allowed_hosts("127.0.0.1", ["Models.Example:8000"]) == loopback | {"models.example"}
+    assert allowed_hosts("0.0.0.0", []) is None and allowed_hosts("192.168.1.5", []) is None
+    assert allowed_hosts("0.0.0.0", ["api.example"]) == loopback | {"api.example"}
+
+
+@pytest.mark.parametrize("flag", ["--timeout-headers", "--timeout-body", "--timeout-keep-alive"])
+def test_a_timeout_must_be_positive(run_dirs, flag):
+    r = subprocess.run([sys.executable, "-m", "samout", "serve", *map(str, run_dirs), flag, "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"{flag} must be more than 0" in r.stderr and "Traceback" not in r.stderr

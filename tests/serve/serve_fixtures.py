@@ -56,10 +56,11 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(models, settings: ServerSettings | None = None):
     """Serve `models` (ServedModel list) with uvicorn in a thread; yields the base URL."""
+    settings = settings or ServerSettings()
     app = build_app(models, settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, **settings.uvicorn_options()))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -146,3 +146,70 @@ def test_a_server_without_a_host_list_answers_any_host(serve_models):
     settings = ServerSettings(allowed_hosts=None)
     with running_server([served_model(model, tokenizer, "samout")], settings) as url:
         assert httpx.get(url + "/v1/models", headers={"Host": "models.example.com"}).status_code == 200
+
+
+def closed_after(sock: socket.socket, seconds: float) -> tuple[float, bytes]:
+    """(seconds until the server closed `sock`, what it sent); inf if still open after `seconds`."""
+    start, received = time.monotonic(), b""
+    sock.settimeout(seconds)
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        return float("inf"), received
+    return time.monotonic() - start, received
+
+
+TIMEOUTS = ServerSettings(header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=1)
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"])
+def test_half_sent_headers_are_closed_in_time(serve_models, sent):
+    """Slowloris: a connection that sends nothing, or half its headers, was held forever."""
+    model, _, tokenizer = serve_models[:3]
+    with running_server([served_model(model, tokenizer, "samout")], TIMEOUTS) as url:
+        with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
+            sock.sendall(sent)
+            seconds, answer = closed_after(sock, 5)
+        assert 0.4 < seconds < 1.5
+        assert answer.startswith(b"HTTP/1.1 408") == bool(sent)
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_stalled_body_is_answered_408_and_closed(serve_models):
+    model, _, tokenizer = serve_models[:3]
+    served = served_model(model, tokenizer, "samout")
+    with running_server([served], TIMEOUTS) as url:
+        with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": \"Hi")
+            seconds, answer = closed_after(sock, 5)
+        assert 0.4 < seconds < 1.5
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "body_timeout"
+        assert served.engine.stats()["steps"] == 0  # nothing was generated for it
+        ok = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_an_idle_kept_alive_connection_is_closed(serve_models):
+    model, _, tokenizer = serve_models[:3]
+    with running_server([served_model(model, tokenizer, "samout")], TIMEOUTS) as url:
+        with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            seconds, answer = closed_after(sock, 5)
+        assert answer.startswith(b"HTTP/1.1 200") and 0.8 < seconds < 2.5
+
+
+def test_a_slow_but_steady_request_within_the_timeouts_is_served(serve_models):
+    model, _, tokenizer = serve_models[:3]
+    with running_server([served_model(model, tokenizer, "samout")], TIMEOUTS) as url:
+        data = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
+            for part in (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode(),
+                         data[:5], data[5:]):
+                sock.sendall(part)
+                time.sleep(0.15)
+            sock.settimeout(10)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
