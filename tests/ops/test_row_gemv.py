@@ -2,6 +2,11 @@
 fallback, and the choice of path in BF16Linear and Int8Linear."""
 
 import copy
+import os
+import platform
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +275,98 @@ def test_int8_linear_repacks_after_loading_a_state_dict():
         layer.load_state_dict(other.state_dict())
         for rows in (x[:1], x):  # the row kernel (where built) and fbgemm
             torch.testing.assert_close(layer(rows), other(rows), rtol=0, atol=0)
+
+
+@pytest.fixture
+def tiny_kernel(tmp_path, monkeypatch):
+    """A kernel `tiny` (returns 42) and an empty private place for the cache: `load` afresh."""
+    if cpu_build._compiler() is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("no C compiler, or no kernels for this CPU")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tiny.c").write_text("int answer(void) { return 42; }\n")
+    monkeypatch.setattr(cpu_build, "CSRC", tmp_path / "src")
+    monkeypatch.setenv(cpu_build.ENV_SWITCH, "1")
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("SAMOUT_CACHE_DIR", str(home))
+    monkeypatch.setattr(cpu_build, "_temp_dir", None)
+    cpu_build.load.cache_clear()
+    yield home / "kernels"
+    cpu_build.load.cache_clear()
+
+
+def loaded_from(library) -> Path:
+    return Path(library._name).parent
+
+
+def test_the_kernel_cache_is_created_private(tiny_kernel):
+    library = cpu_build.load("tiny")
+    assert library.answer() == 42 and loaded_from(library) == tiny_kernel
+    st = os.stat(tiny_kernel)
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+    assert cpu_build.why_unavailable("tiny") is None
+
+
+def test_a_cache_of_ours_no_one_else_could_write_is_tightened(tiny_kernel):
+    tiny_kernel.mkdir(mode=0o755)
+    os.chmod(tiny_kernel, 0o755)
+    assert loaded_from(cpu_build.load("tiny")) == tiny_kernel
+    assert stat.S_IMODE(os.stat(tiny_kernel).st_mode) == 0o700
+
+
+def test_a_planted_library_in_a_world_writable_cache_is_never_loaded(tiny_kernel):
+    """A shared cache (0777) may hold a library another user planted under the very name
+    `load` looks for: the cache is passed over for a fresh private temporary directory."""
+    name = Path(cpu_build.load("tiny")._name).name
+    cpu_build.load.cache_clear()
+    (tiny_kernel.parent / "evil.c").write_text("int answer(void) { return 666; }\n")
+    subprocess.run([cpu_build._compiler(), "-shared", "-fPIC", str(tiny_kernel.parent / "evil.c"),
+                    "-o", str(tiny_kernel / name)], check=True)
+    os.chmod(tiny_kernel, 0o777)
+    library = cpu_build.load("tiny")
+    assert library.answer() == 42
+    where = loaded_from(library)
+    assert where != tiny_kernel and where.name.startswith("samout-kernels-")
+    assert stat.S_IMODE(os.stat(where).st_mode) == 0o700 and os.stat(where).st_uid == os.getuid()
+    assert cpu_build.why_unavailable("tiny") is None  # loaded
+
+
+def test_a_cache_owned_by_someone_else_is_never_loaded_from(tiny_kernel, monkeypatch):
+    cpu_build.load("tiny")  # built into the (private) cache
+    cpu_build.load.cache_clear()
+    real_lstat = os.lstat
+
+    def lstat(path, *args, **kwargs):  # the cache, as if another user had made it
+        st = real_lstat(path, *args, **kwargs)
+        if Path(path) != tiny_kernel:
+            return st
+        fields = list(st)
+        fields[4] = os.getuid() + 1  # st_uid
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    library = cpu_build.load("tiny")
+    assert library.answer() == 42 and loaded_from(library) != tiny_kernel
+
+
+def test_a_library_writable_by_others_is_not_loaded(tiny_kernel):
+    library = cpu_build.load("tiny")
+    target = Path(library._name)
+    os.chmod(target, 0o666)
+    cpu_build.load.cache_clear()
+    assert loaded_from(cpu_build.load("tiny")) != tiny_kernel
+
+
+def test_the_old_shared_temporary_directory_is_not_used(tiny_kernel, monkeypatch, tmp_path):
+    """Before: an unusable cache fell back to $TMPDIR/samout-kernels, shared by all users,
+    and loaded any row_gemv-<key>.so already there."""
+    shared = tmp_path / "tmp"
+    (shared / "samout-kernels").mkdir(parents=True)
+    os.chmod(shared / "samout-kernels", 0o777)
+    monkeypatch.setattr(cpu_build.tempfile, "tempdir", str(shared))
+    tiny_kernel.parent.rmdir()
+    tiny_kernel.parent.write_text("a file where the cache's parent should be\n")  # the cache cannot be made
+    library = cpu_build.load("tiny")
+    assert library.answer() == 42
+    assert loaded_from(library).parent == shared and loaded_from(library).name.startswith("samout-kernels-")
+    assert list((shared / "samout-kernels").iterdir()) == []
