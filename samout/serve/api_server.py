@@ -78,8 +78,13 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     async def _validation_error(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        code = None
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
+        elif first.get("type") == "extra_forbidden":  # a field nobody here reads: never ignored
+            where = ".".join(loc)
+            message, param = f"'{where}' is not supported by this server", where
+            code = "unsupported_parameter"
         elif not loc and "json" not in request.headers.get("content-type", ""):
             message, param = "the request body must be a JSON object sent with " \
                              "'Content-Type: application/json'", None
@@ -88,7 +93,10 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         else:
             where = ".".join(loc) or "body"
             message, param = f"{where}: {first.get('msg', 'invalid value')}", (loc[0] if loc else None)
-        return JSONResponse(P.error_body(message, param=param), status_code=400)
+        # A field's name comes from the client and may hold a lone surrogate: escape it, or
+        # writing the answer would fail.
+        message, param = _encodable(message), (None if param is None else _encodable(param))
+        return JSONResponse(P.error_body(message, param=param, code=code), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -154,6 +162,11 @@ class _BearerAuth:
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _encodable(text: str) -> str:
+    """`text` with any lone surrogate written as its escape, so that it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _run_events(batch: list) -> None:

@@ -56,7 +56,8 @@ def test_stop_strings_match_a_plain_search_on_random_texts():
     rng = random.Random(0)
     for _ in range(300):
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
-        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 5)))
+                 for _ in range(rng.randint(1, 3))]
         pieces, stream = _pieces(text, stops)
         want = _reference(text, stops)
         assert "".join(pieces) == want == stream.text, (text, stops)
