@@ -9,7 +9,8 @@
 
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}`: a malformed body
 or a bad field is 400 (FastAPI's 422 is turned into 400), a missing or wrong API key 401, an
-unknown model 404, a full queue 429 with Retry-After, a server shutting down 503.
+unknown model 404, a body over --max-body-bytes 413, a full queue 429 with Retry-After, a
+server shutting down 503.
 
 This module is the HTTP side only: routes, errors, authentication and the page. What an
 endpoint does with a request is in serving_completions.py and serving_chat.py.
@@ -101,7 +102,8 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(P.error_body(str(err.detail), type=kind), status_code=err.status_code)
+        code = "request_too_large" if err.status_code == 413 else None
+        return JSONResponse(P.error_body(str(err.detail), type=kind, code=code), status_code=err.status_code)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception):
@@ -110,6 +112,7 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
 
     if settings.api_key:
         app.add_middleware(_BearerAuth, api_key=settings.api_key)
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: before all else
 
     # -- routes -------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
@@ -167,6 +170,44 @@ class _BearerAuth:
 def _encodable(text: str) -> str:
     """`text` with any lone surrogate written as its escape, so that it encodes as UTF-8."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _BodyLimit:
+    """413 for a request body over `max_bytes`: at once from its Content-Length, else (a
+    chunked body, or one longer than it said) as soon as the bytes read pass the limit, so
+    that no more of it is read or held. A plain ASGI middleware, like _BearerAuth."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"the request body is larger than this server's limit of "
+                                           f"{self.max_bytes} bytes (--max-body-bytes)")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            err = self._too_large()
+            body = P.error_body(str(err.detail), code="request_too_large")
+            # Connection: close, so that the unread body is never read.
+            await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive():
+            # Raised while FastAPI reads the body: it passes HTTPExceptions on to the handler.
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def _run_events(batch: list) -> None:
