@@ -87,5 +87,16 @@ def test_help_lists_every_option(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     for option in ("--dtype {float32,bfloat16,int8}", "--max-prompt-tokens", "--max-tokens-limit",
-                   "--state-cache-mb", "--api-key", "--prefill-chunk", "127.0.0.1"):
+                   "--state-cache-mb", "--api-key", "--prefill-chunk", "127.0.0.1", "--max-body-bytes",
+                   "--max-prompt-chars", "--max-stop-sequences", "--max-stop-chars", "--max-choices"):
         assert option in out, option
+
+
+@pytest.mark.parametrize("flag", ["--max-body-bytes", "--max-prompt-chars", "--max-stop-sequences",
+                                  "--max-stop-chars", "--max-choices"])
+def test_a_limit_below_one_is_one_line_error(tmp_path, capsys, flag):
+    from samout.cli import main
+
+    # Checked before the run directory is even looked at.
+    assert main(["serve", str(tmp_path / "nope"), flag, "0"]) == 1
+    assert capsys.readouterr().err.strip() == f"samout serve: error: {flag} must be at least 1"
