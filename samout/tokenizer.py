@@ -98,6 +98,17 @@ def document_prefix(tokenizer) -> list[int]:
     return list(getattr(tokenizer, "document_prefix", (EOT_ID,)))
 
 
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids (no special tokens added), as `tokenizer.encode` gives them. Through
+    `encode_batch_fast` where the tokenizer has it: it lets go of the GIL while it works, where
+    `encode` holds it throughout, so that a long text tokenized on a worker thread does not
+    stall the other threads (a server's event loop) for the whole of it."""
+    batch = getattr(tokenizer, "encode_batch_fast", None)
+    if batch is None:
+        return [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    return [e.ids for e in batch(texts, add_special_tokens=False)]
+
+
 def end_ids(tokenizer) -> frozenset[int]:
     """The ids at which generation stops: <|endoftext|> for samout's tokenizers, or what the
     tokenizer declares (`end_ids`; OpenASH: <|im_end|> and <|pad|>, as the author's code)."""

@@ -37,6 +37,7 @@ from samout.tokenizer import (
     EOT_TOKEN,
     ROLE_TOKENS,
     SPECIAL_TOKENS,
+    encode_texts,
     has_chat_tokens,
     read_tokenizer_config,
 )
@@ -125,12 +126,14 @@ def _special_pattern(tokenizer) -> re.Pattern:
 def encode_rendered(tokenizer, text: str) -> list[int]:
     """Token ids of rendered template text: special tokens where their text appears, the rest
     encoded as plain text piece by piece (what a Hugging Face tokenizer does)."""
+    pieces = _special_pattern(tokenizer).split(text)
+    encoded = iter(encode_texts(tokenizer, [p for p in pieces[::2] if p]))  # in one call: see encode_texts
     ids: list[int] = []
-    for i, piece in enumerate(_special_pattern(tokenizer).split(text)):
+    for i, piece in enumerate(pieces):
         if i % 2:
             ids.append(tokenizer.token_to_id(piece))
         elif piece:
-            ids.extend(tokenizer.encode(piece, add_special_tokens=False).ids)
+            ids.extend(next(encoded))
     return ids
 
 

@@ -37,7 +37,14 @@ DESCRIPTION = (
 def register(subparsers) -> None:
     from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
     from samout.serve.loading import DEFAULT_STATE_CACHE_MB
-    from samout.serve.serving import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
+    from samout.serve.serving import (
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_PROMPT_CHARS,
+        DEFAULT_MAX_PROMPT_TOKENS,
+        DEFAULT_MAX_STOP_CHARS,
+        DEFAULT_MAX_STOP_SEQUENCES,
+        DEFAULT_MAX_TOKENS_LIMIT,
+    )
     from samout.serve.timeouts import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT
 
     p = add_command(subparsers, "serve", SUMMARY, DESCRIPTION, _HelpFormatter)
@@ -73,6 +80,18 @@ def register(subparsers) -> None:
                         "then 408 and closed")
     p.add_argument("--timeout-keep-alive", type=int, default=DEFAULT_KEEP_ALIVE_TIMEOUT,
                    help="seconds an idle kept-alive connection stays open")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body, in bytes; larger: 413, before it is read")
+    p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
+                   help="most prompt characters a request may send (all its prompt texts or messages), "
+                        "checked before tokenizing; more: 400")
+    p.add_argument("--max-stop-sequences", type=int, default=DEFAULT_MAX_STOP_SEQUENCES,
+                   help="most stop strings a request may send; more: 400")
+    p.add_argument("--max-stop-chars", type=int, default=DEFAULT_MAX_STOP_CHARS,
+                   help="longest stop string, in characters; longer: 400")
+    p.add_argument("--max-choices", type=int, default=None,
+                   help="most choices (prompts x n) one request may ask for; more: 400 (default: half "
+                        "of --max-batch, so that no single request can take every slot)")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
@@ -88,8 +107,9 @@ def run(args) -> int:
     names = args.name or []
     if len(names) > len(args.run_dirs):
         raise SamoutError(f"{len(names)} --name values for {len(args.run_dirs)} run directories")
-    for label in ("max_batch", "prefill_chunk", "max_prompt_tokens", "max_tokens_limit"):
-        if getattr(args, label) < 1:
+    for label in ("max_batch", "prefill_chunk", "max_prompt_tokens", "max_tokens_limit", "max_body_bytes",
+                  "max_prompt_chars", "max_stop_sequences", "max_stop_chars", "max_choices"):
+        if getattr(args, label) is not None and getattr(args, label) < 1:
             raise SamoutError(f"--{label.replace('_', '-')} must be at least 1")
     for label in ("timeout_headers", "timeout_body", "timeout_keep_alive"):
         if not getattr(args, label) > 0:
@@ -115,7 +135,10 @@ def run(args) -> int:
                               max_tokens_limit=args.max_tokens_limit, api_key=api_key,
                               allowed_hosts=allowed_hosts(args.host, args.allowed_host),
                               header_timeout=args.timeout_headers, body_timeout=args.timeout_body,
-                              keep_alive_timeout=args.timeout_keep_alive)
+                              keep_alive_timeout=args.timeout_keep_alive,
+                              max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                              max_stop_sequences=args.max_stop_sequences, max_stop_chars=args.max_stop_chars,
+                              max_choices=args.max_choices)
     app = build_app(models, settings)
     print(f"serving {', '.join(m.name for m in models)} at http://{args.host}:{args.port} "
           f"(chat page at /, API at /v1; Ctrl-C drains and stops)", file=sys.stderr, flush=True)

@@ -11,7 +11,8 @@
 
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}`: a malformed body
 or a bad field is 400 (FastAPI's 422 is turned into 400), a missing or wrong API key 401, an
-unknown model 404, a full queue 429 with Retry-After, a server shutting down 503.
+unknown model 404, a body over --max-body-bytes 413, a full queue 429 with Retry-After, a
+server shutting down 503.
 
 This module is the HTTP side only: routes, errors, authentication and the page. What an
 endpoint does with a request is in serving_completions.py and serving_chat.py.
@@ -92,8 +93,13 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     async def _validation_error(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        code = None
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
+        elif first.get("type") == "extra_forbidden":  # a field nobody here reads: never ignored
+            where = ".".join(loc)
+            message, param = f"'{where}' is not supported by this server", where
+            code = "unsupported_parameter"
         elif not loc and "json" not in request.headers.get("content-type", ""):
             message, param = "the request body must be a JSON object sent with " \
                              "'Content-Type: application/json'", None
@@ -102,12 +108,16 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
         else:
             where = ".".join(loc) or "body"
             message, param = f"{where}: {first.get('msg', 'invalid value')}", (loc[0] if loc else None)
-        return JSONResponse(P.error_body(message, param=param), status_code=400)
+        # A field's name comes from the client and may hold a lone surrogate: escape it, or
+        # writing the answer would fail.
+        message, param = _encodable(message), (None if param is None else _encodable(param))
+        return JSONResponse(P.error_body(message, param=param, code=code), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(P.error_body(str(err.detail), type=kind), status_code=err.status_code)
+        code = "request_too_large" if err.status_code == 413 else None
+        return JSONResponse(P.error_body(str(err.detail), type=kind, code=code), status_code=err.status_code)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception):
@@ -117,8 +127,9 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     app.add_middleware(BodyDeadline, seconds=settings.body_timeout)
     if settings.api_key:
         app.add_middleware(_BearerAuth, api_key=settings.api_key)
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
     # Added last, so outermost: a foreign Host is refused before anything else runs, and
-    # every answer (a 401 too) carries the security headers.
+    # every answer (a 401 or 413 too) carries the security headers.
     app.add_middleware(_Guard, allowed_hosts=settings.allowed_hosts)
 
     # -- routes -------------------------------------------------------------------------
@@ -218,6 +229,49 @@ def host_name(host: bytes) -> str:
     if text.startswith("["):
         return text[:text.find("]") + 1] if "]" in text else text
     return text.rsplit(":", 1)[0] if ":" in text else text
+
+
+def _encodable(text: str) -> str:
+    """`text` with any lone surrogate written as its escape, so that it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _BodyLimit:
+    """413 for a request body over `max_bytes`: at once from its Content-Length, else (a
+    chunked body, or one longer than it said) as soon as the bytes read pass the limit, so
+    that no more of it is read or held. A plain ASGI middleware, like _BearerAuth."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"the request body is larger than this server's limit of "
+                                           f"{self.max_bytes} bytes (--max-body-bytes)")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            err = self._too_large()
+            body = P.error_body(str(err.detail), code="request_too_large")
+            # Connection: close, so that the unread body is never read.
+            await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive():
+            # Raised while FastAPI reads the body: it passes HTTPExceptions on to the handler.
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def _run_events(batch: list) -> None:

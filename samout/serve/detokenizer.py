@@ -6,17 +6,90 @@ that one decoding core can serve generate, chat and the server.
 
 from __future__ import annotations
 
+import functools
+from collections import deque
+
+
+class StopMatcher:
+    """An Aho-Corasick automaton over the stop strings. Fed the text a character at a time, it
+    finds the first place where a stop string ends, and knows the longest end of the text that
+    may still begin one (the text to hold back): each character costs amortised constant time,
+    whatever the stop strings (checking every stop string's every prefix on every token grew
+    with the square of their length)."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.goto: list[dict[str, int]] = [{}]
+        self.fail = [0]
+        self.depth = [0]  # the length of the stop-string prefix a state stands for
+        self.match = [0]  # the length of the longest stop string ending at a state (0: none)
+        for stop in stops:
+            state = 0
+            for ch in stop:
+                nxt = self.goto[state].get(ch)
+                if nxt is None:
+                    nxt = len(self.goto)
+                    self.goto.append({})
+                    self.fail.append(0)
+                    self.depth.append(self.depth[state] + 1)
+                    self.match.append(0)
+                    self.goto[state][ch] = nxt
+                state = nxt
+            self.match[state] = len(stop)
+        self._link()
+
+    def _link(self) -> None:
+        """Failure links, breadth first: a state's link is its longest proper suffix that is
+        also a stop-string prefix."""
+        queue = deque(self.goto[0].values())
+        while queue:
+            state = queue.popleft()
+            for ch, nxt in self.goto[state].items():
+                f = self.fail[state]
+                while f and ch not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[nxt] = self.goto[f].get(ch, 0)
+                self.match[nxt] = max(self.match[nxt], self.match[self.fail[nxt]])
+                queue.append(nxt)
+
+    def feed(self, text: str, state: int) -> tuple[int | None, int]:
+        """Runs `text` from `state`: (where the first stop string to end in it begins, relative
+        to text[0] (negative: in text fed before), or None; the state after it)."""
+        goto, fail, match = self.goto, self.fail, self.match
+        for i, ch in enumerate(text):
+            while state and ch not in goto[state]:
+                state = fail[state]
+            state = goto[state].get(ch, 0)
+            if match[state]:
+                return i + 1 - match[state], state
+        return None, state
+
+
+@functools.lru_cache(maxsize=64)
+def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
+    """One automaton per set of stop strings (requests often repeat theirs)."""
+    return StopMatcher(stops)
+
 
 class TextStream:
     """Token ids -> text pieces for one choice: waits where a UTF-8 character spans tokens,
-    and ends the text at the first stop string (holding back text that may start one)."""
+    and ends the text where the first stop string ends (holding back text that may start one)."""
 
     def __init__(self, tokenizer, stops: list[str]) -> None:
         self.tokenizer, self.stops = tokenizer, stops
+        self.matcher = stop_matcher(tuple(stops)) if stops else None
+        self.state = 0  # the matcher's, after the text so far
         self.pending: list[int] = []
-        self.text = ""
-        self.sent = 0
+        # The text is the pieces released plus the tail held back; only the tail (at most the
+        # longest stop string and a token's text) is ever searched or copied.
+        self.released: list[str] = []
+        self.unsent = ""
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        if len(self.released) > 1:
+            self.released = ["".join(self.released)]
+        return "".join(self.released) + self.unsent
 
     def add(self, token: int) -> str:
         self.pending.append(token)
@@ -24,29 +97,30 @@ class TextStream:
         if piece.endswith("\ufffd") and len(self.pending) < 8:
             return ""
         self.pending = []
-        self.text += piece
-        return self._release(final=False)
+        return self._release(piece, final=False)
 
     def finish(self) -> str:
+        piece = ""
         if self.pending and not self.stopped:
-            self.text += self.tokenizer.decode(self.pending, skip_special_tokens=True)
+            piece = self.tokenizer.decode(self.pending, skip_special_tokens=True)
             self.pending = []
-        return self._release(final=True)
+        return self._release(piece, final=True)
 
-    def _release(self, final: bool) -> str:
+    def _release(self, piece: str, final: bool) -> str:
+        """Adds `piece` to the text; returns the text now safe to send."""
         if self.stopped:
             return ""
-        start = max(0, self.sent - max((len(s) for s in self.stops), default=0))
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            self.stopped = True
-            end = len(self.text)
-        elif final:
-            end = len(self.text)
-        else:
-            hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])),
-                       default=0)
-            end = len(self.text) - hold
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        self.unsent += piece
+        hold = 0
+        if self.matcher is not None:
+            found, self.state = self.matcher.feed(piece, self.state)
+            if found is not None:  # the text ends where the stop string begins, `found` into `piece`
+                self.unsent = self.unsent[:len(self.unsent) - len(piece) + found]
+                self.stopped = True
+            elif not final:
+                hold = self.matcher.depth[self.state]
+        out = self.unsent[:len(self.unsent) - hold]
+        self.unsent = self.unsent[len(out):]
+        if out:
+            self.released.append(out)
         return out

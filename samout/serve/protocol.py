@@ -1,9 +1,11 @@
 """The OpenAI wire format: request models (validated by pydantic), the error object, and
 builders for the response and stream-chunk objects (plain dicts: they are only written).
 
-Requests accept unknown fields (clients send things like `user`), but a known field of
-the wrong type, out of range, or asking for something this server does not do (logprobs,
-penalties, tools, ...) is a 400 with OpenAI's error body, never a silent misreading.
+Nothing a request asks for is silently ignored: an unknown field, a field of the wrong type
+(numbers are strict: "0.5" is not a temperature), a value out of range, or an OpenAI field
+asking for something this server does not do (logprobs, penalties, tools, response_format,
+...) is a 400 with OpenAI's error body naming the field. Only `user`, which asks nothing of
+the server, is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -12,10 +14,25 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = 4  # the default of --max-stop-sequences (OpenAI's limit)
 MAX_N = 8
+
+# OpenAI's (and vLLM's) fields this server does not implement, each with the values that mean
+# "off" (accepted, since clients send defaults). Any other value is a 400 naming the field.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "stop_token_ids": (None, []),
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,), "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True), "use_beam_search": (None, False),
+}
 
 
 class OpenAIError(Exception):
@@ -37,14 +54,20 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# A number: an int or a float, never a string or a bool (pydantic's lax mode took "0.5").
+Number = StrictFloat
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # An unknown field is a 400: a misspelt or unimplemented option must not pass unnoticed.
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: nothing to do here
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None  # the chat API's newer name for max_tokens
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=1)  # vLLM's extension
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
@@ -52,32 +75,56 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     ignore_eos: StrictBool = False  # vLLM's extension: keep going past end of text (benchmarks)
-    # Accepted only at the values that mean "off": this server does not implement them.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    # UNSUPPORTED_FIELDS: accepted only at the values that mean "off".
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    repetition_penalty: Any = None
+    min_p: Any = None
+    min_tokens: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
-    logit_bias: dict[str, float] | None = None
-    best_of: StrictInt | None = None
-    echo: StrictBool | None = None
-    suffix: str | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
+    logit_bias: Any = None
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+    stop_token_ids: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    use_beam_search: Any = None
 
-    def check_supported(self) -> None:
-        off = {"frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-               "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-               "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
-               "functions": (None, [])}
-        for name, allowed in off.items():
+    def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
+        """400 for an unimplemented option, a stop list over the limits, or text that is not
+        valid Unicode (a lone surrogate, which JSON can escape but UTF-8 cannot encode)."""
+        for name, allowed in UNSUPPORTED_FIELDS.items():
             value = getattr(self, name)
             if not any(value == a and type(value) is type(a) for a in allowed):
                 raise OpenAIError(400, f"'{name}' is not supported by this server", param=name,
                                   code="unsupported_parameter")
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
-            raise OpenAIError(400, f"'stop' holds at most {MAX_STOP_SEQUENCES} sequences", param="stop")
-        if any(s == "" for s in self.stop_list):
-            raise OpenAIError(400, "'stop' sequences must not be empty", param="stop")
+        stops = self.stop_list
+        if len(stops) > max_stops:
+            raise OpenAIError(400, f"'stop' holds at most {max_stops} sequences (--max-stop-sequences)",
+                              param="stop")
+        for stop in stops:
+            if stop == "":
+                raise OpenAIError(400, "'stop' sequences must not be empty", param="stop")
+            if max_stop_chars is not None and len(stop) > max_stop_chars:
+                raise OpenAIError(400, f"a 'stop' sequence holds at most {max_stop_chars} characters "
+                                       "(--max-stop-chars)", param="stop")
+            check_unicode(stop, "stop")
 
     @property
     def stop_list(self) -> list[str]:
@@ -90,12 +137,32 @@ class _Request(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+def check_unicode(text: str, param: str) -> None:
+    """400 unless `text` encodes as UTF-8: a lone surrogate ("\\ud800" in JSON) parses into a
+    Python str, but the tokenizer and the response writer cannot encode it."""
+    if text.isascii():  # the common case, in a fraction of the time of encoding
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpenAIError(400, f"'{param}' holds a lone surrogate (invalid Unicode)", param=param,
+                          code="invalid_unicode") from None
+
+
 class CompletionRequest(_Request):
     # OpenAI's four forms: a text, texts, token ids, lists of token ids (one prompt each).
     # Token ids are tried first, and the first form that fits wins: pydantic's default
     # ("smart") union checked every form and took 1 ms for a 4096-token history, 20x this.
     prompt: Annotated[list[StrictInt] | str | list[str] | list[list[StrictInt]],
                       Field(union_mode="left_to_right")]
+
+    def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
+        super().check_supported(max_stops, max_stop_chars)
+        for text in [self.prompt] if isinstance(self.prompt, str) else self.prompt:
+            if isinstance(text, str):
+                check_unicode(text, "prompt")
+            else:  # token ids: there is no text to check
+                break
 
 
 class ChatMessage(BaseModel):
@@ -117,9 +184,17 @@ class ChatMessage(BaseModel):
             pieces.append(part["text"])
         return "".join(pieces)
 
+    def check_unicode(self) -> None:
+        check_unicode(self.text(), "messages")
+
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+
+    def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
+        super().check_supported(max_stops, max_stop_chars)
+        for message in self.messages:
+            message.check_unicode()
 
 
 # -- responses --------------------------------------------------------------------------

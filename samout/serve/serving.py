@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
@@ -29,6 +30,15 @@ from samout.serve.timeouts import (
 
 DEFAULT_MAX_PROMPT_TOKENS = 8192
 DEFAULT_MAX_TOKENS_LIMIT = 4096
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+# Checked before tokenizing, so that a huge text costs nothing: 16 characters a token at the
+# default token limit, far more than any tokenizer's average.
+DEFAULT_MAX_PROMPT_CHARS = 16 * DEFAULT_MAX_PROMPT_TOKENS
+DEFAULT_MAX_STOP_SEQUENCES = P.MAX_STOP_SEQUENCES
+DEFAULT_MAX_STOP_CHARS = 256
+# Prompt texts longer than this are tokenized (or rendered) on a worker thread, so that the
+# event loop keeps answering others; shorter ones inline, where the thread hop would cost more.
+OFFLOAD_CHARS = 4096
 RETRY_AFTER_SECONDS = 1
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 # Deprecated, unused: a non-streaming request now learns of a vanished client at once.
@@ -65,6 +75,13 @@ class ServerSettings:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_TIMEOUT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
+    max_stop_chars: int = DEFAULT_MAX_STOP_CHARS
+    # Prompts x n a request may ask for; None: half of each model's batch slots, so that no
+    # single request can take them all.
+    max_choices: int | None = None
 
     def uvicorn_options(self) -> dict:
         """What uvicorn.Config needs to enforce the header and keep-alive timeouts."""
@@ -232,6 +249,41 @@ class OpenAIServing:
     def stop_ids(self, served: ServedModel) -> frozenset[int]:
         """The token ids that end a reply."""
         raise NotImplementedError
+
+    def check_request(self, body: P.CompletionRequest | P.ChatCompletionRequest) -> None:
+        """The checks that need no model: unsupported options, stop strings, Unicode."""
+        body.check_supported(self.settings.max_stop_sequences, self.settings.max_stop_chars)
+
+    def choice_limit(self, served: ServedModel) -> int:
+        """The most choices (prompts x n) one request may ask of `served`'s engine."""
+        engine = served.engine
+        limit = self.settings.max_choices
+        if limit is None:
+            limit = max(1, engine.max_batch // 2)
+        return min(limit, engine.max_batch + engine.max_queue)  # more could never be admitted
+
+    def check_choices(self, served: ServedModel, prompts: int, n: int) -> None:
+        """400 (not 429: waiting would not help) for a request asking more choices than allowed."""
+        limit = self.choice_limit(served)
+        if prompts * n > limit:
+            raise OpenAIError(400, f"the request asks for {prompts} prompt(s) x n={n} = {prompts * n} "
+                                   f"choices, more than this server's limit of {limit} per request "
+                                   "(--max-choices)",
+                              param="n", code="too_many_choices")
+
+    def check_prompt_chars(self, chars: int) -> None:
+        """400 for prompt text over --max-prompt-chars, before any tokenizing."""
+        if chars > self.settings.max_prompt_chars:
+            raise OpenAIError(400, f"the prompt is {chars} characters, more than this server's limit of "
+                                   f"{self.settings.max_prompt_chars} (--max-prompt-chars)",
+                              param=self.prompt_param, code="context_length_exceeded")
+
+    @staticmethod
+    async def off_loop(chars: int, work: Callable, *args):
+        """`work(*args)`, on a worker thread when the text is long enough to stall the loop."""
+        if chars > OFFLOAD_CHARS:
+            return await run_in_threadpool(work, *args)
+        return work(*args)
 
     def release_prompt(self, body: P.CompletionRequest | P.ChatCompletionRequest) -> None:
         """Drop the body's copy of the prompt once the engine holds its own."""

@@ -40,9 +40,13 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, body: P.ChatCompletionRequest,
                                      request: Request) -> dict | StreamingResponse:
-        body.check_supported()
+        self.check_request(body)
         served = self.pick_model(body.model)
-        return await self.generate(body, served, [chat_prompt(body, served)], request)
+        self.check_choices(served, 1, body.n)
+        chars = sum(len(m.text()) for m in body.messages)
+        self.check_prompt_chars(chars)
+        prompt = await self.off_loop(chars, chat_prompt, body, served)
+        return await self.generate(body, served, [prompt], request)
 
     def stop_ids(self, served: ServedModel) -> frozenset[int]:
         return served.chat_stop_ids

@@ -88,7 +88,9 @@ def test_help_lists_every_option(capsys):
     assert exit_info.value.code == 0
     for option in ("--dtype {float32,bfloat16,int8}", "--max-prompt-tokens", "--max-tokens-limit",
                    "--state-cache-mb", "--api-key", "--prefill-chunk", "127.0.0.1", "--allowed-host",
-                   "--timeout-headers", "--timeout-body", "--timeout-keep-alive"):
+                   "--timeout-headers", "--timeout-body", "--timeout-keep-alive",
+                   "--max-body-bytes", "--max-prompt-chars", "--max-stop-sequences", "--max-stop-chars",
+                   "--max-choices"):
         assert option in out, option
 
 
@@ -108,3 +110,13 @@ def test_a_timeout_must_be_positive(run_dirs, flag):
     r = subprocess.run([sys.executable, "-m", "samout", "serve", *map(str, run_dirs), flag, "0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and f"{flag} must be more than 0" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--max-body-bytes", "--max-prompt-chars", "--max-stop-sequences",
+                                  "--max-stop-chars", "--max-choices"])
+def test_a_limit_below_one_is_one_line_error(tmp_path, capsys, flag):
+    from samout.cli import main
+
+    # Checked before the run directory is even looked at.
+    assert main(["serve", str(tmp_path / "nope"), flag, "0"]) == 1
+    assert capsys.readouterr().err.strip() == f"samout serve: error: {flag} must be at least 1"

@@ -197,6 +197,23 @@ BAD_BODIES = [
     ({"prompt": {"text": "x"}}, "prompt"),
     ({"prompt": "x", "stop": [None]}, "stop"),
     ({"model": "transformer", "prompt": [1] * 20, "max_tokens": 500}, "max_tokens"),  # past 512
+    # Strict input: invalid Unicode, strings for numbers, options this server does not implement.
+    ({"prompt": "a\ud800"}, "prompt"),
+    ({"prompt": ["fine", "a\udfff b"]}, "prompt"),
+    ({"prompt": "x", "stop": ["\ud800"]}, "stop"),
+    ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ({"prompt": "x", "top_p": "0.5"}, "top_p"),
+    ({"prompt": "x", "temperature": True}, "temperature"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "tool_choice": "auto"}, "tool_choice"),
+    ({"prompt": "x", "parallel_tool_calls": True}, "parallel_tool_calls"),
+    ({"prompt": "x", "repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"prompt": "x", "min_p": 0.1}, "min_p"),
+    ({"prompt": "x", "min_tokens": 5}, "min_tokens"),
+    ({"prompt": "x", "stop_token_ids": [5]}, "stop_token_ids"),
+    ({"prompt": "x", "frequency_penalty": "0"}, "frequency_penalty"),
+    ({"prompt": "x", "no_such_option": 1}, "no_such_option"),
+    ({"prompt": "x", "\ud800": 1}, None),  # a field name that is not valid Unicode
 ]
 
 
@@ -210,6 +227,32 @@ def test_bad_completion_requests_are_openai_400s(server, body, param):
     assert error["type"] == "invalid_request_error"
     if param not in (None, "json"):
         assert error["param"] == param
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}, "temperature"),
+])
+def test_bad_chat_input_is_a_400_naming_the_field(server, body, param):
+    r = httpx.post(server + "/v1/chat/completions", content=json.dumps({"model": "samout", **body}),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+
+
+def test_what_clients_send_and_the_server_honours_is_accepted(server):
+    """Options at their "off" values, `user`, and integer numbers stay accepted."""
+    body = {"model": "samout", "prompt": "Hi", "max_tokens": 2, "temperature": 1, "top_p": 1, "user": "u-1",
+            "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"},
+            "tool_choice": "none", "stop_token_ids": [], "repetition_penalty": 1.0, "logprobs": None}
+    assert httpx.post(server + "/v1/completions", json=body).status_code == 200
+    chat = {"model": "samout", "messages": [{"role": "user", "content": "hi ✓ 中文", "name": "ann"}],
+            "max_completion_tokens": 2, "temperature": 0.5, "stream_options": None}
+    assert httpx.post(server + "/v1/chat/completions", json=chat).status_code == 200
 
 
 def test_bad_field_shapes_say_what_is_accepted(server):
