@@ -391,7 +391,7 @@ def _sweep(dirs: dict[str, Path], s: ServeBenchSettings, cache_mb: float, point_
             for history in s.histories:
                 for clients in s.clients:
                     # One client's point lasts a fraction of a second (64 tokens), so one
-                    # scheduler hiccup moves it by 10%: the median of `repeats` runs, since
+                    # scheduler hiccup moves it visibly: the median of `repeats` runs, since
                     # every "x one client" ratio divides by it.
                     runs = [point_fn(server, model, vocab, history, clients, s, rng)
                             for _ in range(s.repeats if clients == 1 else 1)]

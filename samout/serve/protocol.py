@@ -152,7 +152,8 @@ def check_unicode(text: str, param: str) -> None:
 class CompletionRequest(_Request):
     # OpenAI's four forms: a text, texts, token ids, lists of token ids (one prompt each).
     # Token ids are tried first, and the first form that fits wins: pydantic's default
-    # ("smart") union checked every form and took 1 ms for a 4096-token history, 20x this.
+    # ("smart") union checks every form, which made parsing a long history's ids dominate a
+    # cache hit's time to first token (measured in docs/benchmarks.md, "Serving").
     prompt: Annotated[list[StrictInt] | str | list[str] | list[list[StrictInt]],
                       Field(union_mode="left_to_right")]
 
