@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -94,7 +95,8 @@ def register(subparsers) -> None:
                         "of --max-batch, so that no single request can take every slot)")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level (info logs every request)")
+                   help="log level (info logs every request: uvicorn's line and samout.access's, "
+                        "with its tokens and seconds)")
     p.set_defaults(func=run)
 
 
@@ -140,6 +142,7 @@ def run(args) -> int:
                               max_stop_sequences=args.max_stop_sequences, max_stop_chars=args.max_stop_chars,
                               max_choices=args.max_choices)
     app = build_app(models, settings)
+    _show_access_log(args.log_level)
     print(f"serving {', '.join(m.name for m in models)} at http://{args.host}:{args.port} "
           f"(chat page at /, API at /v1; Ctrl-C drains and stops)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -188,3 +191,14 @@ def listen_socket(host: str, port: int) -> socket.socket:
         hint = " (is another server running there? choose another --port)" \
             if err.errno == errno.EADDRINUSE else ""
         raise SamoutError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+
+
+def _show_access_log(level: str) -> None:
+    """The `samout.access` lines (one per request) on stderr at --log-level info or below."""
+    log = logging.getLogger("samout.access")
+    log.setLevel(level.upper())
+    if not any(getattr(h, "samout_access", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        handler.samout_access = True
+        log.addHandler(handler)

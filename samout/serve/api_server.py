@@ -5,6 +5,7 @@
     GET  /static/chat.js, .css  its script and style
     GET  /health                {"status": "ok"}: liveness, open without the key
     GET  /v1/health             engine statistics, state caches, memory (behind the key)
+    GET  /metrics               Prometheus metrics (behind the key)
     GET  /v1/models
     POST /v1/completions        prompt: text, list of texts, or token ids
     POST /v1/chat/completions   messages rendered with the run's chat template
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from samout.errors import SamoutError
 from samout.procmem import memory_stats, release_free_memory, return_free_heap
 from samout.serve import protocol as P
+from samout.serve.metrics import CONTENT_TYPE, AccessLog, ServerMetrics
 from samout.serve.protocol import OpenAIError
 from samout.serve.serving import (
     DEFAULT_MAX_PROMPT_TOKENS,
@@ -64,8 +66,9 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     if not models:
         raise SamoutError("no model to serve")
     settings = settings or ServerSettings()
-    serving_completion = OpenAIServingCompletion(models, settings)
-    serving_chat = OpenAIServingChat(models, settings)
+    metrics = ServerMetrics(models)
+    serving_completion = OpenAIServingCompletion(models, settings, metrics)
+    serving_chat = OpenAIServingChat(models, settings, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -128,6 +131,8 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     if settings.api_key:
         app.add_middleware(_BearerAuth, api_key=settings.api_key)
     app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outside the key and body checks: their 401s and 413s are logged too.
+    app.add_middleware(AccessLog)
     # Added last, so outermost: a foreign Host is refused before anything else runs, and
     # every answer (a 401 or 413 too) carries the security headers.
     app.add_middleware(_Guard, allowed_hosts=settings.allowed_hosts)
@@ -159,6 +164,11 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
             release_free_memory()
         return {"status": "ok", "models": stats, "memory": memory_stats()}
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        """Prometheus' text format: behind the key when one is set; a constant per model."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [
@@ -178,7 +188,7 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
 
 
 class _BearerAuth:
-    """401 for a /v1/ request without `Authorization: Bearer KEY`. A plain ASGI middleware:
+    """401 for a /v1/ or /metrics request without `Authorization: Bearer KEY`. A plain ASGI middleware:
     Starlette's `@app.middleware("http")` (BaseHTTPMiddleware) wraps every request and kept
     its body alive as long as the stream ran."""
 
@@ -186,7 +196,7 @@ class _BearerAuth:
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] == "/metrics"):
             header = dict(scope["headers"]).get(b"authorization", b"")
             given = header[7:] if header[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, self.key):

@@ -186,6 +186,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests now, without the lock: a scrape must never wait on a step."""
+        return len(self._active), len(self._waiting)
+
     def stats(self, reset_peaks: bool = False) -> dict:
         """Counters; `reset_peaks` starts the peak figures afresh after reading them (benchmarks)."""
         with self._cond:

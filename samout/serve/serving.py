@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from samout.generation import SamplingParams
 from samout.serve import protocol as P
 from samout.serve.detokenizer import TextStream
 from samout.serve.engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
+from samout.serve.metrics import USAGE_SCOPE_KEY, ModelMetrics, ServerMetrics
 from samout.serve.protocol import OpenAIError
 from samout.serve.timeouts import (
     DEFAULT_BODY_TIMEOUT,
@@ -95,8 +97,13 @@ class Run:
     id_prefix: str  # of the response's id
 
     def __init__(self, body: P.CompletionRequest | P.ChatCompletionRequest, served: ServedModel,
-                 requests: list[GenerationRequest], queue: asyncio.Queue) -> None:
+                 requests: list[GenerationRequest], queue: asyncio.Queue, metrics: ModelMetrics | None = None,
+                 access: dict | None = None) -> None:
         self.body, self.served, self.requests, self.queue = body, served, requests, queue
+        # metrics: observed as events arrive; access: the access log's usage (metrics.py).
+        self.metrics, self.access, self._recorded = metrics, access, False
+        self.start = time.perf_counter()
+        self._last_token: list[float | None] = [None] * len(requests)
         self.rid = P.new_id(self.id_prefix)
         self.created = P.now()
         self.streams = [TextStream(served.tokenizer, body.stop_list) for _ in requests]
@@ -140,6 +147,13 @@ class Run:
             return ""
         if event[0] == "token":
             self.usage[index]["completion_tokens"] += 1
+            if self.metrics is not None:
+                now, last = time.perf_counter(), self._last_token[index]
+                if last is None:
+                    self.metrics.ttft.observe(now - self.start)
+                else:
+                    self.metrics.itl.observe(now - last)
+                self._last_token[index] = now
             text = stream.add(event[1])
             if stream.stopped:
                 self.finish[index] = "stop"
@@ -150,6 +164,22 @@ class Run:
             self.finish[index] = "stop" if stream.stopped else event[1]
             return stream.finish()
         raise OpenAIError(500, event[1], type="server_error")
+
+    def _record(self) -> None:
+        """Once, at the request's end: its usage into the counters and the access log."""
+        if self._recorded:
+            return
+        self._recorded = True
+        usage = self._total_usage()
+        if self.access is not None:
+            self.access.update(usage)
+        m = self.metrics
+        if m is not None:
+            for finish in self.finish:
+                m.success(finish or "abort")
+            m.prompt_tokens.inc(usage["prompt_tokens"])
+            m.generated_tokens.inc(usage["completion_tokens"])
+            m.e2e.observe(time.perf_counter() - self.start)
 
     # -- the two ways out ---------------------------------------------------------------------
     async def collect(self, request: Request) -> dict:
@@ -166,6 +196,7 @@ class Run:
         finally:
             watcher.cancel()
             self._abort_unfinished()
+            self._record()
         choices = [{"index": i, "text": s.text, "finish_reason": self.finish[i] or "abort"}
                    for i, s in enumerate(self.streams)]
         return self._response(choices, self._total_usage())
@@ -206,11 +237,13 @@ class Run:
                         out.append(self._text_chunk(index, text))
                 if out:
                     yield "".join(out)
+            self._record()  # before [DONE]: a client that scrapes next sees this request
             if self.body.include_usage_chunk:
                 yield sse(self._usage_chunk(self._total_usage()))
             yield "data: [DONE]\n\n"
         finally:  # also on cancellation: the client went away, free the slots now
             self._abort_unfinished()
+            self._record()
 
 
 async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
@@ -234,8 +267,9 @@ class OpenAIServing:
     default_max_tokens: int  # when the request names none
     prompt_param: str  # the field a prompt over --max-prompt-tokens is blamed on
 
-    def __init__(self, models: list[ServedModel], settings: ServerSettings) -> None:
-        self.models, self.settings = models, settings
+    def __init__(self, models: list[ServedModel], settings: ServerSettings,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.models, self.settings, self.metrics = models, settings, metrics
         self.by_name = {m.name: m for m in models}
 
     def pick_model(self, name: str | None) -> ServedModel:
@@ -334,7 +368,9 @@ class OpenAIServing:
             for r in submitted:
                 served.engine.abort(r)
             raise OpenAIError(503, str(err), type="server_error", code="shutting_down") from None
-        run = self.run_class(body, served, submitted, queue)
+        run = self.run_class(body, served, submitted, queue,
+                             None if self.metrics is None else self.metrics.models.get(served.name),
+                             request.scope.get(USAGE_SCOPE_KEY))
         # The engine holds the ids as int32. The body's list of Python ints (36 bytes a token)
         # need not live as long as the stream, nor the copies Starlette's Request caches for
         # its whole life: the raw bytes and the parsed JSON.
