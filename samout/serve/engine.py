@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from samout.errors import SamoutError
 from samout.generation import SamplingParams, sample_next
 from samout.serve.state_cache import StateCache
+from samout.serve.state_store import TieredStateCache
 from samout.state import State, StateBatch
 from samout.tokenizer import EOT_ID
 
@@ -110,7 +111,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 cache: StateCache | None = None, name: str = "model", batched_decode: bool = True,
+                 cache: StateCache | TieredStateCache | None = None, name: str = "model",
+                 batched_decode: bool = True,
                  deliver: Callable[[list[tuple[Emit, tuple]]], None] | None = None,
                  on_idle: Callable[[], None] | None = None,
                  idle_seconds: float = DEFAULT_IDLE_SECONDS) -> None:
@@ -185,6 +187,8 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.cache is not None:  # a persistent tier writes what is pending (state_store.py)
+            self.cache.close()
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests now, without the lock: a scrape must never wait on a step."""

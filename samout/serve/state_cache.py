@@ -221,6 +221,12 @@ class StateCache:
             entry = self._entries[best]
             return CacheHit(entry.length, entry.pool.read(*entry.slot))
 
+    def flush(self) -> None:
+        """Nothing to wait for: the persistent tiers' interface (state_store.py)."""
+
+    def close(self) -> None:
+        """Nothing to let go of: the persistent tiers' interface (state_store.py)."""
+
     def stats(self) -> dict:
         with self._lock:
             return {"entries": len(self._entries), "bytes": self._bytes, "budget_bytes": self.budget_bytes,
