@@ -37,7 +37,7 @@ DESCRIPTION = (
 
 def register(subparsers) -> None:
     from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
-    from samout.serve.loading import DEFAULT_STATE_CACHE_MB
+    from samout.serve.loading import DEFAULT_STATE_CACHE_DIR_MB, DEFAULT_STATE_CACHE_MB
     from samout.serve.serving import (
         DEFAULT_MAX_BODY_BYTES,
         DEFAULT_MAX_PROMPT_CHARS,
@@ -65,6 +65,18 @@ def register(subparsers) -> None:
                    help="prompt tokens fed per engine step (bounds the stall of running sequences)")
     p.add_argument("--state-cache-mb", type=float, default=DEFAULT_STATE_CACHE_MB,
                    help="byte budget of the conversation-state cache per model (0 = off)")
+    p.add_argument("--state-cache-dir", default=None, metavar="DIR",
+                   help="also keep states on disk in DIR (created 0700; one subdirectory per model): "
+                        "conversations survive a restart")
+    p.add_argument("--state-cache-dir-mb", type=float, default=DEFAULT_STATE_CACHE_DIR_MB,
+                   help="byte budget of --state-cache-dir per model; least recently used files go first")
+    p.add_argument("--state-store", default=None, metavar="URL",
+                   help="also keep states in Redis (redis://HOST:PORT/DB, redis://:PASSWORD@..., "
+                        "rediss://...), shared by every replica serving the same model; unreachable at "
+                        "start-up: error")
+    p.add_argument("--state-store-ttl", type=int, default=None, metavar="SECONDS",
+                   help="expire each state this long after it was written in --state-store (default: never; "
+                        "Redis' maxmemory policy evicts)")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
                    help="longest prompt a request may send (in tokens, after the chat template); "
                         "longer: 400")
@@ -124,7 +136,10 @@ def run(args) -> int:
     for i, run_dir in enumerate(args.run_dirs):
         served = load_served_model(run_dir, names[i] if i < len(names) else None, args.device,
                                    dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue,
-                                   prefill_chunk=args.prefill_chunk, state_cache_mb=args.state_cache_mb)
+                                   prefill_chunk=args.prefill_chunk, state_cache_mb=args.state_cache_mb,
+                                   state_cache_dir=args.state_cache_dir,
+                                   state_cache_dir_mb=args.state_cache_dir_mb, state_store=args.state_store,
+                                   state_store_ttl=args.state_store_ttl)
         if any(m.name == served.name for m in models):
             raise SamoutError(f"two models named {served.name!r}: give each a --name")
         models.append(served)

@@ -14,10 +14,11 @@ from samout.quant import DEFAULT_INFERENCE_DTYPE
 from samout.run_dir import load
 from samout.serve.api_server import ServedModel
 from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Engine
-from samout.serve.state_cache import StateCache
+from samout.serve.state_store import open_state_cache
 from samout.tokenizer import end_ids, has_chat_tokens, read_tokenizer_config
 
 DEFAULT_STATE_CACHE_MB = 256
+DEFAULT_STATE_CACHE_DIR_MB = 1024
 
 
 def chat_renderer(tokenizer, template: str | None):
@@ -35,11 +36,18 @@ def chat_renderer(tokenizer, template: str | None):
 def served_model(model, tokenizer, name: str, *, chat_template: str | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 state_cache_mb: float = DEFAULT_STATE_CACHE_MB) -> ServedModel:
-    """A model already in memory, behind a fresh (not yet started) engine."""
-    if state_cache_mb < 0:
-        raise SamoutError(f"--state-cache-mb must be >= 0, got {state_cache_mb}")
-    cache = StateCache(int(state_cache_mb * 2**20)) if state_cache_mb > 0 else None
+                 state_cache_mb: float = DEFAULT_STATE_CACHE_MB, state_cache_dir: str | Path | None = None,
+                 state_cache_dir_mb: float = DEFAULT_STATE_CACHE_DIR_MB, state_store: str | None = None,
+                 state_store_ttl: int | None = None) -> ServedModel:
+    """A model already in memory, behind a fresh (not yet started) engine. `state_cache_dir`
+    or `state_store` (a redis:// URL) add a persistent tier behind the memory cache
+    (samout.serve.state_store)."""
+    for flag, value in (("--state-cache-mb", state_cache_mb), ("--state-cache-dir-mb", state_cache_dir_mb)):
+        if value < 0:
+            raise SamoutError(f"{flag} must be >= 0, got {value}")
+    cache = open_state_cache(model, int(state_cache_mb * 2**20), directory=state_cache_dir,
+                             directory_bytes=int(state_cache_dir_mb * 2**20), url=state_store,
+                             ttl_seconds=state_store_ttl)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     cache=cache, name=name)
     render, stop_ids = chat_renderer(tokenizer, chat_template)
