@@ -81,6 +81,17 @@ class _EngineCollector:
                                      labels=["model"])
         nbytes = GaugeMetricFamily("samout_state_cache_bytes", "Bytes the state cache holds",
                                    labels=["model"])
+        # By tier (memory, disk, redis): the totals above stay as they were for dashboards.
+        tier_hits = CounterMetricFamily("samout_state_cache_tier_hits",
+                                        "State cache hits, by the tier that held the state",
+                                        labels=["model", "tier"])
+        store_errors = CounterMetricFamily("samout_state_store_errors", "Failed calls to the persistent "
+                                           "state store (each a miss, never a failed request)",
+                                           labels=["model", "store"])
+        store_corrupt = CounterMetricFamily("samout_state_store_corrupt", "Stored states that failed their "
+                                            "checks (deleted, never served)", labels=["model", "store"])
+        store_bytes = GaugeMetricFamily("samout_state_store_bytes", "Bytes the state directory holds "
+                                        "(disk store only)", labels=["model", "store"])
         for m in self.models:
             n_running, n_waiting = m.engine.load()
             running.add_metric([m.name], n_running)
@@ -90,7 +101,16 @@ class _EngineCollector:
                 hits.add_metric([m.name], cache.hits)
                 misses.add_metric([m.name], cache.misses)
                 nbytes.add_metric([m.name], cache.nbytes)
-        yield from (running, waiting, hits, misses, nbytes)
+                for tier, n in getattr(cache, "tier_hits", {"memory": cache.hits}).items():
+                    tier_hits.add_metric([m.name, tier], n)
+                store = getattr(cache, "store", None)
+                if store is not None:
+                    store_errors.add_metric([m.name, store.tier], cache.store_errors)
+                    store_corrupt.add_metric([m.name, store.tier], cache.corrupt)
+                    if store.tier == "disk":
+                        store_bytes.add_metric([m.name, store.tier], store.stats()["bytes"])
+        yield from (running, waiting, hits, misses, nbytes, tier_hits, store_errors, store_corrupt,
+                    store_bytes)
 
 
 class AccessLog:
