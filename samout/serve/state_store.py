@@ -99,6 +99,8 @@ def private_directory(path: str | Path) -> Path:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.stat()
+    except FileExistsError:  # a file, or a link to one
+        raise SamoutError(f"{path} is not a directory") from None
     except OSError as err:
         raise SamoutError(f"cannot use {path} for states: {err.strerror or err}") from None
     if not stat.S_ISDIR(info.st_mode):
