@@ -26,6 +26,7 @@ A store that fails (a Redis down, a full disk) never fails a request: the error 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -53,7 +54,9 @@ LOG = logging.getLogger("samout.serve.state_store")
 RETRY_SECONDS = 5.0  # a failed store is skipped this long before it is tried again
 WRITE_QUEUE = 256  # states waiting to be written; beyond it a put skips the store (counted)
 MAX_CANDIDATES = 512  # longest cached lengths asked about per lookup (a bound on one round trip)
-REDIS_TIMEOUT = 1.0  # seconds: connect and socket timeouts of the Redis client
+# Seconds: the Redis client's connect and socket timeouts. A lookup runs on the engine's
+# thread, so a Redis that stops answering stalls decoding this long once per RETRY_SECONDS.
+REDIS_TIMEOUT = 0.5
 FILE_SUFFIX = ".state"
 _FILE_NAME = re.compile(r"^(\d+)-([0-9a-f]{64})\.state$")
 
@@ -200,7 +203,7 @@ class DiskStateStore(StateStore):
         with self._lock:
             if key in self._index:
                 self._index.move_to_end(key)
-        os.utime(path)  # the LRU order survives a restart
+        _touch(path)  # the LRU order survives a restart
         return data
 
     def write(self, key: Key, data: bytes) -> None:
@@ -214,7 +217,7 @@ class DiskStateStore(StateStore):
             else:
                 held = False
         if held:
-            os.utime(path)
+            _touch(path)
             return
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)  # 0600
         try:
@@ -239,6 +242,12 @@ class DiskStateStore(StateStore):
         with self._lock:
             return {"entries": len(self._index), "bytes": self._bytes, "budget_bytes": self.budget_bytes,
                     "evictions": self.evictions}
+
+
+def _touch(path: Path) -> None:
+    """Mark a file used now; one evicted meanwhile (a race with the writer) is no error."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(path)
 
 
 # -- Redis -----------------------------------------------------------------------------------
