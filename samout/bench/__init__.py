@@ -1,6 +1,7 @@
 """Benchmarks behind `samout bench`: params, speed (training and decoding; --lowp: low
 precision), recall (MQAR), quality (bits per byte), chat (per-turn latency), serve (the
-HTTP server under load), mixers (fused vs reference kernels) and onnx (exported graphs).
+HTTP server under load), stores (state-cache hits per tier), mixers (fused vs reference
+kernels) and onnx (exported graphs).
 
 Every benchmark builds its models with the same classes users train (`SamOut`,
 `Transformer`) and steps them with the same optimizer (AdamW); nothing is special-cased.

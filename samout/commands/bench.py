@@ -1,4 +1,4 @@
-"""`samout bench params|speed|recall|quality|serve|chat|mixers|onnx`: every benchmark of samout.
+"""`samout bench params|speed|recall|quality|serve|stores|chat|mixers|onnx`: every benchmark of samout.
 
 speed, recall, quality and serve compare SamOut with the matched Transformer and write JSON
 and PNG plots into --out; mixers compares the fused and reference kernels; onnx measures the
@@ -14,7 +14,7 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-from samout.bench import chat, mixers, onnx_export, params, quality, recall, serve, speed
+from samout.bench import chat, mixers, onnx_export, params, quality, recall, serve, speed, stores
 
 # Benchmark name -> the module that declares its flags (`add_arguments(parser)`) and runs it
 # (`run(args) -> int`; its docstring is the benchmark's --help), and its line in `samout bench --help`.
@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, str]] = {
                    "re-prefilled"),
     "serve": (serve, "samout serve under N concurrent streaming clients: tokens/s, latency, memory; "
                      "follow-up turns with the state cache"),
+    "stores": (stores, "state-cache hits from memory, a --state-cache-dir and Redis: time to first token "
+                       "of a follow-up after a long conversation"),
     "params": (params, "parameter counts: SamOut presets vs standard and matched Transformers"),
     "mixers": (mixers, "fused vs reference mixer kernels: training speed, memory, MFU, decode latency"),
     "onnx": (onnx_export, "ONNX export: graph accuracy, int8 size and accuracy, decode latency"),
