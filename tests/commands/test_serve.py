@@ -90,7 +90,8 @@ def test_help_lists_every_option(capsys):
                    "--state-cache-mb", "--api-key", "--prefill-chunk", "127.0.0.1", "--allowed-host",
                    "--timeout-headers", "--timeout-body", "--timeout-keep-alive",
                    "--max-body-bytes", "--max-prompt-chars", "--max-stop-sequences", "--max-stop-chars",
-                   "--max-choices"):
+                   "--max-choices", "--state-cache-dir", "--state-cache-dir-mb", "--state-store",
+                   "--state-store-ttl"):
         assert option in out, option
 
 
