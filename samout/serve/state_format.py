@@ -3,6 +3,9 @@ and the model identity that keeps two models from ever sharing states.
 
     MAGIC (8) | version, header length (struct "<HI") | header (JSON) | payload | checksum (32)
 
+The header is padded with spaces so that the payload starts at a multiple of 64 bytes: a
+value read into a bytearray is used in place by the state's tensors, aligned, not copied.
+
 The header names the state's key (prefix length and BLAKE2b-256 digest of its ids), the
 dtype, the layout (per layer: (name, shape) per tensor, batch first) and the payload's
 size; the payload is the tensors' raw bytes in layout order; the checksum is BLAKE2b-256 of
@@ -27,6 +30,7 @@ MAGIC = b"SAMOUTST"
 FORMAT_VERSION = 1
 _FIXED = struct.Struct("<HI")  # version, header length
 CHECKSUM_BYTES = 32
+PAYLOAD_ALIGN = 64
 MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes per layer; more is not a state
 # The dtypes a state may hold (a name from a header is looked up here, never with getattr).
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16,
@@ -57,14 +61,16 @@ def encode_state(key: Key, state: State) -> bytes:
               "layout": [[[k, list(t.shape)] for k, t in layer.items()] for layer in state],
               "payload_bytes": sum(t.numel() for t in tensors) * tensors[0].element_size()}
     head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(len(MAGIC) + _FIXED.size + len(head)) % PAYLOAD_ALIGN)  # JSON allows the spaces
     flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
     payload = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     body = MAGIC + _FIXED.pack(FORMAT_VERSION, len(head)) + head + payload
     return body + _checksum(body)
 
 
-def decode_state(data: bytes, key: Key, device: torch.device | str = "cpu") -> State:
-    """The state in `data`, which must be the state of `key`; CorruptStateError otherwise."""
+def decode_state(data: bytes | bytearray, key: Key, device: torch.device | str = "cpu") -> State:
+    """The state in `data`, which must be the state of `key`; CorruptStateError otherwise.
+    A bytearray is used in place (the tensors keep it alive); bytes are copied once."""
     start = len(MAGIC) + _FIXED.size
     if len(data) < start + CHECKSUM_BYTES or data[:len(MAGIC)] != MAGIC:
         raise CorruptStateError("not a samout state (bad magic or too short)")
@@ -87,13 +93,18 @@ def decode_state(data: bytes, key: Key, device: torch.device | str = "cpu") -> S
         raise CorruptStateError(f"unreadable header: {type(err).__name__}") from None
     if (length, digest) != key:
         raise CorruptStateError("the header names another prefix than the key it was stored under")
-    payload = view[start + head_len:-CHECKSUM_BYTES]
+    offset = start + head_len
+    payload = view[offset:-CHECKSUM_BYTES]
     size = torch.empty(0, dtype=dtype).element_size()
     numels = [_numel(shape) for layer in layout for _, shape in layer]
     if len(payload) != payload_bytes or payload_bytes != sum(numels) * size or not layout:
         raise CorruptStateError("payload size does not match the layout")
-    # A fresh, aligned copy that the tensors own (frombuffer keeps the bytearray alive).
-    flat = torch.frombuffer(bytearray(payload), dtype=dtype) if payload_bytes else torch.empty(0, dtype=dtype)
+    if not payload_bytes:
+        flat = torch.empty(0, dtype=dtype)
+    elif isinstance(data, bytearray) and offset % PAYLOAD_ALIGN == 0:
+        flat = torch.frombuffer(data, dtype=dtype, count=payload_bytes // size, offset=offset)
+    else:  # immutable bytes, or an unaligned payload: a fresh, aligned copy the tensors own
+        flat = torch.frombuffer(bytearray(payload), dtype=dtype)
     layers, at = [], 0
     for layer in layout:
         tensors = {}

@@ -52,7 +52,10 @@ from samout.state import State
 
 LOG = logging.getLogger("samout.serve.state_store")
 RETRY_SECONDS = 5.0  # a failed store is skipped this long before it is tried again
-WRITE_QUEUE = 256  # states waiting to be written; beyond it a put skips the store (counted)
+# States waiting to be written (copies: a Transformer's KV cache at 4096 tokens is 32 MiB);
+# beyond these a put skips the store (counted).
+WRITE_QUEUE = 256
+WRITE_QUEUE_BYTES = 256 << 20
 MAX_CANDIDATES = 512  # longest cached lengths asked about per lookup (a bound on one round trip)
 # Seconds: the Redis client's connect and socket timeouts. A lookup runs on the engine's
 # thread, so a Redis that stops answering stalls decoding this long once per RETRY_SECONDS.
@@ -78,7 +81,8 @@ class StateStore:
         """Those of `keys` that are held, in the given order."""
         raise NotImplementedError
 
-    def read(self, key: Key) -> bytes | None:
+    def read(self, key: Key) -> bytes | bytearray | None:
+        """The value of `key` (a bytearray is used in place by the decoder), None if gone."""
         raise NotImplementedError
 
     def write(self, key: Key, data: bytes) -> None:
@@ -192,10 +196,10 @@ class DiskStateStore(StateStore):
         with self._lock:
             return [k for k in keys if k in self._index]
 
-    def read(self, key: Key) -> bytes | None:
+    def read(self, key: Key) -> bytearray | None:
         path = self.directory / file_name(key)
         try:
-            data = path.read_bytes()
+            data = _read_writable(path)
         except FileNotFoundError:  # evicted meanwhile, or removed by hand
             with self._lock:
                 self._drop(key)
@@ -242,6 +246,14 @@ class DiskStateStore(StateStore):
         with self._lock:
             return {"entries": len(self._index), "bytes": self._bytes, "budget_bytes": self.budget_bytes,
                     "evictions": self.evictions}
+
+
+def _read_writable(path: Path) -> bytearray:
+    """A file's bytes in a buffer the state's tensors can use as they are (no second copy)."""
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        got = f.readinto(data)
+    return data if got == len(data) else data[:got]
 
 
 def _touch(path: Path) -> None:
@@ -344,7 +356,7 @@ class TieredStateCache:
     lookup, stats, hits, misses, nbytes), so the engine takes either. Thread-safe."""
 
     def __init__(self, memory: StateCache, store: StateStore, device: torch.device | str = "cpu",
-                 write_queue: int = WRITE_QUEUE) -> None:
+                 write_queue: int = WRITE_QUEUE, write_queue_bytes: int = WRITE_QUEUE_BYTES) -> None:
         self.memory, self.store, self.device = memory, store, torch.device(device)
         self.tier_hits: Counter[str] = Counter({"memory": 0, store.tier: 0})
         self.misses = 0
@@ -352,6 +364,7 @@ class TieredStateCache:
         self._down_until = 0.0
         self._lock = threading.Lock()  # the counters and the outage state
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
+        self._pending_bytes, self.write_queue_bytes = 0, write_queue_bytes
         self._writer = threading.Thread(target=self._write_loop, name="samout-state-writer", daemon=True)
         self._writer.start()
         self._closed = False
@@ -417,13 +430,23 @@ class TieredStateCache:
             with self._lock:
                 self.store_skipped += 1
             return stored
-        key = prefix_key(ids)
-        data = encode_state(key, state)  # a copy now: the engine goes on with `state`
+        # A plain copy now (the engine goes on with `state`); the bytes and their checksum are
+        # made on the writer thread: encoding a 32 MiB KV cache here delayed the first token.
+        size = state.nbytes
+        with self._lock:
+            full = self._pending_bytes + size > self.write_queue_bytes
+            if full:
+                self.store_skipped += 1
+            else:
+                self._pending_bytes += size
+        if full:
+            return stored
         try:
-            self._queue.put_nowait((key, data))
+            self._queue.put_nowait((prefix_key(ids), state.clone(), size))
         except queue.Full:
             with self._lock:
                 self.store_skipped += 1
+                self._pending_bytes -= size
         return stored
 
     def _write_loop(self) -> None:
@@ -432,7 +455,17 @@ class TieredStateCache:
             try:
                 if item is None:
                     return
-                if self._call(self.store.write, *item, default=False) is not False:
+                key, state, size = item
+                try:
+                    data = encode_state(key, state)
+                except ValueError as err:  # a state this format cannot hold: memory only
+                    LOG.warning("state not stored: %s", err)
+                    continue
+                finally:
+                    del state
+                    with self._lock:
+                        self._pending_bytes -= size
+                if self._call(self.store.write, key, data, default=False) is not False:
                     with self._lock:
                         self.writes += 1
             finally:

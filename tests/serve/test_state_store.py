@@ -46,6 +46,12 @@ def test_format_round_trips_bit_for_bit_and_refuses_damage(dtype):
     state, key = _state(1.5, dtype=dtype), prefix_key([1, 2, 3])
     data = encode_state(key, state)
     assert decode_state(data, key).equal(state)
+    in_place = bytearray(data)  # a disk read: the tensors use these bytes, aligned, not a copy
+    decoded = decode_state(in_place, key)
+    assert decoded.equal(state)
+    assert decoded[0]["running_max"].data_ptr() % 8 == 0  # as aligned as the buffer (malloc)
+    in_place[len(data) - 40] ^= 1  # the tensors really are views of it
+    assert not decoded.equal(state)
     with pytest.raises(CorruptStateError, match="another prefix"):
         decode_state(data, prefix_key([1, 2, 4]))
     with pytest.raises(CorruptStateError, match="checksum"):
@@ -157,6 +163,19 @@ def test_a_failing_disk_is_a_miss_not_an_error(tmp_path, caplog):
     assert cache.store_errors == 1 and cache.store_skipped >= 1
     assert len([r for r in caplog.records if "failed" in r.getMessage()]) == 1
     assert cache.lookup([7, 8, 1]).length == 2  # memory still serves
+
+
+def test_writes_beyond_the_queue_budget_are_skipped_not_queued(tmp_path):
+    state = _state(1.0)
+    cache = TieredStateCache(StateCache(1 << 20), DiskStateStore(tmp_path, 1 << 20),
+                             write_queue_bytes=state.nbytes)
+    cache.put([1], state)
+    cache.put([2], state)  # may find the first still queued
+    cache.flush()
+    cache.put([3], state)
+    cache.close()
+    assert cache.writes + cache.store_skipped == 3 and cache.writes >= 2
+    assert cache.lookup([2, 5]).length == 1  # memory holds every one
 
 
 # -- Redis ----------------------------------------------------------------------------------------
