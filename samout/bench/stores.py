@@ -198,34 +198,51 @@ def run_stores_bench(s: StoresBenchSettings, command: str, state_cache_dir: str 
             history = [rng.randrange(vocab) for _ in range(s.history)]
             follow_ups = [history + [rng.randrange(vocab) for _ in range(s.follow_up_tokens)]
                           for _ in range(s.repeats + 1)]  # the first is a warm-up
-            for tier in s.tiers:
-                if tier == "redis" and url is None:
-                    results["points"].append({"model": name, "tier": tier, "skipped": "no redis-server"})
-                    continue
-                directory = Path(state_cache_dir or scratch) / f"{name}-{time.monotonic_ns()}"
-                cache = _cache(tier, directory, url, f"samout-bench:{time.monotonic_ns()}:")
-                engine = Engine(model, cache=cache, prefill_chunk=DEFAULT_PREFILL_CHUNK, name=name).start()
-                try:
-                    _ttft(engine, history)
-                    if cache is not None:
-                        cache.flush()
-                    ttfts = [_ttft(engine, f) for f in follow_ups][1:]
-                    lookups, state_bytes = [], None
-                    if cache is not None:
-                        for f in follow_ups[1:]:
-                            start = time.perf_counter()
-                            hit = cache.lookup(f)
-                            lookups.append(time.perf_counter() - start)
-                            if hit is None or hit.length < s.history:
-                                raise SamoutError(f"{tier}: the follow-up missed the history's state")
-                        state_bytes = len(encode_state((hit.length, b"\0" * 32), hit.state))
-                finally:
-                    engine.shutdown()
-                results["points"].append({"model": name, "tier": tier, "ttft_s": median(ttfts),
-                                          "ttfts_s": ttfts,
-                                          "lookup_s": median(lookups) if lookups else None,
-                                          "state_bytes": state_bytes})
+            results["points"] += _measure(s, name, model, history, follow_ups, url,
+                                          Path(state_cache_dir or scratch))
     return results
+
+
+def _measure(s: StoresBenchSettings, name: str, model: torch.nn.Module, history: list[int],
+             follow_ups: list[list[int]], url: str | None, root: Path) -> list[dict[str, Any]]:
+    """One model's points: an engine per tier sees `history`, then the follow-ups."""
+    points, engines = [], {}
+    try:
+        for tier in s.tiers:
+            if tier == "redis" and url is None:
+                points.append({"model": name, "tier": tier, "skipped": "no redis-server"})
+                continue
+            cache = _cache(tier, root / f"{name}-{time.monotonic_ns()}", url,
+                           f"samout-bench:{time.monotonic_ns()}:")
+            engines[tier] = Engine(model, cache=cache, prefill_chunk=DEFAULT_PREFILL_CHUNK, name=name).start()
+            _ttft(engines[tier], history)
+            if cache is not None:
+                cache.flush()
+        # The tiers take turns, so that a noisy moment on a shared machine hits them alike;
+        # each store's writes finish (untimed) before the next tier's turn.
+        ttfts: dict[str, list[float]] = {tier: [] for tier in engines}
+        for follow_up in follow_ups:
+            for tier, engine in engines.items():
+                ttfts[tier].append(_ttft(engine, follow_up))
+                if engine.cache is not None:
+                    engine.cache.flush()
+        for tier, engine in engines.items():
+            lookups, state_bytes = [], None
+            if engine.cache is not None:
+                for follow_up in follow_ups[1:]:
+                    start = time.perf_counter()
+                    hit = engine.cache.lookup(follow_up)
+                    lookups.append(time.perf_counter() - start)
+                    if hit is None or hit.length < s.history:
+                        raise SamoutError(f"{tier}: the follow-up missed the history's state")
+                state_bytes = len(encode_state((hit.length, b"\0" * 32), hit.state))
+            points.append({"model": name, "tier": tier, "ttft_s": median(ttfts[tier][1:]),
+                           "ttfts_s": ttfts[tier][1:], "lookup_s": median(lookups) if lookups else None,
+                           "state_bytes": state_bytes})
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    return points
 
 
 def format_stores(results: dict[str, Any]) -> str:
