@@ -144,8 +144,10 @@ def run(args) -> int:
             raise SamoutError(f"two models named {served.name!r}: give each a --name")
         models.append(served)
         chat = "chat template" if served.render_chat else "no chat template"
+        store = getattr(served.engine.cache, "store", None)
+        states = "" if store is None else f", states also in {store.describe()}"
         print(f"loaded {served.name} from {run_dir} ({type(served.engine.model).__name__}, "
-              f"{served.dtype}, {chat})",
+              f"{served.dtype}, {chat}{states})",
               file=sys.stderr)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServerSettings(max_prompt_tokens=args.max_prompt_tokens,

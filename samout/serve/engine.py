@@ -4,8 +4,10 @@
 Each iteration of the loop:
   1. drops cancelled requests (a client that went away frees its slot at once);
   2. admits waiting requests up to `max_batch` active ones, resuming each from the
-     longest cached prefix of its prompt (`StateCache`) when there is one (states are
-     saved when a prompt is in and when a request leaves);
+     longest cached prefix of its prompt (`StateCache`, or a `TieredStateCache` with a
+     disk or Redis store behind it: its I/O runs here, on the engine's thread, never on
+     the server's event loop) when there is one (states are saved when a prompt is in and
+     when a request leaves);
   3. feeds at most `prefill_chunk` prompt tokens of newcomers (chunked prefill, so a long
      prompt never stalls the sequences that are already decoding for more than one chunk),
      chunks of equal length whose states stack in one batched call;
