@@ -130,6 +130,12 @@ def run(args) -> int:
             raise SamoutError(f"--{label.replace('_', '-')} must be more than 0")
     if not 1 <= args.port < 65536:
         raise SamoutError(f"--port must lie in [1, 65535], got {args.port}")
+    if args.state_store is not None:  # before the (slow) model loading, like the port
+        from samout.serve.state_store import check_redis_url
+
+        check_redis_url(args.state_store)
+        if args.state_cache_dir is not None:
+            raise SamoutError("give --state-cache-dir or --state-store, not both")
     # Bound before the (slow) model loading: a port in use is a one-line error at once.
     sock = listen_socket(args.host, args.port)
     models = []

@@ -44,6 +44,18 @@ def test_port_in_use_is_one_line_error_before_loading(run_dirs):
         "(is another server running there? choose another --port)"]
 
 
+@pytest.mark.parametrize("url, message", [
+    ("http://127.0.0.1:6379", "--state-store must be redis://HOST:PORT/DB"),
+    ("redis://127.0.0.1:{port}/0", "cannot reach the state store redis://127.0.0.1:{port}/0")])
+def test_a_bad_or_unreachable_state_store_is_one_line_error(run_dirs, url, message):
+    port = free_port()  # nothing listens there
+    r = subprocess.run([sys.executable, "-m", "samout", "serve", str(run_dirs[0]), "--port", str(free_port()),
+                        "--state-store", url.format(port=port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("samout serve: error: " + message.format(port=port)), last
+
+
 def test_serve_then_sigint_drains_and_exits_cleanly(run_dirs):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "samout", "serve", *map(str, run_dirs),
