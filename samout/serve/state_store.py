@@ -458,8 +458,10 @@ class TieredStateCache:
                 key, state, size = item
                 try:
                     data = encode_state(key, state)
-                except ValueError as err:  # a state this format cannot hold: memory only
-                    LOG.warning("state not stored: %s", err)
+                except Exception as err:  # e.g. a dtype this format cannot hold: memory only
+                    with self._lock:
+                        self.store_errors += 1
+                    LOG.warning("state not stored: %s: %s", type(err).__name__, err)
                     continue
                 finally:
                     del state
@@ -494,7 +496,14 @@ class TieredStateCache:
         ids = _ids_array(tokens)
         hit = self.memory.lookup(ids)
         floor = 0 if hit is None else hit.length
-        found = self._store_lookup(ids, floor)
+        try:
+            found = self._store_lookup(ids, floor)
+        except Exception as err:  # never let the store fail the engine's iteration (every request)
+            with self._lock:
+                self.store_errors += 1
+            LOG.warning("state store %s: lookup failed: %s: %s", self.store.describe(),
+                        type(err).__name__, err)
+            found = None
         if found is not None:
             self.memory.put(ids[:found.length], found.state)  # promoted: the next turn is a memory hit
             with self._lock:

@@ -178,6 +178,21 @@ def test_writes_beyond_the_queue_budget_are_skipped_not_queued(tmp_path):
     assert cache.lookup([2, 5]).length == 1  # memory holds every one
 
 
+def test_an_unexpected_store_error_is_a_miss_not_an_engine_failure(tmp_path, monkeypatch):
+    cache = _disk_cache(tmp_path, memory=1 << 20)
+    cache.put([1, 2], _state(1.0))
+    cache.flush()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(state_store, "decode_state", broken)
+    fresh = _disk_cache(tmp_path)
+    assert fresh.lookup([1, 2, 3]) is None and fresh.store_errors == 1
+    assert cache.lookup([1, 2, 3]).length == 2  # memory is not affected
+    assert (tmp_path / file_name(prefix_key([1, 2]))).exists()  # not corrupt: kept
+
+
 # -- Redis ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
