@@ -100,8 +100,8 @@ class StateStore:
 
 # -- disk ------------------------------------------------------------------------------------
 def private_directory(path: str | Path) -> Path:
-    """`path`, created 0700 if missing; a SamoutError when it is not a directory or belongs
-    to another user (whose files this server would serve as states)."""
+    """`path`, created 0700 if missing; a SamoutError when it is not a directory, belongs to
+    another user, or others may write into it (their files would be served as states)."""
     path = Path(path)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -114,6 +114,9 @@ def private_directory(path: str | Path) -> Path:
         raise SamoutError(f"{path} is not a directory")
     if info.st_uid != os.getuid():
         raise SamoutError(f"{path} belongs to another user (uid {info.st_uid}); give a directory of your own")
+    if info.st_mode & 0o022:
+        raise SamoutError(f"{path} is writable by other users; give a directory of your own "
+                          f"(or chmod go-w {path})")
     return path
 
 

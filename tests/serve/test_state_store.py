@@ -146,6 +146,11 @@ def test_a_directory_of_another_user_is_refused(tmp_path, monkeypatch):
     with pytest.raises(SamoutError, match="belongs to another user"):
         DiskStateStore(tmp_path, 1 << 20)
     monkeypatch.undo()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(SamoutError, match="writable by other users"):
+        DiskStateStore(shared, 1 << 20)
     (tmp_path / "file").write_text("")
     with pytest.raises(SamoutError, match="not a directory"):
         DiskStateStore(tmp_path / "file", 1 << 20)
