@@ -50,10 +50,12 @@ from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
 from samout.generation import SamplingParams
 from samout.models.transformer_config import match_transformer_to
+from samout.serve.disk_state_store import DiskStateStore
 from samout.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
+from samout.serve.redis_state_store import RedisStateStore
 from samout.serve.state_cache import StateCache
 from samout.serve.state_format import encode_state
-from samout.serve.state_store import DiskStateStore, RedisStateStore, TieredStateCache
+from samout.serve.state_store import TieredStateCache
 
 TIERS = ("none", "memory", "disk", "redis")
 MODELS = ("samout", "transformer")

@@ -131,7 +131,7 @@ def run(args) -> int:
     if not 1 <= args.port < 65536:
         raise SamoutError(f"--port must lie in [1, 65535], got {args.port}")
     if args.state_store is not None:  # before the (slow) model loading, like the port
-        from samout.serve.state_store import check_redis_url
+        from samout.serve.redis_state_store import check_redis_url
 
         check_redis_url(args.state_store)
         if args.state_cache_dir is not None:

@@ -1,10 +1,13 @@
-"""A run directory -> a `ServedModel`: the model loaded once, its engine, its tokenizer and,
-when the run has a chat template, the renderer of chat messages to prompt ids."""
+"""A run directory -> a `ServedModel`: the model loaded once, its engine (with its state
+cache and the store behind it the flags name), its tokenizer and, when the run has a chat
+template, the renderer of chat messages to prompt ids."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import torch
 
 from samout.chat.template import DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, render_ids
 from samout.errors import SamoutError
@@ -13,8 +16,12 @@ from samout.models.transformer import Transformer
 from samout.quant import DEFAULT_INFERENCE_DTYPE
 from samout.run_dir import load
 from samout.serve.api_server import ServedModel
+from samout.serve.disk_state_store import DiskStateStore, private_directory
 from samout.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Engine
-from samout.serve.state_store import open_state_cache
+from samout.serve.redis_state_store import RedisStateStore, check_redis_url, redacted
+from samout.serve.state_cache import StateCache
+from samout.serve.state_format import model_fingerprint
+from samout.serve.state_store import StateStore, TieredStateCache
 from samout.tokenizer import end_ids, has_chat_tokens, read_tokenizer_config
 
 DEFAULT_STATE_CACHE_MB = 256
@@ -31,6 +38,34 @@ def chat_renderer(tokenizer, template: str | None):
         return render_ids(tokenizer, messages, add_generation_prompt=True, template=template)
 
     return render, end_ids(tokenizer) | {end_of_turn_ids(tokenizer, template)[0]}
+
+
+def open_state_cache(model: torch.nn.Module, budget_bytes: int, *, directory: str | Path | None = None,
+                     directory_bytes: int = 0, url: str | None = None,
+                     ttl_seconds: int | None = None) -> StateCache | TieredStateCache | None:
+    """The state cache of one served model: the memory LRU alone (None when its budget is 0
+    and no store is named), or with a disk (`directory`) or Redis (`url`) tier behind it.
+    Stores are keyed by the model's fingerprint. A Redis that cannot be reached at start-up is
+    a SamoutError (a misconfiguration is found at once; one that fails later is logged)."""
+    if directory is not None and url is not None:
+        raise SamoutError("give --state-cache-dir or --state-store, not both")
+    if directory is None and url is None:
+        return StateCache(budget_bytes) if budget_bytes > 0 else None
+    if url is not None:
+        check_redis_url(url)
+    fingerprint = model_fingerprint(model)
+    device = next(model.parameters()).device
+    if directory is not None:
+        store: StateStore = DiskStateStore(private_directory(directory) / fingerprint, directory_bytes)
+    else:
+        store = RedisStateStore(url, f"samout:state:{fingerprint}:", ttl_seconds)
+        try:
+            store.ping()
+        except Exception as err:
+            store.close()
+            raise SamoutError(f"cannot reach the state store {redacted(url)}: {type(err).__name__}: {err}") \
+                from None
+    return TieredStateCache(StateCache(budget_bytes), store, device)
 
 
 def served_model(model, tokenizer, name: str, *, chat_template: str | None = None,

@@ -18,17 +18,13 @@ import redis
 import torch
 
 from samout.errors import SamoutError
-from samout.serve import state_store
-from samout.serve.loading import served_model
+from samout.serve import disk_state_store, state_store
+from samout.serve.disk_state_store import DiskStateStore, file_name
+from samout.serve.loading import open_state_cache, served_model
+from samout.serve.redis_state_store import RedisStateStore
 from samout.serve.state_cache import StateCache, prefix_key
 from samout.serve.state_format import CorruptStateError, decode_state, encode_state, model_fingerprint
-from samout.serve.state_store import (
-    DiskStateStore,
-    RedisStateStore,
-    TieredStateCache,
-    file_name,
-    open_state_cache,
-)
+from samout.serve.state_store import TieredStateCache
 from samout.state import State
 from tests.serve.serve_fixtures import free_port, running_server
 
@@ -142,7 +138,7 @@ def test_disk_budget_evicts_the_least_recently_used_files(tmp_path):
 
 def test_a_directory_of_another_user_is_refused(tmp_path, monkeypatch):
     uid = os.getuid()
-    monkeypatch.setattr(state_store.os, "getuid", lambda: uid + 1)
+    monkeypatch.setattr(disk_state_store.os, "getuid", lambda: uid + 1)
     with pytest.raises(SamoutError, match="belongs to another user"):
         DiskStateStore(tmp_path, 1 << 20)
     monkeypatch.undo()
