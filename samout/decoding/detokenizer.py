@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 from collections import deque
 
+from samout.tokenizer import _byte_decoder
+
 MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 bytes, so at most 4 byte-level tokens
 
 
@@ -130,3 +132,16 @@ class TextStream:
         if out:
             self.released.append(out)
         return out
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The bytes token `token` stands for: exact for a byte-level BPE (a token may hold part of
+    a character), else the UTF-8 of its decoded text; a special token's own text."""
+    piece = tokenizer.id_to_token(token) if hasattr(tokenizer, "id_to_token") else None
+    if piece is None:
+        return tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+    decoder = _byte_decoder()
+    byte_level = type(getattr(tokenizer, "decoder", None)).__name__ == "ByteLevel"
+    if byte_level and all(ch in decoder for ch in piece):
+        return bytes(decoder[ch] for ch in piece)
+    return tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")

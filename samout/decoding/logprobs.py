@@ -18,7 +18,7 @@ from torch import Tensor
 
 class TokenLogprob(NamedTuple):
     token: int
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (nothing before it to score it)
     top: list[tuple[int, float]]  # the `n` most likely tokens (id, logprob), most likely first
 
 

@@ -28,7 +28,7 @@ with `deliver` set (the HTTP server sets it), handed over as one list per loop i
 `deliver([(emit, event), ...])` (one wake-up of the server's event loop per step, not one per
 token per client):
   ("admitted", cached_tokens)        the request got a slot (resuming after cached_tokens)
-  ("prompt_logprobs", [lp, ...])     the prompt's tokens' `TokenLogprob`s (None for the first),
+  ("prompt_logprobs", [lp, ...])     the prompt's tokens' `TokenLogprob`s (the first's logprob None),
                                      before any token, when the request asked (`prompt_logprobs`)
   ("token", id)                      a new token; ("token", id, logprob) when the request's
                                      params ask for logprobs (a `TokenLogprob`)
@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from samout.decoding.constraint import TokenConstraint
-from samout.decoding.logprobs import token_logprobs
+from samout.decoding.logprobs import TokenLogprob, token_logprobs
 from samout.decoding.params import SamplingParams
 from samout.decoding.sampler import RowSampler, sample
 from samout.errors import SamoutError
@@ -368,8 +368,8 @@ class Engine:
         rows = logits[:-1].float().cpu()
         if seq.logits is not None:
             rows = torch.cat([seq.logits.float().cpu().unsqueeze(0), rows])
-        elif not seq.prompt_lps:
-            seq.prompt_lps.append(None)
+        elif not seq.prompt_lps:  # the prompt's first token: nothing to score it with
+            seq.prompt_lps.append(TokenLogprob(int(chunk[0]), None, []))
         targets = chunk.tolist()[len(chunk) - rows.shape[0]:]
         seq.prompt_lps.extend(token_logprobs(rows, targets, [n] * len(targets)))
         if len(seq.pending) == 0:
