@@ -145,3 +145,19 @@ def test_stop_token_ids_and_logit_bias(serve_models, server):
     held = post(server, "/v1/completions", {**base, "logit_bias": {"65": 100}, "stop_token_ids": [65],
                                             "min_tokens": 5})
     assert held["choices"][0]["finish_reason"] == "length" and held["usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_streamed_echo_equals_the_whole_answer(server, max_tokens):
+    body = {"model": "samout", "prompt": "Hello there", "max_tokens": max_tokens, "echo": True, "logprobs": 1,
+            "temperature": 0, "n": 2}
+    whole = post(server, "/v1/completions", body)["choices"]
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for choice in whole:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert choice["text"].startswith("Hello there")
+        tokens = [t for c in mine if c["logprobs"] for t in c["logprobs"]["tokens"]]
+        assert tokens == choice["logprobs"]["tokens"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
