@@ -70,3 +70,31 @@ def test_generate_text_from_a_run(trained_run):
     assert isinstance(a, str) and a
     assert a != generate(model, tokenizer, "To be", max_new_tokens=12, seed=2)
     assert generate(model, tokenizer, "To be", max_new_tokens=0) == ""
+
+
+def test_generate_prints_logprobs(trained_run, capsys):
+    import json
+
+    from samout.cli import main
+    from samout.decoding.logprobs import token_logprob_ref
+    from samout.generation import encode_prompt, stream_logprobs
+
+    args = ["generate", str(trained_run), "--prompt", "To be", "--max-new-tokens", "6", "--temperature", "0",
+            "--logprobs", "3"]
+    assert main(args + ["--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tokens, end = lines[:-1], lines[-1]
+    model, tokenizer = load_for_generation(trained_run)
+    ids = encode_prompt(tokenizer, "To be")
+    want = list(stream_logprobs(model, ids, SamplingParams(max_new_tokens=6, temperature=0, logprobs=3)))
+    assert [t["token"] for t in tokens] == [t for t, _ in want]
+    assert end["text"] == generate(model, tokenizer, "To be", max_new_tokens=6, temperature=0)
+    for line in tokens:  # the raw distribution's, greedy: the token is the most likely
+        assert len(line["top_logprobs"]) == 3 and line["top_logprobs"][0]["token"] == line["token"]
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids + [t for t, _ in want][:-1]]))
+    ref = token_logprob_ref(logits[0, -1], want[-1][0], 3)
+    assert tokens[-1]["logprob"] == pytest.approx(ref.logprob, abs=1e-5)
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "logprob" in table and len(table.splitlines()) >= 6 + 2

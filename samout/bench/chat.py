@@ -23,7 +23,7 @@ import torch
 from samout.bench.common import header_line, run_header, write_json
 from samout.chat.conversation import Conversation
 from samout.chat.template import load_chat_template, render_ids
-from samout.generation import sample_next
+from samout.decoding.sampler import RowSampler, sample_one
 
 
 def _random_run(hidden: int, layers: int, heads: int):
@@ -68,7 +68,7 @@ def run_bench(model, tokenizer, template: str, turns: int, message_tokens: int, 
             t0 = time.perf_counter()
             ids = render_ids(tokenizer, messages + [{"role": "user", "content": text}], True, template)
             logits, _ = model(torch.tensor([ids]))
-            sample_next(logits[0, -1], torch.tensor(ids), chat.params)
+            sample_one(logits[0, -1], RowSampler(chat.params, prompt=ids))
             prefill[k].append(time.perf_counter() - t0)
             history_tokens[k] = len(ids)
             # samout chat: the new message only, on top of the state.

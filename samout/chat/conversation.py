@@ -35,9 +35,11 @@ from samout.chat.template import (
     render_text,
     turn_text,
 )
+from samout.decoding.detokenizer import TextStream
+from samout.decoding.sampler import RowSampler, sample_one
 from samout.errors import SamoutError
 from samout.files import atomic_write
-from samout.generation import SamplingParams, sample_next
+from samout.generation import SamplingParams
 from samout.run_dir import load
 from samout.state import State
 from samout.tokenizer import end_ids
@@ -113,18 +115,20 @@ class Conversation:
         self.last_fed = self.turn_ids(message)
         logits = self._feed(self.last_fed)
         self.transcript.append({"role": "user", "content": message})
-        seen = torch.tensor(self.last_fed, dtype=torch.long)
+        row = RowSampler(params, prompt=self.last_fed, stop_ids=self.stop_ids, generator=generator)
         reply: list[int] = []
         self.last_ended = False
         for _ in range(params.max_new_tokens):
-            token = sample_next(logits.cpu(), seen, params, generator)
-            if token in self.stop_ids:
+            token, _ = sample_one(logits.cpu(), row)
+            if token in self.stop_ids:  # a reply always ends at <|end|> (or end of text)
                 self.last_ended = token == self.end_id
                 break
+            row.accept(token)
             reply.append(token)
             yield token
-            seen = torch.cat([seen, torch.tensor([token])])
             logits = self._feed([token])
+            if row.finished:
+                break
         self._feed(self.close_ids)  # close the turn as the template does
         self.last_reply_ids = reply
         self.transcript.append({"role": "assistant",
@@ -132,15 +136,14 @@ class Conversation:
 
     def send(self, message: str, **sampling) -> Iterator[str]:
         """Yield the reply as text pieces (waiting where a UTF-8 character spans tokens)."""
-        pending: list[int] = []
+        text = TextStream(self.tokenizer)
         for token in self.send_ids(message, **sampling):
-            pending.append(token)
-            text = self.tokenizer.decode(pending, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):
-                yield text
-                pending = []
-        if pending:
-            yield self.tokenizer.decode(pending, skip_special_tokens=True)
+            piece = text.add(token)
+            if piece:
+                yield piece
+        piece = text.finish()
+        if piece:
+            yield piece
 
     def reply(self, message: str, **sampling) -> str:
         return "".join(self.send(message, **sampling))

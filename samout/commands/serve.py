@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     from samout.serve.loading import DEFAULT_STATE_CACHE_DIR_MB, DEFAULT_STATE_CACHE_MB
     from samout.serve.serving import (
         DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_LOGPROBS,
         DEFAULT_MAX_PROMPT_CHARS,
         DEFAULT_MAX_PROMPT_TOKENS,
         DEFAULT_MAX_STOP_CHARS,
@@ -102,6 +103,9 @@ def register(subparsers) -> None:
                    help="most stop strings a request may send; more: 400")
     p.add_argument("--max-stop-chars", type=int, default=DEFAULT_MAX_STOP_CHARS,
                    help="longest stop string, in characters; longer: 400")
+    p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
+                   help="most top logprobs a request may ask for (completions' logprobs, chat's "
+                        "top_logprobs); more: 400")
     p.add_argument("--max-choices", type=int, default=None,
                    help="most choices (prompts x n) one request may ask for; more: 400 (default: half "
                         "of --max-batch, so that no single request can take every slot)")
@@ -122,7 +126,7 @@ def run(args) -> int:
     if len(names) > len(args.run_dirs):
         raise SamoutError(f"{len(names)} --name values for {len(args.run_dirs)} run directories")
     for label in ("max_batch", "prefill_chunk", "max_prompt_tokens", "max_tokens_limit", "max_body_bytes",
-                  "max_prompt_chars", "max_stop_sequences", "max_stop_chars", "max_choices"):
+                  "max_prompt_chars", "max_stop_sequences", "max_stop_chars", "max_choices", "max_logprobs"):
         if getattr(args, label) is not None and getattr(args, label) < 1:
             raise SamoutError(f"--{label.replace('_', '-')} must be at least 1")
     for label in ("timeout_headers", "timeout_body", "timeout_keep_alive"):
@@ -163,7 +167,7 @@ def run(args) -> int:
                               keep_alive_timeout=args.timeout_keep_alive,
                               max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                               max_stop_sequences=args.max_stop_sequences, max_stop_chars=args.max_stop_chars,
-                              max_choices=args.max_choices)
+                              max_choices=args.max_choices, max_logprobs=args.max_logprobs)
     app = build_app(models, settings)
     _show_access_log(args.log_level)
     print(f"serving {', '.join(m.name for m in models)} at http://{args.host}:{args.port} "

@@ -11,9 +11,10 @@ Each iteration of the loop:
   3. feeds at most `prefill_chunk` prompt tokens of newcomers (chunked prefill, so a long
      prompt never stalls the sequences that are already decoding for more than one chunk),
      chunks of equal length whose states stack in one batched call;
-  4. samples the next token of every sequence whose prompt is in (each request has its own
-     `torch.Generator`, so seeded sampling gives the same tokens batched or alone), and
-     feeds all the new tokens in ONE batched one-token model call.
+  4. samples the next token of every sequence whose prompt is in, in one call of the
+     decoding core (samout.decoding.sampler: per-row settings, penalties, grammar masks; each
+     request has its own `torch.Generator`, so seeded sampling gives the same tokens batched
+     or alone), and feeds all the new tokens in ONE batched one-token model call.
 
 How states go into one batched step is the model's business (`model.state_batch`, a
 `samout.state.StateBatch`): SamOut's fixed-size states are concatenated along the batch
@@ -29,7 +30,12 @@ with `deliver` set (the HTTP server sets it), handed over as one list per loop i
 `deliver([(emit, event), ...])` (one wake-up of the server's event loop per step, not one per
 token per client):
   ("admitted", cached_tokens)        the request got a slot (resuming after cached_tokens)
-  ("token", id)                      a new token
+  ("prompt_logprobs", [lp, ...])     the prompt's tokens' `TokenLogprob`s (the first's logprob None),
+                                     before any token, when the request asked (`prompt_logprobs`)
+  ("token", id)                      a new token; ("token", id, logprob) when the request's
+                                     params ask for logprobs (a `TokenLogprob`)
+  ("stop_token", id, logprob)        the stop token that ended the reply (not part of it), only
+                                     when the request asked for logprobs
   ("finish", reason, usage)          reason "stop" (end of text) or "length"; usage counts
   ("error", message)                 the model call failed (the engine keeps running)
 
@@ -53,8 +59,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from samout.decoding.constraint import TokenConstraint
+from samout.decoding.logprobs import TokenLogprob, token_logprobs
+from samout.decoding.params import SamplingParams
+from samout.decoding.sampler import RowSampler, sample
 from samout.errors import SamoutError
-from samout.generation import SamplingParams, sample_next
 from samout.serve.state_cache import StateCache
 from samout.serve.state_store import TieredStateCache
 from samout.state import State, StateBatch
@@ -83,6 +92,10 @@ class GenerationRequest:
     params: SamplingParams
     emit: Callable[[tuple], None]
     stop_ids: frozenset[int] = frozenset({EOT_ID})  # end of text (and e.g. <|end|> for chat)
+    constraint: TokenConstraint | None = None  # a grammar (structured output)
+    # The prompt's tokens' logprobs with this many top tokens (echo); None: not asked. Such a
+    # request is prefilled with every position's logits, and never from the state cache.
+    prompt_logprobs: int | None = None
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -90,13 +103,14 @@ class GenerationRequest:
 @dataclass(eq=False)
 class _Sequence:
     request: GenerationRequest
-    generator: torch.Generator
+    sampler: RowSampler
     pending: np.ndarray  # prompt tokens not yet fed (a view of the prompt)
     fed: array  # int32 ids the state has seen (array("i"): 4 bytes a token, appends in place)
     state: State | None = None
     logits: Tensor | None = None  # [vocab] next-token logits after `fed`
     generated: int = 0
     cached_tokens: int = 0
+    prompt_lps: list | None = None  # the prompt's TokenLogprobs so far (prompt_logprobs asked)
 
 
 @dataclass(eq=False)
@@ -153,13 +167,14 @@ class Engine:
         return self
 
     def submit(self, prompt: list[int] | np.ndarray, params: SamplingParams, emit: Callable[[tuple], None],
-               stop_ids: frozenset[int] = frozenset({EOT_ID})) -> GenerationRequest:
+               stop_ids: frozenset[int] = frozenset({EOT_ID}), *, constraint: TokenConstraint | None = None,
+               prompt_logprobs: int | None = None) -> GenerationRequest:
         if len(prompt) == 0:
             raise SamoutError("the prompt is empty (it must hold at least one token)")
         # Held compactly for the request's life: with a Python list, a long history's ids
         # were most of what a session cost the server beyond its state.
         ids = np.array(prompt, dtype=np.int32)
-        request = GenerationRequest(ids, params, emit, frozenset(stop_ids))
+        request = GenerationRequest(ids, params, emit, frozenset(stop_ids), constraint, prompt_logprobs)
         with self._cond:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
@@ -289,11 +304,16 @@ class Engine:
                 request = self._waiting.popleft()
             params = request.params
             seed = params.seed if params.seed is not None else secrets.randbits(63)
-            entry = self.cache.lookup(request.prompt) if self.cache is not None else None
+            # A cached prefix has no logits: prompt logprobs need the whole prompt run.
+            scoring = request.prompt_logprobs is not None
+            entry = self.cache.lookup(request.prompt) if self.cache is not None and not scoring else None
             cached = 0 if entry is None else entry.length
             fed = array("i", request.prompt[:cached].tobytes())
-            seq = _Sequence(request, torch.Generator(device="cpu").manual_seed(seed),
-                            pending=request.prompt[cached:], fed=fed)
+            sampler = RowSampler(params, prompt=request.prompt, stop_ids=request.stop_ids,
+                                 generator=torch.Generator(device="cpu").manual_seed(seed),
+                                 constraint=request.constraint)
+            seq = _Sequence(request, sampler, pending=request.prompt[cached:], fed=fed,
+                            prompt_lps=[] if scoring else None)
             if entry is not None:
                 seq.state, seq.cached_tokens = entry.state, cached
             self._active.append(seq)
@@ -318,7 +338,7 @@ class Engine:
         groups: dict[tuple, list[tuple[_Sequence, np.ndarray]]] = {}
         for seq, chunk in chunks:
             shapes = None if seq.state is None else seq.state.shapes()
-            groups.setdefault((len(chunk), shapes), []).append((seq, chunk))
+            groups.setdefault((len(chunk), shapes, seq.prompt_lps is not None), []).append((seq, chunk))
         for group in groups.values():
             self._prefill_group(group)
 
@@ -326,8 +346,9 @@ class Engine:
         seqs = [seq for seq, _ in group]
         ids = torch.from_numpy(np.stack([chunk for _, chunk in group]).astype(np.int64)).to(self.device)
         state = None if seqs[0].state is None else State.stack([seq.state for seq in seqs])
+        scoring = seqs[0].prompt_lps is not None  # every position's logits (prompt logprobs)
         try:
-            logits, state = self.model(ids, state, logits_to_keep=1)
+            logits, state = self.model(ids, state, logits_to_keep=0 if scoring else 1)
         except Exception as err:
             if len(group) > 1:  # one at a time, so that only a request that fails alone fails
                 for one in group:
@@ -337,12 +358,29 @@ class Engine:
             return
         parts = state.split()
         for i, (seq, chunk) in enumerate(group):
+            if scoring:
+                self._score_prompt(seq, chunk, logits[i])
             seq.state, seq.logits = parts[i], logits[i, -1]
             seq.fed.frombytes(chunk.tobytes())
             if len(seq.pending) == 0 and self.cache is not None:
                 # The prompt's own state too: a follow-up whose history re-encodes the reply
                 # differently (or regenerates it) still resumes after this prompt.
                 self.cache.put(seq.fed, seq.state)
+
+    def _score_prompt(self, seq: _Sequence, chunk: np.ndarray, logits: Tensor) -> None:
+        """The logprobs of a prompt chunk's tokens: the first from the logits before the chunk
+        (None at the prompt's start), the others from the chunk's own positions."""
+        n = seq.request.prompt_logprobs
+        rows = logits[:-1].float().cpu()
+        if seq.logits is not None:
+            rows = torch.cat([seq.logits.float().cpu().unsqueeze(0), rows])
+        elif not seq.prompt_lps:  # the prompt's first token: nothing to score it with
+            seq.prompt_lps.append(TokenLogprob(int(chunk[0]), None, []))
+        targets = chunk.tolist()[len(chunk) - rows.shape[0]:]
+        seq.prompt_lps.extend(token_logprobs(rows, targets, [n] * len(targets)))
+        if len(seq.pending) == 0:
+            self._emit(seq, ("prompt_logprobs", seq.prompt_lps))
+            seq.prompt_lps = None
 
     def _decode(self) -> None:
         ready = [s for s in self._active if len(s.pending) == 0 and s.logits is not None]
@@ -351,31 +389,37 @@ class Engine:
         all_logits = torch.stack([s.logits for s in ready]).float().cpu()
         for seq, row in zip(ready, all_logits):
             seq.logits = row  # so the last step's logits (one row per session) are freed now
-        # Greedy rows (most of a benchmark, many API calls) in one argmax over the batch:
-        # what sample_next does for them, without a few small ops per sequence.
-        greedy = all_logits.argmax(-1).tolist()
+        live = [i for i, seq in enumerate(ready) if seq.generated < seq.request.params.max_new_tokens]
+        for i in sorted(set(range(len(ready))) - set(live)):
+            self._finish(ready[i], "length")
         feed: list[tuple[_Sequence, int]] = []
-        for i, (seq, logits) in enumerate(zip(ready, all_logits)):
-            params = seq.request.params
-            if seq.generated >= params.max_new_tokens:
-                self._finish(seq, "length")
-                continue
-            token = _sample(seq, logits, greedy[i])
-            if params.stop_at_eot and token in seq.request.stop_ids:
-                self._finish(seq, "stop")
-                continue
-            seq.generated += 1
-            self.tokens_generated += 1
-            self._emit(seq, ("token", token))
-            if seq.generated >= params.max_new_tokens:
-                self._finish(seq, "length")
-            elif not seq.request.cancelled:
-                feed.append((seq, token))
+        if live:
+            rows = all_logits if len(live) == len(ready) else all_logits[torch.tensor(live)]
+            # One call of the decoding core for the batch (a plain greedy batch: one argmax).
+            tokens, logprobs = sample(rows, [ready[i].sampler for i in live])
+            for j, i in enumerate(live):
+                seq, token = ready[i], tokens[j]
+                logprob = None if logprobs is None else logprobs[j]
+                if seq.sampler.is_stop(token):
+                    if logprob is not None:
+                        self._emit(seq, ("stop_token", token, logprob))
+                    self._finish(seq, "stop")
+                    continue
+                seq.sampler.accept(token)
+                seq.generated += 1
+                self.tokens_generated += 1
+                self._emit(seq, ("token", token) if logprob is None else ("token", token, logprob))
+                if seq.generated >= seq.request.params.max_new_tokens:
+                    self._finish(seq, "length")
+                elif seq.sampler.finished:  # the grammar is complete
+                    self._finish(seq, "stop")
+                elif not seq.request.cancelled:
+                    feed.append((seq, token))
         # The rows of the sequences that go on are not needed any more: freed before the
         # model call makes the new ones (peak memory holds one [batch, vocab] at a time).
         for seq, _ in feed:
             seq.logits = None
-        del all_logits, logits
+        del all_logits
         if not feed:
             return
         if not self.batched:
@@ -458,14 +502,3 @@ class Engine:
 def _same(a: list[_Sequence], b: list[_Sequence]) -> bool:
     """The same sequences in the same order."""
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
-def _sample(seq: _Sequence, logits: Tensor, greedy: int) -> int:
-    """The next token of `seq` from its logits ([vocab], float32): `greedy` (the batch's
-    argmax) when its request samples greedily, else drawn with its own generator."""
-    params = seq.request.params
-    if params.temperature == 0 and params.repetition_penalty == 1.0:
-        return greedy
-    seen = torch.from_numpy(np.frombuffer(seq.fed, dtype=np.int32).astype(np.int64)) \
-        if params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-    return sample_next(logits, seen, params, seq.generator)

@@ -3,29 +3,27 @@ builders for the response and stream-chunk objects (plain dicts: they are only w
 
 Nothing a request asks for is silently ignored: an unknown field, a field of the wrong type
 (numbers are strict: "0.5" is not a temperature), a value out of range, or an OpenAI field
-asking for something this server does not do (logprobs, penalties, tools, response_format,
-...) is a 400 with OpenAI's error body naming the field. Only `user`, which asks nothing of
-the server, is accepted and ignored.
+asking for something this server does not do (tools, response_format, best_of, ...) is a 400
+with OpenAI's error body naming the field. Only `user`, which asks nothing of the server, is
+accepted and ignored. docs/serving.md has the table of every field.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 MAX_STOP_SEQUENCES = 4  # the default of --max-stop-sequences (OpenAI's limit)
 MAX_N = 8
+MAX_LOGPROBS = 20  # the default of --max-logprobs (OpenAI's cap for chat's top_logprobs)
 
 # OpenAI's (and vLLM's) fields this server does not implement, each with the values that mean
 # "off" (accepted, since clients send defaults). Any other value is a 400 naming the field.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "stop_token_ids": (None, []),
+    "best_of": (None, 1), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
@@ -75,19 +73,19 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     ignore_eos: StrictBool = False  # vLLM's extension: keep going past end of text (benchmarks)
+    # OpenAI's penalties and bias, and vLLM's extensions (samout.decoding.params)
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: Number | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
+    repetition_window: StrictInt | None = Field(default=None, ge=1)  # samout's: the last n tokens
+    min_p: Number | None = Field(default=None, ge=0, le=1)
+    min_tokens: StrictInt | None = Field(default=None, ge=0)
+    # token id (a string, as JSON keys are) -> bias in [-100, 100]; ids checked against the vocabulary
+    logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     # UNSUPPORTED_FIELDS: accepted only at the values that mean "off".
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    repetition_penalty: Any = None
-    min_p: Any = None
-    min_tokens: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    logit_bias: Any = None
     best_of: Any = None
-    echo: Any = None
     suffix: Any = None
-    stop_token_ids: Any = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
@@ -106,10 +104,13 @@ class _Request(BaseModel):
     skip_special_tokens: Any = None
     use_beam_search: Any = None
 
+    # The endpoint's own unimplemented fields, as UNSUPPORTED_FIELDS.
+    unsupported: ClassVar[dict[str, tuple]] = {}
+
     def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
         """400 for an unimplemented option, a stop list over the limits, or text that is not
         valid Unicode (a lone surrogate, which JSON can escape but UTF-8 cannot encode)."""
-        for name, allowed in UNSUPPORTED_FIELDS.items():
+        for name, allowed in {**UNSUPPORTED_FIELDS, **self.unsupported}.items():
             value = getattr(self, name)
             if not any(value == a and type(value) is type(a) for a in allowed):
                 raise OpenAIError(400, f"'{name}' is not supported by this server", param=name,
@@ -156,6 +157,11 @@ class CompletionRequest(_Request):
     # cache hit's time to first token (measured in docs/benchmarks.md, "Serving").
     prompt: Annotated[list[StrictInt] | str | list[str] | list[list[StrictInt]],
                       Field(union_mode="left_to_right")]
+    # OpenAI's legacy logprobs: the sampled token's and the `logprobs` most likely (<= --max-logprobs).
+    logprobs: StrictInt | None = Field(default=None, ge=0)
+    echo: StrictBool = False  # the prompt's text (and, with logprobs, its tokens' logprobs) first
+    top_logprobs: Any = None  # chat's field
+    unsupported: ClassVar[dict[str, tuple]] = {"top_logprobs": (None, 0)}
 
     def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
         super().check_supported(max_stops, max_stop_chars)
@@ -191,6 +197,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0)  # needs logprobs: true
+    echo: Any = None  # vLLM's chat echo (the last message) is not done
+    unsupported: ClassVar[dict[str, tuple]] = {"echo": (None, False)}
 
     def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
         super().check_supported(max_stops, max_stop_chars)
@@ -211,7 +221,7 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
 
 def completion_response(rid: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": c["index"], "text": c["text"], "logprobs": None,
+            "choices": [{"index": c["index"], "text": c["text"], "logprobs": c.get("logprobs"),
                          "finish_reason": c["finish_reason"]} for c in choices],
             "usage": usage}
 
@@ -219,29 +229,32 @@ def completion_response(rid: str, model: str, created: int, choices: list[dict],
 def chat_response(rid: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                         "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices],
+                         "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
+                        for c in choices],
             "usage": usage}
 
 
-def _chunk(rid: str, obj: str, model: str, created: int, choice: dict, usage: dict | None) -> dict:
+def _chunk(rid: str, obj: str, model: str, created: int, choice: dict, usage: dict | None,
+           logprobs: dict | None = None) -> dict:
     """One streamed chunk: OpenAI's envelope around one choice, with usage when given."""
     chunk = {"id": rid, "object": obj, "created": created, "model": model,
-             "choices": [{**choice, "logprobs": None}]}
+             "choices": [{**choice, "logprobs": logprobs}]}
     if usage is not None:
         chunk["usage"] = usage
     return chunk
 
 
 def completion_chunk(rid: str, model: str, created: int, index: int, text: str,
-                     finish_reason: str | None, usage: dict | None = None) -> dict:
+                     finish_reason: str | None, usage: dict | None = None,
+                     logprobs: dict | None = None) -> dict:
     return _chunk(rid, "text_completion", model, created,
-                  {"index": index, "text": text, "finish_reason": finish_reason}, usage)
+                  {"index": index, "text": text, "finish_reason": finish_reason}, usage, logprobs)
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict,
-               finish_reason: str | None, usage: dict | None = None) -> dict:
+               finish_reason: str | None, usage: dict | None = None, logprobs: dict | None = None) -> dict:
     return _chunk(rid, "chat.completion.chunk", model, created,
-                  {"index": index, "delta": delta, "finish_reason": finish_reason}, usage)
+                  {"index": index, "delta": delta, "finish_reason": finish_reason}, usage, logprobs)
 
 
 def usage_chunk(rid: str, model: str, created: int, chat: bool, usage: dict) -> dict:

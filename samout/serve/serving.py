@@ -17,9 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from samout.generation import SamplingParams
+from samout.decoding.detokenizer import TextStream, token_bytes
+from samout.decoding.logprobs import TokenLogprob
+from samout.decoding.params import SamplingParams
 from samout.serve import protocol as P
-from samout.serve.detokenizer import TextStream
 from samout.serve.engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
 from samout.serve.metrics import USAGE_SCOPE_KEY, ModelMetrics, ServerMetrics
 from samout.serve.protocol import OpenAIError
@@ -38,6 +39,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_PROMPT_CHARS = 16 * DEFAULT_MAX_PROMPT_TOKENS
 DEFAULT_MAX_STOP_SEQUENCES = P.MAX_STOP_SEQUENCES
 DEFAULT_MAX_STOP_CHARS = 256
+DEFAULT_MAX_LOGPROBS = P.MAX_LOGPROBS
 # Prompt texts longer than this are tokenized (or rendered) on a worker thread, so that the
 # event loop keeps answering others; shorter ones inline, where the thread hop would cost more.
 OFFLOAD_CHARS = 4096
@@ -84,6 +86,8 @@ class ServerSettings:
     # Prompts x n a request may ask for; None: half of each model's batch slots, so that no
     # single request can take them all.
     max_choices: int | None = None
+    # The most top logprobs a request may ask for (completions' logprobs, chat's top_logprobs).
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
 
     def uvicorn_options(self) -> dict:
         """What uvicorn.Config needs to enforce the header and keep-alive timeouts."""
@@ -107,15 +111,31 @@ class Run:
         self.rid = P.new_id(self.id_prefix)
         self.created = P.now()
         self.streams = [TextStream(served.tokenizer, body.stop_list) for _ in requests]
+        # Logprobs: every token's (prompt ones too, with echo) in order, and how many went out.
+        self.want_logprobs = requested_logprobs(body) is not None
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in requests]
+        self.logprobs_sent = [0] * len(requests)
+        self.logprobs_offset = [0] * len(requests)  # text_offset of the next one to send
+        self.echo = [""] * len(requests)  # the prompt text each choice's text starts with
         self.finish: list[str | None] = [None] * len(requests)
         self.usage = [{"prompt_tokens": len(r.prompt), "completion_tokens": 0, "cached_tokens": 0}
                       for r in requests]
         self._templates: dict[int, list[str]] = {}
 
     # -- what a subclass defines ------------------------------------------------------------
-    def _chunk(self, index: int, text: str | None, finish: str | None, usage: dict | None = None) -> str:
+    def _chunk(self, index: int, text: str | None, finish: str | None, usage: dict | None = None,
+               logprobs: dict | None = None) -> str:
         """One `data:` line of the stream for choice `index`."""
         raise NotImplementedError
+
+    def _logprobs_object(self, index: int, entries: list[TokenLogprob], offset: int) -> tuple[dict, int]:
+        """The response's (or a chunk's) logprobs object for `entries`, the first of which
+        starts `offset` characters into the text; and the offset after the last."""
+        raise NotImplementedError
+
+    def _echo_text(self, index: int) -> str:
+        """The prompt's text, when the request asks for it back (completions' echo)."""
+        return ""
 
     def _opening_chunks(self) -> list[str]:
         """What the stream starts with, before any text."""
@@ -144,8 +164,17 @@ class Run:
         stream = self.streams[index]
         if event[0] == "admitted":
             self.usage[index]["cached_tokens"] = event[1]
+            self.echo[index] = self._echo_text(index)
+            return self.echo[index]
+        if event[0] == "prompt_logprobs":
+            self.logprobs[index].extend(event[1])
+            return ""
+        if event[0] == "stop_token":
+            self.logprobs[index].append(event[2])
             return ""
         if event[0] == "token":
+            if len(event) > 2:
+                self.logprobs[index].append(event[2])
             self.usage[index]["completion_tokens"] += 1
             if self.metrics is not None:
                 now, last = time.perf_counter(), self._last_token[index]
@@ -197,8 +226,9 @@ class Run:
             watcher.cancel()
             self._abort_unfinished()
             self._record()
-        choices = [{"index": i, "text": s.text, "finish_reason": self.finish[i] or "abort"}
-                   for i, s in enumerate(self.streams)]
+        choices = [{"index": i, "text": self.echo[i] + s.text, "finish_reason": self.finish[i] or "abort",
+                    "logprobs": self._logprobs_object(i, self.logprobs[i], 0)[0] if self.want_logprobs
+                    else None} for i, s in enumerate(self.streams)]
         return self._response(choices, self._total_usage())
 
     def _text_chunk(self, index: int, text: str) -> str:
@@ -212,6 +242,18 @@ class Run:
         if len(parts) != 2:  # the marker did not come out once (cannot happen): the plain way
             return self._chunk(index, text, None)
         return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+
+    def _new_logprobs(self, index: int) -> dict | None:
+        """The logprobs of choice `index`'s tokens not sent yet (a chunk carries those that came
+        since the last one, whether or not their text is out yet); None when there are none."""
+        entries = self.logprobs[index]
+        start = self.logprobs_sent[index]
+        if start == len(entries):
+            return None
+        self.logprobs_sent[index] = len(entries)
+        obj, self.logprobs_offset[index] = self._logprobs_object(index, entries[start:],
+                                                                 self.logprobs_offset[index])
+        return obj
 
     async def stream(self) -> AsyncIterator[str]:
         try:
@@ -231,8 +273,11 @@ class Run:
                     except OpenAIError as err:
                         yield "".join(out) + sse(err.body())
                         return
+                    logprobs = self._new_logprobs(index) if self.want_logprobs else None
                     if self.finish[index] is not None:  # usage: once, in the usage chunk (OpenAI's way)
-                        out.append(self._chunk(index, text, self.finish[index]))
+                        out.append(self._chunk(index, text, self.finish[index], logprobs=logprobs))
+                    elif logprobs is not None and (text or logprobs):
+                        out.append(self._chunk(index, text, None, logprobs=logprobs))
                     elif text:
                         out.append(self._text_chunk(index, text))
                 if out:
@@ -285,8 +330,15 @@ class OpenAIServing:
         raise NotImplementedError
 
     def check_request(self, body: P.CompletionRequest | P.ChatCompletionRequest) -> None:
-        """The checks that need no model: unsupported options, stop strings, Unicode."""
+        """The checks that need no model: unsupported options, stop strings, Unicode, logprobs."""
         body.check_supported(self.settings.max_stop_sequences, self.settings.max_stop_chars)
+        param = "top_logprobs" if isinstance(body, P.ChatCompletionRequest) else "logprobs"
+        asked = body.top_logprobs if param == "top_logprobs" else body.logprobs
+        if asked is not None and asked > self.settings.max_logprobs:
+            raise OpenAIError(400, f"'{param}' must be at most {self.settings.max_logprobs} "
+                                   f"(--max-logprobs), got {asked}", param=param)
+        if param == "top_logprobs" and asked and not body.logprobs:
+            raise OpenAIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
 
     def choice_limit(self, served: ServedModel) -> int:
         """The most choices (prompts x n) one request may ask of `served`'s engine."""
@@ -340,8 +392,9 @@ class OpenAIServing:
                                        "tokens", param="prompt", code="context_length_exceeded")
         if max_tokens is None:
             return min(self.default_max_tokens, room)
-        if not 1 <= max_tokens <= room:
-            raise OpenAIError(400, f"max_tokens must lie in [1, {room}] for this prompt and server, "
+        least = 0 if getattr(body, "echo", False) is True else 1  # echo + max_tokens 0: scoring
+        if not least <= max_tokens <= room:
+            raise OpenAIError(400, f"max_tokens must lie in [{least}, {room}] for this prompt and server, "
                                    f"got {max_tokens}", param="max_tokens")
         return max_tokens
 
@@ -350,6 +403,21 @@ class OpenAIServing:
         """Submit `body.n` choices per prompt; the response, or the stream of its chunks."""
         max_tokens = self.max_tokens(body, served, prompts)
         stop_ids = self.stop_ids(served)
+        vocab = served.tokenizer.get_vocab_size()
+        if body.stop_token_ids:
+            if max(body.stop_token_ids) >= vocab:
+                raise OpenAIError(400, f"'stop_token_ids' must lie in [0, {vocab})", param="stop_token_ids")
+            stop_ids = stop_ids | frozenset(body.stop_token_ids)
+        logit_bias = None
+        if body.logit_bias:
+            logit_bias = {}
+            for key, bias in body.logit_bias.items():
+                if not (key.isascii() and key.isdigit() and int(key) < vocab):
+                    raise OpenAIError(400, f"'logit_bias' keys must be token ids in [0, {vocab}), "
+                                           f"got {key!r}", param="logit_bias")
+                logit_bias[int(key)] = bias
+        prompt_logprobs = body.logprobs if getattr(body, "echo", False) and body.logprobs is not None \
+            and not isinstance(body, P.ChatCompletionRequest) else None
         choices = [(ids, j) for ids in prompts for j in range(body.n)]
         queue: asyncio.Queue = asyncio.Queue()
         submitted: list[GenerationRequest] = []
@@ -357,8 +425,8 @@ class OpenAIServing:
             for index, (ids, j) in enumerate(choices):
                 def emit(event, index=index):  # on the event loop (the engine's `deliver`)
                     queue.put_nowait((index, event))
-                submitted.append(served.engine.submit(ids, sampling_params(body, max_tokens, j), emit,
-                                                      stop_ids))
+                submitted.append(served.engine.submit(ids, sampling_params(body, max_tokens, j, logit_bias),
+                                                      emit, stop_ids, prompt_logprobs=prompt_logprobs))
         except QueueFullError as err:
             for r in submitted:
                 served.engine.abort(r)
@@ -383,10 +451,37 @@ class OpenAIServing:
         return await run.collect(request)
 
 
+def requested_logprobs(body: P.CompletionRequest | P.ChatCompletionRequest) -> int | None:
+    """How many top logprobs each generated token carries (0: its own only); None: no logprobs."""
+    if isinstance(body, P.ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
 def sampling_params(body: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
-                    choice: int) -> SamplingParams:
+                    choice: int, logit_bias: dict[int, float] | None = None) -> SamplingParams:
     """The sampling of one choice; choice j of a seeded request samples with seed + j."""
     return SamplingParams(max_new_tokens=max_tokens,
                           temperature=1.0 if body.temperature is None else body.temperature,
                           top_p=body.top_p, top_k=body.top_k, stop_at_eot=not body.ignore_eos,
-                          seed=None if body.seed is None else (body.seed + choice) % 2**63)
+                          seed=None if body.seed is None else (body.seed + choice) % 2**63,
+                          min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
+                          frequency_penalty=body.frequency_penalty or 0.0,
+                          repetition_penalty=body.repetition_penalty or 1.0,
+                          repetition_window=body.repetition_window, logit_bias=logit_bias,
+                          min_tokens=body.min_tokens or 0, logprobs=requested_logprobs(body))
+
+
+def token_text(tokenizer, token: int) -> str:
+    """A token's text for logprobs: its UTF-8 text, or "bytes:\\xNN..." when its bytes are not
+    whole characters (OpenAI's way)."""
+    raw = token_bytes(tokenizer, token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def finite(logprob: float | None) -> float | None:
+    """JSON has no -inf: a token the model gives no chance at all reports -9999 (vLLM's floor)."""
+    return None if logprob is None else max(logprob, -9999.0)

@@ -6,10 +6,12 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from samout.decoding.detokenizer import token_bytes
+from samout.decoding.logprobs import TokenLogprob
 from samout.errors import SamoutError
 from samout.serve import protocol as P
 from samout.serve.protocol import OpenAIError
-from samout.serve.serving import OpenAIServing, Run, ServedModel, sse
+from samout.serve.serving import OpenAIServing, Run, ServedModel, finite, sse, token_text
 
 CHAT_DEFAULT_MAX_TOKENS = 512
 
@@ -18,10 +20,22 @@ class ChatRun(Run):
     id_prefix = "chatcmpl"
 
     def _chunk(self, index: int, text: str | None, finish: str | None, usage: dict | None = None,
-               role: bool = False) -> str:
+               logprobs: dict | None = None, role: bool = False) -> str:
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        chunk = P.chat_chunk(self.rid, self.served.name, self.created, index, delta, finish, usage)
+        chunk = P.chat_chunk(self.rid, self.served.name, self.created, index, delta, finish, usage, logprobs)
         return sse(chunk, ensure_ascii=False)
+
+    def _logprobs_object(self, index: int, entries: list[TokenLogprob], offset: int) -> tuple[dict, int]:
+        """The chat format: one object per token, with its bytes and its top tokens."""
+        tokenizer = self.served.tokenizer
+
+        def item(token: int, logprob: float) -> dict:
+            return {"token": token_text(tokenizer, token), "logprob": finite(logprob),
+                    "bytes": list(token_bytes(tokenizer, token))}
+
+        content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                   for e in entries]
+        return {"content": content, "refusal": None}, offset
 
     def _opening_chunks(self) -> list[str]:
         return [self._chunk(i, None, None, role=True) for i in range(len(self.requests))]

@@ -3,12 +3,16 @@ OpenAI's four forms, and the `text_completion` response and chunks."""
 
 from __future__ import annotations
 
+import codecs
+
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from samout.decoding.detokenizer import token_bytes
+from samout.decoding.logprobs import TokenLogprob
 from samout.serve import protocol as P
 from samout.serve.protocol import OpenAIError
-from samout.serve.serving import OpenAIServing, Run, ServedModel, sse
+from samout.serve.serving import OpenAIServing, Run, ServedModel, finite, sse, token_text
 from samout.tokenizer import document_prefix, encode_texts, end_ids
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -17,9 +21,36 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class CompletionRun(Run):
     id_prefix = "cmpl"
 
-    def _chunk(self, index: int, text: str | None, finish: str | None, usage: dict | None = None) -> str:
-        chunk = P.completion_chunk(self.rid, self.served.name, self.created, index, text or "", finish, usage)
+    def _chunk(self, index: int, text: str | None, finish: str | None, usage: dict | None = None,
+               logprobs: dict | None = None) -> str:
+        chunk = P.completion_chunk(self.rid, self.served.name, self.created, index, text or "", finish, usage,
+                                   logprobs)
         return sse(chunk, ensure_ascii=False)
+
+    def _logprobs_object(self, index: int, entries: list[TokenLogprob], offset: int) -> tuple[dict, int]:
+        """OpenAI's legacy format: parallel lists (the prompt's first token: null logprobs).
+        text_offset: where each token's text starts in the choice's text (a token ending inside
+        a character starts where that character does; special tokens take no text)."""
+        tokenizer = self.served.tokenizer
+        if not hasattr(self, "_utf8"):
+            self._utf8: dict[int, codecs.IncrementalDecoder] = {}
+        utf8 = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        tokens, logprobs, tops, offsets = [], [], [], []
+        for entry in entries:
+            tokens.append(token_text(tokenizer, entry.token))
+            logprobs.append(finite(entry.logprob))
+            tops.append(None if entry.logprob is None
+                        else {token_text(tokenizer, t): finite(lp) for t, lp in entry.top})
+            offsets.append(offset)
+            if tokenizer.decode([entry.token], skip_special_tokens=True):  # not a special token
+                offset += len(utf8.decode(token_bytes(tokenizer, entry.token)))
+        obj = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+        return obj, offset
+
+    def _echo_text(self, index: int) -> str:
+        if not self.body.echo:
+            return ""
+        return self.served.tokenizer.decode(self.requests[index].prompt.tolist(), skip_special_tokens=True)
 
     def _response(self, choices: list[dict], usage: dict) -> dict:
         return P.completion_response(self.rid, self.served.name, self.created, choices, usage)

@@ -188,7 +188,11 @@ BAD_BODIES = [
     ({"prompt": []}, "prompt"),
     ({}, "prompt"),
     ({"prompt": "x", "n": 100}, "n"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),  # over --max-logprobs
+    ({"prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "top_logprobs": 3}, "top_logprobs"),  # chat's field
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "seed": -1}, "seed"),
@@ -207,10 +211,19 @@ BAD_BODIES = [
     ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "x", "tool_choice": "auto"}, "tool_choice"),
     ({"prompt": "x", "parallel_tool_calls": True}, "parallel_tool_calls"),
-    ({"prompt": "x", "repetition_penalty": 1.3}, "repetition_penalty"),
-    ({"prompt": "x", "min_p": 0.1}, "min_p"),
-    ({"prompt": "x", "min_tokens": 5}, "min_tokens"),
-    ({"prompt": "x", "stop_token_ids": [5]}, "stop_token_ids"),
+    # Penalties and bias: out of range.
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "repetition_window": 0}, "repetition_window"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p"),
+    ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1000000": 1}}, "logit_bias"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "frequency_penalty": "0"}, "frequency_penalty"),
     ({"prompt": "x", "no_such_option": 1}, "no_such_option"),
     ({"prompt": "x", "\ud800": 1}, None),  # a field name that is not valid Unicode
@@ -236,6 +249,11 @@ def test_bad_completion_requests_are_openai_400s(server, body, param):
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
      "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),  # no logprobs
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -2.5}, "presence_penalty"),
 ])
 def test_bad_chat_input_is_a_400_naming_the_field(server, body, param):
     r = httpx.post(server + "/v1/chat/completions", content=json.dumps({"model": "samout", **body}),

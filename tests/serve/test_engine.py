@@ -317,3 +317,25 @@ def test_on_idle_runs_once_after_work_then_waits_for_more_work(serve_models):
         assert calls == [(0, 0), (0, 0)]
     finally:
         engine.shutdown()
+
+
+def test_a_token_constraint_masks_batched_rows_and_finishes_with_stop(serve_models):
+    """A grammar plugs in through `submit(constraint=...)` (samout.decoding.constraint): its
+    row is masked, the other rows of the batch are not, and it ends the reply with "stop"."""
+    from tests.decoding.test_core import EvenTokens
+
+    model = serve_models[0]
+    prompts = _prompts(model.config.vocab_size, 0, count=3)
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_at_eot=False)
+    grammar = EvenTokens(5)
+    engine = Engine(model)
+    outs = [Collector() for _ in prompts]
+    engine.submit(prompts[0], params, outs[0], constraint=grammar)
+    for prompt, out in zip(prompts[1:], outs[1:]):
+        engine.submit(prompt, params, out)
+    engine.start()
+    assert all(out.done.wait(60) for out in outs)
+    engine.shutdown()
+    assert outs[0].tokens == grammar.taken and len(outs[0].tokens) == 5
+    assert all(t % 2 == 0 for t in outs[0].tokens) and outs[0].finish[1] == "stop"
+    assert [o.tokens for o in outs[1:]] == [reference(model, p, params) for p in prompts[1:]]
