@@ -18,33 +18,6 @@ from tests.serve.serve_fixtures import running_server  # noqa: E402
 TASKS = ["samout_text", "samout_choice"]
 
 
-def _without_retries() -> None:
-    """lm-eval's API models import `tenacity` (the `lm-eval[api]` extra) only to retry failed
-    calls. Where it is not installed, a stand-in that calls once (a local server either
-    answers or the test fails anyway)."""
-    import importlib.machinery
-    import importlib.util
-    import sys
-    import types
-
-    if importlib.util.find_spec("tenacity") is not None:
-        return
-    stub = types.ModuleType("tenacity")
-    stub.__spec__ = importlib.machinery.ModuleSpec("tenacity", None)
-
-    class RetryError(Exception):
-        pass
-
-    stub.RetryError = RetryError
-    stub.retry = lambda **_: (lambda fn: fn)
-    stub.stop_after_attempt = stub.wait_exponential = lambda *a, **k: None
-    sys.modules["tenacity"] = stub
-    from lm_eval.models import api_models
-
-    for name in ("RetryError", "retry", "stop_after_attempt", "wait_exponential"):
-        setattr(api_models, name, getattr(stub, name))
-
-
 def evaluate(model: str, model_args: str, tasks_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -57,7 +30,6 @@ def evaluate(model: str, model_args: str, tasks_path):
 @pytest.fixture(scope="module")
 def results(trained_run, task_dir):  # noqa: F811
     hf = evaluate("hf", f"pretrained={trained_run},trust_remote_code=True", task_dir)
-    _without_retries()
     served = load_served_model(trained_run, "tiny", prefill_chunk=64)
     try:
         with running_server([served], ServerSettings()) as url:
