@@ -138,6 +138,8 @@ class _WordVocab:
         self._tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("text, not bytes")  # tells TokenizerWrapper to pass str
         return self._tokenizer.encode(text).ids
 
 

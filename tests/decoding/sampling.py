@@ -9,9 +9,11 @@ from samout.decoding.constraint import apply_bitmask_ref, bitmask_words
 
 
 def sample_constrained(constraints, vocab_size: int, max_tokens: int, seed: int = 0,
-                       logits_fn=None, temperature: float = 1.0) -> list[list[int]]:
+                       logits_fn=None, temperature: float = 1.0, bias: dict[int, float] | None = None
+                       ) -> list[list[int]]:
     """Each constraint's tokens, sampled in one batch until it is finished or has
-    `max_tokens`. logits_fn(step, tokens) -> float [batch, vocab] (default: N(0, 3^2) logits)."""
+    `max_tokens`. logits_fn(step, tokens) -> float [batch, vocab] (default: N(0, 3^2) logits);
+    bias: added to some tokens' logits (e.g. to make an end token likelier)."""
     gen = torch.Generator().manual_seed(seed)
     batch = len(constraints)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -25,6 +27,8 @@ def sample_constrained(constraints, vocab_size: int, max_tokens: int, seed: int 
             logits = torch.randn(batch, vocab_size, generator=gen) * 3
         else:
             logits = logits_fn(step, out)
+        for token, value in (bias or {}).items():
+            logits[:, token] += value
         for r in live:
             constraints[r].fill_bitmask(mask, r)
         probs = torch.softmax(apply_bitmask_ref(logits[live] / temperature, mask[live]), -1)
