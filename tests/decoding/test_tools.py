@@ -29,7 +29,8 @@ PARAMS = {
                   "additionalProperties": False}},
         "required": ["tags", "owner"], "additionalProperties": False},
 }
-TOOLS = [{"type": "function", "function": {"name": name, "parameters": params}} for name, params in PARAMS.items()]
+TOOLS = [{"type": "function", "function": {"name": name, "parameters": params}}
+         for name, params in PARAMS.items()]
 
 
 @pytest.fixture(scope="module")
