@@ -68,6 +68,15 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|><|agent|>{% endif %}"
 )
+# The template before it rendered tools (`samout.chat.template.load_chat_template` upgrades it).
+CHAT_TEMPLATE_BEFORE_TOOLS = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|im_start|><|system|>{{ message['content'] }}<|im_end|>"
+    "{% elif message['role'] == 'user' %}<|im_start|><|user|>{{ message['content'] }}<|im_end|>"
+    "{% elif message['role'] == 'assistant' %}<|im_start|><|agent|>{{ message['content'] }}<|im_end|>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|><|agent|>{% endif %}"
+)
 _KEYS = ("token_to_id", "id_to_token", "agent_token_to_token_id", "agent_token_id_to_token")
 
 

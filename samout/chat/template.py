@@ -39,6 +39,8 @@ from samout.chat.tools import (
 )
 from samout.errors import SamoutError
 from samout.files import TOKENIZER_CONFIG_NAME
+from samout.openash_tokenizer import CHAT_TEMPLATE as OPENASH_TEMPLATE
+from samout.openash_tokenizer import CHAT_TEMPLATE_BEFORE_TOOLS as OPENASH_TEMPLATE_BEFORE_TOOLS
 from samout.tokenizer import (
     ASSISTANT_TOKEN,
     CHAT_TOKENS,
@@ -97,6 +99,22 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}{% endif %}"
 )
+
+# samout's template before it rendered tools: the same text for every conversation without
+# them, so a directory that stored it gets the current one (`load_chat_template`).
+DEFAULT_CHAT_TEMPLATE_BEFORE_TOOLS = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
+    "{% endif %}"
+    "{{ '<|' ~ message['role'] ~ '|>' ~ (message['content'] | string | replace('<|', '" + ESCAPED_MARKER_START
+    + "')) ~ '" + END_OF_TURN_TOKEN + "' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}{% endif %}"
+)
+_UPGRADES = {DEFAULT_CHAT_TEMPLATE_BEFORE_TOOLS: DEFAULT_CHAT_TEMPLATE,
+             OPENASH_TEMPLATE_BEFORE_TOOLS: OPENASH_TEMPLATE}
 
 
 def check_messages(messages: Any, where: str = "messages") -> list[dict[str, Any]]:
@@ -276,11 +294,13 @@ def check_chat_tokenizer(tokenizer) -> None:
 
 def load_chat_template(directory: str | Path) -> str:
     """The chat template of a run, model or data directory (its tokenizer_config.json), or the
-    default when the directory has none (e.g. a checkpoints/step-XXXXXX directory)."""
+    default when the directory has none (e.g. a checkpoints/step-XXXXXX directory). A
+    directory written before the templates rendered tools gets the current template (the same
+    text for conversations without tools)."""
     template = read_tokenizer_config(directory).get("chat_template")
     if template is None:
         return DEFAULT_CHAT_TEMPLATE
     if not isinstance(template, str):
         raise SamoutError(f"{Path(directory) / TOKENIZER_CONFIG_NAME}: chat_template must be a "
                           "Jinja string (named templates are not supported)")
-    return template
+    return _UPGRADES.get(template, template)

@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from samout.chat.template import check_messages, load_chat_template, render_ids, render_text
+from samout.chat.template import (
+    DEFAULT_CHAT_TEMPLATE,
+    DEFAULT_CHAT_TEMPLATE_BEFORE_TOOLS,
+    check_messages,
+    load_chat_template,
+    render_ids,
+    render_text,
+)
 from samout.chat.tools import (
     call_text,
     check_tool_calls,
@@ -18,7 +25,8 @@ from samout.chat.tools import (
 )
 from samout.errors import SamoutError
 from samout.openash_tokenizer import CHAT_TEMPLATE as OPENASH_TEMPLATE
-from samout.tokenizer import load_tokenizer
+from samout.openash_tokenizer import CHAT_TEMPLATE_BEFORE_TOOLS as OPENASH_TEMPLATE_BEFORE_TOOLS
+from samout.tokenizer import load_tokenizer, update_tokenizer_config
 from tests.chat.chat_fixtures import chat_tokenizer, make_chat_run
 
 WEATHER = {"type": "function", "function": {
@@ -216,3 +224,17 @@ def test_bad_tool_messages_are_one_line_errors(message, error):
 def test_render_ids_checks_tools():
     with pytest.raises(SamoutError, match=r"tools\[0\]"):
         render_ids(chat_tokenizer(), CONVERSATION[:1], tools=[{"type": "function"}])
+
+
+@pytest.mark.parametrize("old, new", [(DEFAULT_CHAT_TEMPLATE_BEFORE_TOOLS, DEFAULT_CHAT_TEMPLATE),
+                                      (OPENASH_TEMPLATE_BEFORE_TOOLS, OPENASH_TEMPLATE)])
+def test_directories_with_the_template_before_tools_get_the_current_one(tmp_path, old, new):
+    update_tokenizer_config(tmp_path, chat_template=old)
+    assert load_chat_template(tmp_path) == new
+    rng = random.Random(0)
+    for _ in range(20):  # the same text for every conversation without tools
+        messages = [{"role": rng.choice(["system", "user", "assistant"]),
+                     "content": "".join(rng.choices(["a", "<|", "|>", " ", "é", "\n"], k=rng.randint(0, 6)))}
+                    for _ in range(rng.randint(1, 5))]
+        for gen in (False, True):
+            assert render_text(messages, new, gen) == render_text(messages, old, gen)
