@@ -130,6 +130,13 @@ def check_tool_choice(tool_choice: Any, tools: list[dict], field: str = "tool_ch
     return tool_choice
 
 
+def prompt_tools(tools: Any, tool_choice: Any) -> list[dict]:
+    """The tools a prompt shows the model, both fields checked: none for `tool_choice` "none"
+    (the model is not told about tools, and its reply is not parsed for calls)."""
+    tools = check_tools(tools)
+    return [] if check_tool_choice(tool_choice, tools) == "none" else tools
+
+
 def check_tool_calls(calls: Any, where: str) -> list[dict]:
     """An assistant message's `tool_calls` checked: [{"id"?, "type": "function", "function":
     {"name", "arguments": a JSON object, or a string holding one}}]."""

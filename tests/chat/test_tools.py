@@ -22,6 +22,7 @@ from samout.chat.tools import (
     check_tool_choice,
     check_tools,
     parse_tool_calls,
+    prompt_tools,
 )
 from samout.errors import SamoutError
 from samout.openash_tokenizer import CHAT_TEMPLATE as OPENASH_TEMPLATE
@@ -238,3 +239,12 @@ def test_directories_with_the_template_before_tools_get_the_current_one(tmp_path
                     for _ in range(rng.randint(1, 5))]
         for gen in (False, True):
             assert render_text(messages, new, gen) == render_text(messages, old, gen)
+
+
+def test_prompt_tools_leaves_tools_out_for_none():
+    assert prompt_tools(TOOLS, "none") == []
+    assert prompt_tools(TOOLS, None) == TOOLS
+    assert prompt_tools(TOOLS, "required") == TOOLS
+    assert prompt_tools(None, None) == []
+    with pytest.raises(SamoutError, match="tool_choice 'auto' needs tools"):
+        prompt_tools([], "auto")
