@@ -28,6 +28,7 @@ from samout.chat.tools import (
     tool_parameters,
 )
 from samout.decoding.grammar import JSON_LAYOUT, GrammarConstraint, _llguidance, grammar_constraint
+from samout.errors import SamoutError
 
 
 def _marker(tokenizer, text: str) -> str:
@@ -68,6 +69,8 @@ def tool_call_constraint(tokenizer, tools: Any, tool_choice: Any, *, parallel_to
     """The constraint `tool_choice` puts on a reply (None for "auto" and "none"); `tools` and
     `tool_choice` are checked first (one-line SamoutErrors naming the field), and the
     grammar is compiled now, before any token. eos_ids: the chat's end-of-turn ids."""
+    if not isinstance(parallel_tool_calls, bool):
+        raise SamoutError(f"parallel_tool_calls must be true or false, got {parallel_tool_calls!r}")
     tools = check_tools(tools)
     choice = check_tool_choice(tool_choice, tools)
     if choice in ("auto", "none"):

@@ -91,6 +91,8 @@ def test_bad_tools_or_choice_fail_before_generation(tokenizer):
     with pytest.raises(SamoutError, match=r"tools\[0\].function.parameters"):
         tool_call_constraint(tokenizer, [{"type": "function", "function": {
             "name": "f", "parameters": {"type": "string", "pattern": "("}}}], "required")
+    with pytest.raises(SamoutError, match="parallel_tool_calls must be true or false"):
+        tool_call_constraint(tokenizer, TOOLS, "required", parallel_tool_calls="yes")
     with pytest.raises(SamoutError, match="tool_choice.function.name 'g'"):
         tool_call_constraint(tokenizer, TOOLS, {"type": "function", "function": {"name": "g"}})
 
