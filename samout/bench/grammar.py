@@ -213,7 +213,11 @@ def _ms(ns: float) -> float:
 
 
 def measure(engine, name: str, tokenizer, batch: int, max_tokens: int, repeats: int, seed: int) -> dict:
-    import jsonschema
+    try:
+        import jsonschema
+    except ModuleNotFoundError:
+        raise SamoutError("samout bench grammar validates outputs with jsonschema: pip install jsonschema"
+                          ) from None
 
     vocab = tokenizer.get_vocab_size()
     t0 = time.perf_counter_ns()

@@ -46,7 +46,8 @@ def _llguidance():
     try:
         import llguidance
     except ModuleNotFoundError:
-        raise SamoutError("structured output needs llguidance: pip install llguidance") from None
+        raise SamoutError("structured output needs llguidance: pip install 'samout[serve]' (or llguidance)"
+                          ) from None
     return llguidance
 
 
@@ -308,8 +309,6 @@ def check_output_ref(constraint: GrammarConstraint, tokens: Sequence[int], schem
     an end token at the end or not) is an output the grammar accepts, decodes it and returns
     the JSON value, validated against `schema` with jsonschema when one is given. Raises
     AssertionError (or jsonschema's ValidationError) otherwise."""
-    import jsonschema
-
     check = constraint.fresh()
     eos = set(constraint.tokenizer.eos_ids)
     body = list(tokens)
@@ -323,5 +322,7 @@ def check_output_ref(constraint: GrammarConstraint, tokens: Sequence[int], schem
     text = constraint.tokenizer.decode(body)
     value = json.loads(text)
     if schema is not None:
+        import jsonschema
+
         jsonschema.validate(value, schema)
     return value
