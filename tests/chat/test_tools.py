@@ -107,12 +107,14 @@ def test_template_text_of_a_call_is_what_the_parser_reads():
             [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
 
 
-def test_tool_turns_render_turn_by_turn():
+@pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, OPENASH_TEMPLATE], ids=["samout", "openash"])
+def test_tool_turns_render_turn_by_turn(template):
     """Each message adds text at the end: a chat that keeps its state can feed tool turns."""
     messages = check_messages(CONVERSATION)
     for n in range(1, len(messages)):
-        before = render_text(messages[:n], tools=TOOLS)
-        assert render_text(messages[:n + 1], tools=TOOLS).startswith(before)
+        before = render_text(messages[:n], template, tools=TOOLS)
+        assert render_text(messages[:n + 1], template, tools=TOOLS).startswith(before)
+        assert len(render_text(messages[:n + 1], template, tools=TOOLS)) > len(before)
 
 
 def test_hugging_face_renders_tools_the_same(tmp_path):
