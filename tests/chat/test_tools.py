@@ -131,6 +131,23 @@ def test_hugging_face_renders_tools_the_same(tmp_path):
         want = render_ids(ours, CONVERSATION, add_generation_prompt=gen, template=template, tools=TOOLS)
         got = hf.apply_chat_template(CONVERSATION, tools=TOOLS, tokenize=True, add_generation_prompt=gen)
         assert got["input_ids"] == want
+    rng = random.Random(0)
+    pieces = ["a", " ", "<|", "|>", "<|end|>", "<tool_call>", "</tool_call>", "é", "\n", '"', "{", "🙂"]
+
+    def text():
+        return "".join(rng.choices(pieces, k=rng.randint(0, 6)))
+
+    for _ in range(30):
+        messages = [{"role": "user", "content": text()}]
+        for _turn in range(rng.randint(1, 3)):
+            call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": text()}}}
+            content = rng.choice([None, text()])
+            messages.append({"role": "assistant", "content": content, "tool_calls": [call]})
+            messages.append({"role": "tool", "tool_call_id": "c", "content": text()})
+        messages.append({"role": "assistant", "content": text()})
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": text()}}]
+        want = render_ids(ours, messages, template=template, tools=tools)
+        assert hf.apply_chat_template(messages, tools=tools, tokenize=True)["input_ids"] == want, messages
 
 
 def test_parse_round_trip():
