@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from samout.commands import add_command
-from samout.decoding.grammar import json_schema_constraint, load_json_schema
 from samout.device import DEVICE_HELP
 from samout.errors import SamoutError
 from samout.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams, stream
@@ -24,6 +23,15 @@ DESCRIPTION = (
 
 JSON_SCHEMA_PENDING = ("--json-schema: the schema is valid, but constrained sampling needs the batched "
                        "decoding core, which this build does not have yet")
+
+
+def _read_json_schema(path: str | None) -> dict | None:
+    """--json-schema FILE, read and checked before anything is loaded."""
+    if path is None:
+        return None
+    from samout.decoding.grammar import load_json_schema
+
+    return load_json_schema(path)
 
 
 def register(subparsers) -> None:
@@ -72,9 +80,11 @@ def run(args: argparse.Namespace) -> int:
     params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                              seed=None if args.seed is None else args.seed + i) for i in range(len(prompts))]
-    schema = load_json_schema(args.json_schema) if args.json_schema else None
+    schema = _read_json_schema(args.json_schema)
     model, tokenizer = load(args.run_dir, device=args.device, dtype=args.dtype)
     if schema is not None:
+        from samout.decoding.grammar import json_schema_constraint
+
         # Compiled now, so that a schema the engine rejects fails before any token.
         json_schema_constraint(tokenizer, schema, what=f"--json-schema {args.json_schema}")
         # INTEGRATION POINT (s22-core): pass a fresh constraint per prompt to the sampler,
