@@ -65,8 +65,10 @@ class GrammarTokenizer:
     def __init__(self, ll_tokenizer, vocab_size: int, eos_ids: tuple[int, ...], source=None) -> None:
         self.ll = ll_tokenizer
         self.source = source  # the samout tokenizer
-        self.vocab_size = vocab_size  # the tokenizer's ids: 0 .. vocab_size-1
-        self.words = bitmask_words(vocab_size)
+        # The ids llguidance writes bits for (the tokenizer's, 0 .. vocab_size-1); a model's
+        # vocabulary may be larger (padding rows), never smaller.
+        self.vocab_size = max(vocab_size, ll_tokenizer.vocab_size)
+        self.words = bitmask_words(self.vocab_size)
         self.eos_ids = eos_ids
 
     def decode(self, ids: Sequence[int]) -> str:
