@@ -44,7 +44,32 @@ SPECIAL_TOKENS = [
 ]
 # The author's chat format (open_ash_infer.py): a turn is <|im_start|><|role|> text <|im_end|>;
 # the assistant's role token is <|agent|>; generation stops at <|im_end|> or <|pad|>.
+# Tools (samout's extension; the author's tool format is not published): the function
+# definitions as a system turn between the vocabulary's <|tools|> and <|end_tools|>, one JSON
+# object a line; an assistant's calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+# after its text (samout.chat.tools), and a tool's result as a user turn
+# <tool_response>RESULT</tool_response>, with the vocabulary's special tokens as the markers.
 CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|><|system|><|tools|>"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}<|end_tools|><|im_end|>{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|im_start|><|system|>{{ message['content'] }}<|im_end|>"
+    "{% elif message['role'] == 'user' %}<|im_start|><|user|>{{ message['content'] }}<|im_end|>"
+    "{% elif message['role'] == 'assistant' %}<|im_start|><|agent|>"
+    "{% if message['content'] is not none %}{{ message['content'] }}{% endif %}"
+    "{% if message['tool_calls'] %}{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "<tool_call>{\"name\": {{ fn['name'] | tojson }}, \"arguments\": "
+    "{{ fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson }}}</tool_call>"
+    "{% endfor %}{% endif %}<|im_end|>"
+    "{% elif message['role'] == 'tool' %}<|im_start|><|user|><tool_response>{{ message['content'] }}"
+    "</tool_response><|im_end|>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|><|agent|>{% endif %}"
+)
+# The template before it rendered tools (`samout.chat.template.load_chat_template` upgrades it).
+CHAT_TEMPLATE_BEFORE_TOOLS = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}<|im_start|><|system|>{{ message['content'] }}<|im_end|>"
     "{% elif message['role'] == 'user' %}<|im_start|><|user|>{{ message['content'] }}<|im_end|>"

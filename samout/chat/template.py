@@ -23,13 +23,24 @@ would otherwise become the token), and the text still reads the same.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from samout.chat.tools import (
+    CALL_END,
+    CALL_START,
+    RESPONSE_END,
+    RESPONSE_START,
+    check_tool_calls,
+    check_tools,
+)
 from samout.errors import SamoutError
 from samout.files import TOKENIZER_CONFIG_NAME
+from samout.openash_tokenizer import CHAT_TEMPLATE as OPENASH_TEMPLATE
+from samout.openash_tokenizer import CHAT_TEMPLATE_BEFORE_TOOLS as OPENASH_TEMPLATE_BEFORE_TOOLS
 from samout.tokenizer import (
     ASSISTANT_TOKEN,
     CHAT_TOKENS,
@@ -37,16 +48,61 @@ from samout.tokenizer import (
     EOT_TOKEN,
     ROLE_TOKENS,
     SPECIAL_TOKENS,
+    SYSTEM_TOKEN,
+    USER_TOKEN,
     encode_texts,
     has_chat_tokens,
     read_tokenizer_config,
 )
 
 ROLES = tuple(ROLE_TOKENS)
+# Roles a message may have: a `tool` message (a tool's result) renders as a user turn.
+MESSAGE_ROLES = (*ROLES, "tool")
 # What `<|` inside content becomes: cannot start a special token, reads the same.
 ESCAPED_MARKER_START = "<\u200b|"
 
+_ESCAPE = "replace('<|', '" + ESCAPED_MARKER_START + "')"
+# What samout's template writes before a conversation that has tools (as its own system turn,
+# so that adding tools never changes how the messages render).
+TOOLS_PREAMBLE = ("You can call these functions. To call one, reply with " + CALL_START
+                  + '{"name": NAME, "arguments": {...}}' + CALL_END + ", one per call.\n<tools>\n")
+TOOLS_POSTAMBLE = "</tools>"
+
 DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '" + SYSTEM_TOKEN + TOOLS_PREAMBLE + "' }}"
+    "{% for tool in tools %}{{ (tool | tojson | " + _ESCAPE + ") ~ '\n' }}{% endfor %}"
+    "{{ '" + TOOLS_POSTAMBLE + END_OF_TURN_TOKEN + "' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user, assistant or tool') }}"
+    "{% endif %}"
+    "{% set content = '' if message['content'] is none"
+    " else (message['content'] | string | " + _ESCAPE + ") %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '" + USER_TOKEN + RESPONSE_START + "' ~ content ~ '" + RESPONSE_END + END_OF_TURN_TOKEN + "' }}"
+    "{% else %}"
+    "{{ '<|' ~ message['role'] ~ '|>' ~ content }}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{% set arguments = fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) %}"
+    "{{ ('\n' if content or not loop.first else '') ~ '" + CALL_START + "'"
+    " ~ ('{\"name\": ' ~ (fn['name'] | tojson) ~ ', \"arguments\": ' ~ arguments ~ '}') | " + _ESCAPE
+    + " ~ '" + CALL_END + "' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{ '" + END_OF_TURN_TOKEN + "' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}{% endif %}"
+)
+
+# samout's template before it rendered tools: the same text for every conversation without
+# them, so a directory that stored it gets the current one (`load_chat_template`).
+DEFAULT_CHAT_TEMPLATE_BEFORE_TOOLS = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
@@ -57,10 +113,14 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}{% endif %}"
 )
+_UPGRADES = {DEFAULT_CHAT_TEMPLATE_BEFORE_TOOLS: DEFAULT_CHAT_TEMPLATE,
+             OPENASH_TEMPLATE_BEFORE_TOOLS: OPENASH_TEMPLATE}
 
 
-def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:
-    """`messages` as a list of {"role", "content"} dicts, or a SamoutError saying what is wrong."""
+def check_messages(messages: Any, where: str = "messages") -> list[dict[str, Any]]:
+    """`messages` as a list of {"role", "content"} dicts (an assistant's may carry
+    `tool_calls`, its content then optional; a `tool` message carries `tool_call_id`), or a
+    SamoutError saying what is wrong."""
     if not isinstance(messages, list) or not messages:
         raise SamoutError(f"{where}: \"messages\" must be a non-empty list of "
                           "{\"role\", \"content\"} objects")
@@ -68,13 +128,31 @@ def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise SamoutError(f"{where}: message {i} is not an object")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise SamoutError(f"{where}: message {i} has unknown role {role!r} (use {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise SamoutError(f"{where}: message {i} ({role}) has no text \"content\"")
-        out.append({"role": role, "content": content})
+        out.append(check_message(message, f"{where}: message {i}"))
     return out
+
+
+def check_message(message: dict, where: str) -> dict[str, Any]:
+    """One message checked (see check_messages); `where` starts each error."""
+    role, content = message.get("role"), message.get("content")
+    if role not in MESSAGE_ROLES:
+        raise SamoutError(f"{where} has unknown role {role!r} (use {', '.join(MESSAGE_ROLES)})")
+    calls = message.get("tool_calls")
+    if role == "assistant" and calls is not None:
+        check_tool_calls(calls, f"{where} (assistant) tool_calls")
+        if content is not None and not isinstance(content, str):
+            raise SamoutError(f"{where} (assistant) has a \"content\" that is not text")
+        return {"role": role, "content": content or "", "tool_calls": calls}
+    if calls is not None:
+        raise SamoutError(f"{where} ({role}) has tool_calls: only assistant messages make tool calls")
+    if not isinstance(content, str):
+        raise SamoutError(f"{where} ({role}) has no text \"content\"")
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise SamoutError(f"{where} (tool) has no \"tool_call_id\" (the id of the call it answers)")
+        return {"role": role, "content": content, "tool_call_id": call_id}
+    return {"role": role, "content": content}
 
 
 @functools.lru_cache(maxsize=8)
@@ -87,22 +165,30 @@ def _compile(template: str):
     def raise_exception(message):
         raise TemplateError(message)
 
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' tojson: Jinja's own escapes HTML characters (<, >, &, ')
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = tojson
     try:
         return env.from_string(template)
     except TemplateError as err:
         raise SamoutError(f"the chat template is not valid Jinja: {err}") from None
 
 
-def render_text(messages: Sequence[dict[str, str]], template: str = DEFAULT_CHAT_TEMPLATE,
-                add_generation_prompt: bool = False) -> str:
-    """The conversation as the template's text (special tokens spelled out)."""
+def render_text(messages: Sequence[dict[str, Any]], template: str = DEFAULT_CHAT_TEMPLATE,
+                add_generation_prompt: bool = False, tools: Sequence[dict] | None = None) -> str:
+    """The conversation as the template's text (special tokens spelled out); `tools`: OpenAI
+    function definitions the template shows the model (as Hugging Face passes them)."""
     from jinja2.exceptions import TemplateError
 
     try:
         return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         bos_token=EOT_TOKEN, eos_token=EOT_TOKEN)
+                                         bos_token=EOT_TOKEN, eos_token=EOT_TOKEN,
+                                         tools=list(tools) if tools else None)
     except TemplateError as err:
         raise SamoutError(f"chat template: {err}") from None
 
@@ -137,13 +223,14 @@ def encode_rendered(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def render_ids(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
-               template: str = DEFAULT_CHAT_TEMPLATE) -> list[int]:
-    """Token ids of a conversation (== Hugging Face `apply_chat_template(messages)["input_ids"]`)."""
+def render_ids(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+               template: str = DEFAULT_CHAT_TEMPLATE, tools: Sequence[dict] | None = None) -> list[int]:
+    """Token ids of a conversation (== Hugging Face
+    `apply_chat_template(messages, tools=tools)["input_ids"]`)."""
     if template == DEFAULT_CHAT_TEMPLATE:  # its role markers must be special tokens of the tokenizer
         check_chat_tokenizer(tokenizer)
     return encode_rendered(tokenizer, render_text(check_messages(list(messages)), template,
-                                                  add_generation_prompt))
+                                                  add_generation_prompt, check_tools(tools)))
 
 
 def assistant_mask(tokenizer, ids: Sequence[int]) -> list[int]:
@@ -207,11 +294,13 @@ def check_chat_tokenizer(tokenizer) -> None:
 
 def load_chat_template(directory: str | Path) -> str:
     """The chat template of a run, model or data directory (its tokenizer_config.json), or the
-    default when the directory has none (e.g. a checkpoints/step-XXXXXX directory)."""
+    default when the directory has none (e.g. a checkpoints/step-XXXXXX directory). A
+    directory written before the templates rendered tools gets the current template (the same
+    text for conversations without tools)."""
     template = read_tokenizer_config(directory).get("chat_template")
     if template is None:
         return DEFAULT_CHAT_TEMPLATE
     if not isinstance(template, str):
         raise SamoutError(f"{Path(directory) / TOKENIZER_CONFIG_NAME}: chat_template must be a "
                           "Jinja string (named templates are not supported)")
-    return template
+    return _UPGRADES.get(template, template)

@@ -1,9 +1,10 @@
-"""`samout bench params|speed|recall|quality|serve|stores|chat|mixers|onnx`: every benchmark of samout.
+"""`samout bench params|speed|recall|quality|serve|stores|chat|mixers|onnx|grammar`: every benchmark.
 
 speed, recall, quality and serve compare SamOut with the matched Transformer and write JSON
 and PNG plots into --out; mixers compares the fused and reference kernels; onnx measures the
-exported graphs. Each prints a header with the machine, torch version, threads and git
-commit (`samout.bench.common.header_lines`). `--quick` runs a small version.
+exported graphs; grammar measures the structured-output engines. Each prints a header with
+the machine, torch version, threads and git commit (`samout.bench.common.header_lines`).
+`--quick` runs a small version.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-from samout.bench import chat, mixers, onnx_export, params, quality, recall, serve, speed, stores
+from samout.bench import chat, grammar, mixers, onnx_export, params, quality, recall, serve, speed, stores
 
 # Benchmark name -> the module that declares its flags (`add_arguments(parser)`) and runs it
 # (`run(args) -> int`; its docstring is the benchmark's --help), and its line in `samout bench --help`.
@@ -31,6 +32,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, str]] = {
     "params": (params, "parameter counts: SamOut presets vs standard and matched Transformers"),
     "mixers": (mixers, "fused vs reference mixer kernels: training speed, memory, MFU, decode latency"),
     "onnx": (onnx_export, "ONNX export: graph accuracy, int8 size and accuracy, decode latency"),
+    "grammar": (grammar, "structured output: grammar engines' compile, mask and advance times on samout "
+                         "vocabularies, and the validity of what they let through"),
 }
 
 

@@ -31,11 +31,27 @@ DESCRIPTION = (
 )
 
 
+JSON_SCHEMA_PENDING = ("--json-schema: the schema is valid, but constrained sampling needs the batched "
+                       "decoding core, which this build does not have yet")
+
+
+def _read_json_schema(path: str | None) -> dict | None:
+    """--json-schema FILE, read and checked before anything is loaded."""
+    if path is None:
+        return None
+    from samout.decoding.grammar import load_json_schema
+
+    return load_json_schema(path)
+
+
 def register(subparsers) -> None:
     p = add_command(subparsers, "generate", "generate text from a trained model", DESCRIPTION)
     p.add_argument("run_dir", metavar="RUN_DIR", help="run or model directory")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
     p.add_argument("--prompts-file", metavar="FILE", help="a file with one prompt per line")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="structured output: each continuation is one JSON value valid against this JSON "
+                        "schema (see docs/serving.md, Structured output)")
     add_sampling_flags(p)
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="after each prompt's text, a table of every generated token's log-probability "
@@ -91,7 +107,16 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {**sampling_kwargs(args), "logprobs": args.logprobs}
     params = [SamplingParams(**{**kwargs, "seed": None if args.seed is None else args.seed + i})
               for i in range(len(prompts))]
+    schema = _read_json_schema(args.json_schema)
     model, tokenizer = load(args.run_dir, device=args.device, dtype=args.dtype)
+    if schema is not None:
+        from samout.decoding.grammar import json_schema_constraint
+
+        # Compiled now, so that a schema the engine rejects fails before any token.
+        json_schema_constraint(tokenizer, schema, what=f"--json-schema {args.json_schema}")
+        # INTEGRATION POINT (s22-core): pass a fresh constraint per prompt to the sampler,
+        # `stream(..., constraint=...)` -> `RowSampler(params, constraint=...)`, and drop this error.
+        raise SamoutError(JSON_SCHEMA_PENDING)
     if args.json or args.logprobs is not None:
         for i, prompt in enumerate(prompts):
             _with_logprobs(model, tokenizer, i, prompt, params[i], args.json)

@@ -33,10 +33,12 @@ import torch
 from samout.chat.template import (
     DEFAULT_CHAT_TEMPLATE,
     assistant_mask,
+    check_message,
     encode_rendered,
     last_turn_mask,
     render_text,
 )
+from samout.chat.tools import call_text, check_tools
 from samout.data.dataset import TokenData
 from samout.data.prepare import DATA_FORMAT, DATA_VERSION, split_documents
 from samout.data.sources import jsonl_records
@@ -62,28 +64,32 @@ IGNORE = -100  # targets cross-entropy skips
 @dataclass
 class Example:
     where: str  # file:line
-    sequences: list[list[dict[str, str]]]  # chat: [messages]; dpo: [prompt+chosen, prompt+rejected]
+    sequences: list[list[dict[str, Any]]]  # chat: [messages]; dpo: [prompt+chosen, prompt+rejected]
     prompt_len: int = 0  # dpo: messages in the prompt
+    tools: list[dict] | None = None  # the line's "tools" (function definitions the template shows)
 
 
 def _fail(where: str, why: str) -> None:
     raise SamoutError(f"{where}: {why}")
 
 
-def _messages(value: Any, where: str, what: str) -> list[dict[str, str]]:
+def _messages(value: Any, where: str, what: str) -> list[dict[str, Any]]:
+    """Checked messages (samout.chat.template.check_message: an assistant's `tool_calls`, the
+    `tool` role with its `tool_call_id`); errors name file:line and the message."""
     if not isinstance(value, list) or not value:
         _fail(where, f"\"{what}\" must be a non-empty list of {{\"role\", \"content\"}} objects")
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             _fail(where, f"{what}[{i}] is not an object")
-        role, content = message.get("role"), message.get("content")
-        if role not in ("system", "user", "assistant"):
-            _fail(where, f"{what}[{i}] has unknown role {role!r} (use system, user or assistant)")
-        if not isinstance(content, str):
-            _fail(where, f"{what}[{i}] ({role}) has no text \"content\"")
-        out.append({"role": role, "content": content})
+        out.append(check_message(message, f"{where}: {what}[{i}]"))
     return out
+
+
+def _tools(obj: dict, where: str) -> list[dict] | None:
+    if "tools" not in obj:
+        return None
+    return check_tools(obj["tools"], f"{where}: tools") or None
 
 
 def _completion(value: Any, where: str, what: str) -> dict[str, str]:
@@ -113,7 +119,7 @@ def read_jsonl(path: Path, fmt: str) -> list[Example]:
             messages = _messages(obj["messages"], where, "messages")
             if messages[-1]["role"] != "assistant":
                 _fail(where, "the conversation does not end with an assistant turn")
-            examples.append(Example(where, [messages]))
+            examples.append(Example(where, [messages], tools=_tools(obj, where)))
         else:
             for key in ("prompt", "chosen", "rejected"):
                 if key not in obj:
@@ -123,19 +129,20 @@ def read_jsonl(path: Path, fmt: str) -> list[Example]:
                 _fail(where, "the prompt ends with an assistant turn (chosen and rejected are the reply)")
             chosen = _completion(obj["chosen"], where, "chosen")
             rejected = _completion(obj["rejected"], where, "rejected")
-            examples.append(Example(where, [prompt + [chosen], prompt + [rejected]], len(prompt)))
+            examples.append(Example(where, [prompt + [chosen], prompt + [rejected]], len(prompt),
+                                    tools=_tools(obj, where)))
     return examples
 
 
-def _encode(tokenizer, messages: list[dict[str, str]], template: str, fmt: str = "chat"
-            ) -> tuple[list[int], list[int]]:
-    ids = encode_rendered(tokenizer, render_text(messages, template))
+def _encode(tokenizer, messages: list[dict[str, Any]], template: str, fmt: str = "chat",
+            tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    ids = encode_rendered(tokenizer, render_text(messages, template, tools=tools))
     return ids, (assistant_mask if fmt == "chat" else last_turn_mask)(tokenizer, ids)
 
 
 def _fit(tokenizer, example: Example, template: str, max_tokens: int, rule: str, fmt: str):
     """[(ids, mask)] of the example's sequences within `max_tokens`, or None (dropped)."""
-    encoded = [_encode(tokenizer, seq, template, fmt) for seq in example.sequences]
+    encoded = [_encode(tokenizer, seq, template, fmt, example.tools) for seq in example.sequences]
     if all(len(ids) <= max_tokens for ids, _ in encoded):
         return encoded, False
     if fmt == "dpo" or rule == "drop":
@@ -144,10 +151,18 @@ def _fit(tokenizer, example: Example, template: str, max_tokens: int, rule: str,
     messages = example.sequences[0]
     for end in range(len(messages) - 1, 0, -1):
         if messages[end - 1]["role"] == "assistant":
-            ids, mask = _encode(tokenizer, messages[:end], template)
+            ids, mask = _encode(tokenizer, messages[:end], template, tools=example.tools)
             if len(ids) <= max_tokens:
                 return [(ids, mask)], True
     return None, True
+
+
+def _texts(message: dict[str, Any]) -> list[str]:
+    """The text a message puts in a conversation (for training its tokenizer): its content
+    and its tool calls as the model writes them."""
+    calls = [call_text(c["function"]["name"], c["function"]["arguments"])
+             for c in message.get("tool_calls", ())]
+    return [message["content"], *calls]
 
 
 def _write(path: Path, array: np.ndarray) -> None:
@@ -193,7 +208,7 @@ def prepare_conversations(inputs: list[str], out_dir: str | Path, fmt: str = "ch
             print(f"added the chat tokens {' '.join(added)} to the tokenizer (ids {first}-"
                   f"{first + len(added) - 1}); `samout train --init-from` grows the model's embedding")
     else:
-        texts = (m["content"] for i in train_idx for seq in examples[i].sequences for m in seq)
+        texts = (text for i in train_idx for seq in examples[i].sequences for m in seq for text in _texts(m))
         if not quiet:
             print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(train_idx)} examples")
         tok = train_tokenizer(texts, vocab_size, show_progress=not quiet, chat=True)

@@ -82,7 +82,9 @@ def test_mask_is_one_exactly_on_assistant_tokens_and_their_end():
 
 def test_bad_messages_are_clear_errors():
     tok = chat_tokenizer()
-    with pytest.raises(SamoutError, match="unknown role 'tool'"):
+    with pytest.raises(SamoutError, match="unknown role 'function'"):
+        render_ids(tok, [{"role": "function", "content": "x"}])
+    with pytest.raises(SamoutError, match="no \"tool_call_id\""):
         render_ids(tok, [{"role": "tool", "content": "x"}])
     with pytest.raises(SamoutError, match="no text"):
         render_ids(tok, [{"role": "user"}])

@@ -67,7 +67,19 @@ def test_overlong_rule_drops_or_truncates_to_whole_turns(tmp_path):
 BAD = [
     ("not json", "not valid JSON"),
     ('{"text": "x"}', 'no "messages" field'),
-    (json.dumps({"messages": [{"role": "tool", "content": "x"}]}), "unknown role 'tool'"),
+    (json.dumps({"messages": [{"role": "function", "content": "x"}]}),
+     r"messages\[0\] has unknown role 'function'"),
+    (json.dumps({"messages": [{"role": "tool", "content": "x"}]}),
+     r"messages\[0\] \(tool\) has no \"tool_call_id\""),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+     r"messages\[1\] \(assistant\) tool_calls\[0\].function.arguments is not valid JSON"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"arguments": {}}}]}]}),
+     r"messages\[1\] \(assistant\) tool_calls\[0\].function.name must be"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]}),
+     r"tools\[0\].function.parameters: "),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "does not end with an assistant turn"),
     (json.dumps({"messages": []}), "non-empty list"),
     (json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}),
@@ -113,3 +125,36 @@ def test_dpo_pairs_mask_only_the_completion(tmp_path):
         assert any(row["chosen"] == chosen and row["rejected"] == rejected for row in rows)
     with pytest.raises(SamoutError, match="holds dpo data, not chat data"):
         ChatData(tmp_path / "dpo", "chat")
+
+
+TOOL_LINE = {
+    "tools": [{"type": "function", "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        {"role": "assistant", "content": "It is 18 C."}]}
+
+
+def test_tool_calls_and_results_are_prepared_and_only_calls_are_trained_on(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", [TOOL_LINE] * 4 + [conv("hi", "hello")] * 4)
+    prepare_conversations([str(src)], tmp_path / "out", vocab_size=300, val_fraction=0.25, quiet=True)
+    data = ChatData(tmp_path / "out", "chat")
+    tok = load_tokenizer(tmp_path / "out")
+    seen = 0
+    for split in ("train", "val"):
+        for i in range(data.num_sequences(split)):
+            ids, mask = data.sequence(split, i)
+            text = tok.decode(ids.tolist(), skip_special_tokens=False)
+            if "<tools>" not in text:
+                continue
+            seen += 1
+            trained = tok.decode([t for t, m in zip(ids.tolist(), mask) if m], skip_special_tokens=False)
+            assert trained == ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                               "</tool_call><|end|>It is 18 C.<|end|>")
+            assert "<|user|><tool_response>18 C</tool_response><|end|>" in text
+    assert seen == 4
