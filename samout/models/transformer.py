@@ -3,11 +3,14 @@ a standard decoder-only Transformer with the same call signature and state contr
 SamOut, so every tool that runs SamOut (training, generation, benchmarks) runs it unchanged.
 
     x = Embedding(ids) (+ sinusoidal position)          # or rotary inside attention
-    pre-norm (default):  x = x + Attn(LN(x));  x = x + FFN(LN(x));  final LN
-    post-norm:           x = LN(x + Attn(x));  x = LN(x + FFN(x))
+    pre-norm (default):  x = x + Attn(N(x));  x = x + FFN(N(x));  final N
+    post-norm:           x = N(x + Attn(x));  x = N(x + FFN(x))
+    N    = LayerNorm (seed 004) or RMSNorm (modern)
     Attn = causal softmax attention via F.scaled_dot_product_attention
-    FFN  = Linear(D, F) -> ReLU -> Linear(F, D)
+    FFN  = Linear(D, F) -> ReLU -> Linear(F, D)                     (seed 004)
+           Linear(F, D)(silu(x W_gate) * x W_up)                     (SwiGLU, modern)
     logits = Linear(D, V, bias=False)(x)
+    (the `modern` style: rotary, RMSNorm, SwiGLU and no biases; transformer_config.py)
 
 Its state is the KV cache: layers[i] = {"key": [B, H, T, dh], "value": [B, H, T, dh]},
 keys stored after rotary rotation. A call with a state appends to it by concatenation
@@ -48,16 +51,40 @@ def sinusoidal_positions(start: int | Tensor, length: int, dim: int, device=None
 
 
 def rotary_angles(start: int | Tensor, length: int, head_dim: int, theta: float,
-                  device=None) -> tuple[Tensor, Tensor]:
+                  device=None, scaling: dict | None = None) -> tuple[Tensor, Tensor]:
     """cos, sin of shape [length, head_dim] for the rotate-half form of RoPE; with `start`
-    a tensor [B] of per-row starts: [B, 1, length, head_dim] (broadcast over heads)."""
+    a tensor [B] of per-row starts: [B, 1, length, head_dim] (broadcast over heads).
+    `scaling`: a config's rope_scaling (transformer_config.py), or None."""
     pos = _positions(start, length, device)
-    inv = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    inv, attention_factor = rotary_frequencies(head_dim, theta, scaling, device)
     angles = pos[..., None] * inv
     angles = torch.cat((angles, angles), dim=-1)
     if angles.dim() == 3:
         angles = angles[:, None]
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                       device=None) -> tuple[Tensor, float]:
+    """RoPE's inverse frequencies [head_dim / 2] (float64) and the factor cos and sin are
+    multiplied by (1 but for YaRN), under `scaling` (see transformer_config.py)."""
+    dims = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
+    kind = None if scaling is None else scaling["type"]
+    factor = 1.0 if scaling is None else float(scaling["factor"])
+    if kind == "ntk":  # NTK-aware: stretch the base so the lowest frequency is interpolated by ~factor
+        theta = theta * factor ** (head_dim / (head_dim - 2)) if head_dim > 2 else theta * factor
+    inv = theta ** -dims
+    if kind == "linear":
+        inv = inv / factor
+    attention_factor = 1.0
+    if kind == "yarn":
+        trained = scaling["original_max_position_embeddings"]
+        rotations = trained * inv / (2 * math.pi)  # turns each frequency makes over the training length
+        beta_fast, beta_slow = 32.0, 1.0
+        keep = ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)  # 1: fast, kept as is
+        inv = inv / factor * (1 - keep) + inv * keep
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv, attention_factor
 
 
 def _positions(start: int | Tensor, length: int, device) -> Tensor:
@@ -88,8 +115,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
 
     def forward(
         self, x: Tensor, cache: dict[str, Tensor] | None, rotary: tuple[Tensor, Tensor] | None,
@@ -101,9 +128,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        past = 0
-        if cache is not None and cache["key"].shape[2]:
-            past = cache["key"].shape[2]
+        past = 0 if cache is None else cache["key"].shape[2]
+        if past:
             k = torch.cat((cache["key"], k), dim=2)
             v = torch.cat((cache["value"], v), dim=2)
         if mask is not None:
@@ -119,25 +145,38 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerFeedForward(nn.Module):
-    """Two Linear layers with an activation between them (ReLU in seed 004)."""
+    """Two Linear layers with an activation between them (ReLU in seed 004); SwiGLU: fc1
+    makes the gate and the up projection in one matrix [2 F, D], fc2 is the down one."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.ffn_hidden_size)
-        self.fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size)
-        self.act = nn.ReLU() if config.activation == "relu" else nn.GELU()
+        self.swiglu = config.activation == "swiglu"
+        width = config.ffn_hidden_size
+        self.fc1 = nn.Linear(config.hidden_size, 2 * width if self.swiglu else width, bias=config.bias)
+        self.fc2 = nn.Linear(width, config.hidden_size, bias=config.bias)
+        self.act = {"relu": nn.ReLU, "gelu": nn.GELU, "swiglu": nn.SiLU}[config.activation]()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            gate, up = self.fc1(x).chunk(2, dim=-1)
+            return self.fc2(self.act(gate) * up)
         return self.fc2(self.act(self.fc1(x)))
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    """LayerNorm (with a bias unless config.bias is false) or RMSNorm, over the width."""
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(config.hidden_size, eps=1e-6)
+    return nn.LayerNorm(config.hidden_size, bias=config.bias)
 
 
 class TransformerLayer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.pre_norm = config.norm == "pre"
-        self.attn_norm = nn.LayerNorm(config.hidden_size)
+        self.attn_norm = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ffn_norm = nn.LayerNorm(config.hidden_size)
+        self.ffn_norm = make_norm(config)
         self.ffn = TransformerFeedForward(config)
 
     def forward(self, x: Tensor, cache, rotary,
@@ -191,7 +230,7 @@ class Transformer(PretrainedModelMixin, nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_idx)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
-        self.norm = nn.LayerNorm(config.hidden_size) if config.norm == "pre" else None
+        self.norm = make_norm(config) if config.norm == "pre" else None
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
@@ -226,7 +265,8 @@ class Transformer(PretrainedModelMixin, nn.Module):
         if self.config.positional == "sinusoidal":
             x = x + sinusoidal_positions(start, t, self.config.hidden_size, x.device, x.dtype)
         else:
-            rotary = rotary_angles(start, t, self.config.head_dim, self.config.rope_theta, x.device)
+            rotary = rotary_angles(start, t, self.config.head_dim, self.config.rope_theta, x.device,
+                                   self.config.rope_scaling)
         new_caches = []
         for layer, cache in zip(self.layers, caches):
             x, cache = layer(x, cache, rotary, mask)
@@ -238,6 +278,16 @@ class Transformer(PretrainedModelMixin, nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return self.head_output(x, targets, ignore_index), State(new_caches)
+
+    def set_rope_scaling(self, scaling: dict | None) -> None:
+        """Evaluate beyond the training length with RoPE scaling, e.g. {"type": "ntk",
+        "factor": 4.0} at 4x (see transformer_config.py); None turns it off. Checked like
+        the config field it sets; caches made before the change hold keys rotated the old
+        way, so start a new state."""
+        from samout.models.transformer_config import check_rope_scaling
+
+        check_rope_scaling(scaling, self.config.positional)
+        self.config.rope_scaling = None if scaling is None else dict(scaling)
 
     def _check_state(self, state: State | None, batch_size: int) -> list[dict[str, Tensor] | None]:
         check_state_layers(state, len(self.layers))

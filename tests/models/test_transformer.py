@@ -1,3 +1,4 @@
+import json
 import math
 import random
 
@@ -8,7 +9,7 @@ from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, 
 from samout.config import MIXERS, PRESETS
 from samout.models import MODEL_CLASSES
 from samout.models.transformer import PaddedKVBatch, cache_row, left_pad_caches
-from samout.models.transformer_config import MATCH_TOLERANCE, match_transformer_to
+from samout.models.transformer_config import BASELINE_STYLES, MATCH_TOLERANCE, match_transformer_to
 from tests.helpers import random_chunks
 
 VOCAB = 97
@@ -19,7 +20,9 @@ def _tiny(**kw) -> Transformer:
     return Transformer(TransformerConfig(**{**config, **kw})).eval()
 
 
-VARIANTS = [dict(), dict(positional="rotary"), dict(norm="post"), dict(activation="gelu")]
+MODERN = BASELINE_STYLES["modern"]
+VARIANTS = [dict(), dict(positional="rotary"), dict(norm="post"), dict(activation="gelu"), MODERN,
+            dict(MODERN, norm="post"), dict(norm_type="rmsnorm"), dict(activation="swiglu")]
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
@@ -224,7 +227,9 @@ def test_context_limit_is_a_clear_error(positional):
             model(torch.zeros(1, 7, dtype=torch.long), state=state)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(norm="post"), dict(tie_word_embeddings=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(norm="post"), dict(tie_word_embeddings=True), MODERN,
+                                dict(MODERN, norm="post"), dict(bias=False), dict(activation="swiglu"),
+                                dict(norm_type="rmsnorm", bias=True)])
 def test_parameter_formula_is_exact(kw):
     model = _tiny(**kw)
     assert model.num_parameters(exclude_embeddings=True) == model.config.non_embedding_parameters()
@@ -236,25 +241,28 @@ def _samout_non_embedding(config: SamOutConfig) -> int:
     return SamOut(config).num_parameters(exclude_embeddings=True)
 
 
+@pytest.mark.parametrize("baseline", list(BASELINE_STYLES))
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_matched_within_two_percent_for_every_preset(preset):
+def test_matched_within_two_percent_for_every_preset(preset, baseline):
     config = SamOutConfig.from_preset(preset)
     with torch.device("meta"):
         target = _samout_non_embedding(config)
-        matched = match_transformer_to(config)
+        matched = match_transformer_to(config, baseline=baseline)
         got = Transformer(matched).num_parameters(exclude_embeddings=True)
     assert abs(got - target) <= MATCH_TOLERANCE * target, (got, target)
+    assert matched.style == baseline and matched.ffn_hidden_size % 8 == 0
     assert (matched.vocab_size, matched.hidden_size, matched.num_layers, matched.num_heads) == (
         config.vocab_size, config.hidden_size, config.num_layers, config.num_heads)
 
 
+@pytest.mark.parametrize("baseline", list(BASELINE_STYLES))
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("preset", ["tiny", "seed-003"])
-def test_matched_within_two_percent_for_every_mixer(preset, mixer):
+def test_matched_within_two_percent_for_every_mixer(preset, mixer, baseline):
     config = SamOutConfig.from_preset(preset, mixer=mixer)
     with torch.device("meta"):
         target = _samout_non_embedding(config)
-        got = Transformer(match_transformer_to(config, positional="rotary")).num_parameters(True)
+        got = Transformer(match_transformer_to(config, baseline, positional="rotary")).num_parameters(True)
     assert abs(got - target) <= MATCH_TOLERANCE * target, (got, target)
 
 
@@ -329,9 +337,99 @@ def test_impossible_configs(kwargs, message):
         TransformerConfig(**kwargs)
 
 
-def test_config_json_round_trip(tmp_path):
-    config = TransformerConfig(positional="rotary", norm="post", ffn_hidden_size=100)
+@pytest.mark.parametrize("kw", [dict(), MODERN, dict(MODERN, rope_scaling={"type": "ntk", "factor": 4.0})])
+def test_config_json_round_trip(tmp_path, kw):
+    config = TransformerConfig(**{**dict(positional="rotary", norm="post", ffn_hidden_size=100), **kw})
     assert TransformerConfig.from_json(config.to_json()) == config
+
+
+def test_an_old_config_without_the_style_fields_loads_as_seed_004(tmp_path):
+    """config.json written before the styles existed (no norm_type, bias, rope_scaling)."""
+    old = {"activation": "relu", "ffn_hidden_size": 48, "format_version": 1, "hidden_size": 32,
+           "max_position_embeddings": 4096, "model_type": "transformer", "norm": "pre", "num_heads": 4,
+           "num_layers": 2, "padding_idx": 0, "positional": "sinusoidal", "rope_theta": 10000.0,
+           "tie_word_embeddings": False, "vocab_size": VOCAB}
+    config = TransformerConfig.from_dict(old)
+    assert config.style == "seed-004" and config.bias and config.norm_type == "layernorm"
+    model = _tiny()  # the same sizes in today's defaults: the old weights load into it
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], loaded.eval()(ids)[0])
+
+
+def test_styles_and_presets():
+    tiny = SamOutConfig.from_preset("tiny")
+    assert match_transformer_to(tiny).style == "modern"
+    assert match_transformer_to(tiny, "seed-004").style == "seed-004"
+    assert match_transformer_to(tiny, positional="sinusoidal").style == "custom"
+    assert TransformerConfig.from_preset("tiny").style == "modern"  # new training runs
+    assert TransformerConfig.from_preset("tiny", baseline="seed-004").style == "seed-004"
+    assert TransformerConfig.from_dict({"baseline": "modern", "ffn_hidden_size": 8}).style == "modern"
+    assert TransformerConfig().style == "seed-004"
+    with pytest.raises(ValueError, match="unknown baseline 'gpt2'"):
+        match_transformer_to(tiny, "gpt2")
+    modern = _tiny(**MODERN)
+    assert not any(name.endswith("bias") for name, _ in modern.named_parameters())
+    assert isinstance(modern.norm, torch.nn.RMSNorm)
+
+
+# -- RoPE scaling ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ntk", "linear", "yarn"])
+def test_rope_scaling_by_one_changes_nothing(seed, kind):
+    model = _tiny(**MODERN)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        plain, _ = model(ids)
+        model.set_rope_scaling({"type": kind, "factor": 1.0, **(
+            {"original_max_position_embeddings": 16} if kind == "yarn" else {})})
+        scaled, _ = model(ids)
+    assert (plain - scaled).abs().max() <= 1e-5 * plain.abs().max()
+
+
+@pytest.mark.parametrize("scaling", [{"type": "ntk", "factor": 4.0}, {"type": "linear", "factor": 2},
+                                     {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
+def test_rope_scaling_keeps_the_state_contract(seed, scaling):
+    model = _tiny(**MODERN, rope_scaling=scaling)
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        full, _ = model(ids)
+        plain = _tiny(**MODERN)
+        plain.load_state_dict(model.state_dict())
+        assert not torch.allclose(full, plain(ids)[0])  # it does change the model
+        out, state = model(ids[:, :17])
+        rest, _ = model(ids[:, 17:], state)
+    assert (torch.cat((out, rest), 1) - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_rope_scaling_frequencies():
+    from samout.models.transformer import rotary_frequencies
+
+    base, _ = rotary_frequencies(16, 10000.0)
+    ntk, _ = rotary_frequencies(16, 10000.0, {"type": "ntk", "factor": 4.0})
+    assert torch.isclose(ntk[0], base[0]) and torch.isclose(ntk[-1], base[-1] / 4, rtol=1e-9)
+    yarn, factor = rotary_frequencies(16, 10000.0, {"type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 4096})
+    assert torch.equal(yarn[0], base[0]) and torch.isclose(yarn[-1], base[-1] / 4)
+    assert factor == pytest.approx(0.1 * math.log(4) + 1)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(rope_scaling={"type": "ntk", "factor": 2.0}), "needs rotary positions"),
+    (dict(positional="rotary", rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling must be"),
+    (dict(positional="rotary", rope_scaling={"type": "ntk", "factor": 0}), "positive number"),
+    (dict(positional="rotary", rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_position"),
+    (dict(positional="rotary", rope_scaling={"type": "ntk", "factor": 2.0, "beta": 1}),
+     "unknown rope_scaling"),
+    (dict(bias="no"), "bias must be true or false"),
+    (dict(norm_type="batchnorm"), "unknown norm_type"),
+])
+def test_bad_style_options(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**kw)
 
 
 def test_overfits_a_small_batch_of_real_text(shakespeare_text):
