@@ -13,8 +13,19 @@ SamOut, so every tool that runs SamOut (training, generation, benchmarks) runs i
     (the `modern` style: rotary, RMSNorm, SwiGLU and no biases; transformer_config.py)
 
 Its state is the KV cache: layers[i] = {"key": [B, H, T, dh], "value": [B, H, T, dh]},
-keys stored after rotary rotation. A call with a state appends to it by concatenation
-(as Hugging Face's default dynamic cache does), so the state grows with every token.
+keys stored after rotary rotation. A call with a state appends to it. Outside autograd
+the cache is preallocated: the tensors in the state are views of the first T slots of
+a capacity-sized buffer (grown by doubling), and a call whose cache is the buffer's
+longest view writes the new keys and values into the free slots in place, so a decode
+step copies one token's keys, not the whole cache (`append_kv`). The state is still a
+plain functional value: a view never changes, and a call from an older state (a shorter
+view of the same buffer: a branch, a cached prefix) copies into a new buffer instead of
+writing over the slots a later state already uses. Copies (`State.clone`, `stack`,
+`index_select`, left padding) are ordinary tensors and start a new buffer on their next
+call. `State.nbytes` counts the slots in use; `kv_capacity_bytes` what the buffers hold
+(at most twice that, plus a block). `Transformer.set_kv_cache("concat")` restores the
+old concatenation per call (as Hugging Face's default dynamic cache does): the reference
+the tests compare with.
 
 Rows with caches of different lengths run in one call (the serving engine's batched
 decode) through `cache_lengths`: the caches are LEFT-padded to a common T, row b holding
@@ -37,6 +48,68 @@ from samout.models.base import PretrainedModelMixin
 from samout.models.samout import check_input_ids, check_logits_to_keep
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
 from samout.state import State, StateBatch, check_state_layers
+
+# Slots a new KV buffer is rounded up to (then grown by doubling, up to the context limit).
+KV_BLOCK = 64
+KV_CACHES = ("preallocated", "concat")
+
+
+class KVBuffer:
+    """Capacity-sized key or value storage [B, H, C, dh] shared by the cache views cut from
+    it; `length` is how many slots hold data (the longest view handed out)."""
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, data: Tensor, length: int) -> None:
+        self.data, self.length = data, length
+
+    def view(self) -> Tensor:
+        v = self.data[:, :, :self.length]
+        v._samout_kv_buffer = self  # how the next call finds the buffer behind the view
+        return v
+
+
+def kv_buffer(cache: Tensor) -> KVBuffer | None:
+    """The buffer `cache` is the longest view of, if any (None: a plain tensor)."""
+    return getattr(cache, "_samout_kv_buffer", None)
+
+
+def append_kv(cache: Tensor | None, new: Tensor, limit: int) -> Tensor:
+    """`cache` [B, H, T, dh] followed by `new` [B, H, t, dh], as a view of a preallocated
+    buffer: written in place when `cache` is its buffer's longest view and room is left,
+    else copied into a new buffer of max(T + t, 2 T) slots rounded up to KV_BLOCK (at most
+    `limit`, at least T + t). Equal to torch.cat((cache, new), 2) in value."""
+    past = 0 if cache is None else cache.shape[2]
+    need = past + new.shape[2]
+    buf = None if cache is None else kv_buffer(cache)
+    if (buf is not None and buf.length == past and buf.data.shape[2] >= need
+            and buf.data.dtype == new.dtype and buf.data.device == new.device
+            and buf.data.shape[:2] == new.shape[:2]):
+        buf.data[:, :, past:need].copy_(new)
+    else:
+        capacity = -(-max(need, 2 * past) // KV_BLOCK) * KV_BLOCK
+        capacity = max(need, min(capacity, limit))
+        data = new.new_empty(*new.shape[:2], capacity, new.shape[3])
+        if past:
+            data[:, :, :past].copy_(cache)
+        data[:, :, past:need].copy_(new)
+        buf = KVBuffer(data, need)
+    buf.length = need
+    return buf.view()
+
+
+def kv_capacity_bytes(state: State) -> int:
+    """Bytes a state's KV caches hold, buffers counted at their capacity (each once)."""
+    seen, total = set(), 0
+    for layer in state:
+        for t in layer.values():
+            buf = kv_buffer(t)
+            if buf is None:
+                total += t.numel() * t.element_size()
+            elif id(buf) not in seen:
+                seen.add(id(buf))
+                total += buf.data.numel() * buf.data.element_size()
+    return total
 
 
 def sinusoidal_positions(start: int | Tensor, length: int, dim: int, device=None, dtype=None) -> Tensor:
@@ -117,6 +190,8 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
         self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.kv_cache = "preallocated"  # or "concat" (Transformer.set_kv_cache)
+        self.limit = config.max_position_embeddings
 
     def forward(
         self, x: Tensor, cache: dict[str, Tensor] | None, rotary: tuple[Tensor, Tensor] | None,
@@ -129,7 +204,10 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         past = 0 if cache is None else cache["key"].shape[2]
-        if past:
+        if self.kv_cache == "preallocated" and not (torch.is_grad_enabled() and k.requires_grad):
+            k = append_kv(cache["key"] if past else None, k, self.limit)
+            v = append_kv(cache["value"] if past else None, v, self.limit)
+        elif past:  # the plain concatenation (and under autograd: in-place writes would break it)
             k = torch.cat((cache["key"], k), dim=2)
             v = torch.cat((cache["value"], v), dim=2)
         if mask is not None:
@@ -279,6 +357,14 @@ class Transformer(PretrainedModelMixin, nn.Module):
             x = self.norm(x)
         return self.head_output(x, targets, ignore_index), State(new_caches)
 
+    def set_kv_cache(self, kind: str) -> None:
+        """"preallocated" (default: KV buffers written in place, grown by doubling) or
+        "concat" (a new tensor per call by concatenation, the reference)."""
+        if kind not in KV_CACHES:
+            raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")
+        for layer in self.layers:
+            layer.attn.kv_cache = kind
+
     def set_rope_scaling(self, scaling: dict | None) -> None:
         """Evaluate beyond the training length with RoPE scaling, e.g. {"type": "ntk",
         "factor": 4.0} at 4x (see transformer_config.py); None turns it off. Checked like
@@ -346,5 +432,5 @@ def cache_row(state: State, row: int, length: int) -> State:
     return State([{k: v[row:row + 1, :, v.shape[2] - length:] for k, v in layer.items()} for layer in state])
 
 
-__all__ = ["PaddedKVBatch", "Transformer", "TransformerConfig", "cache_row", "left_pad_caches",
+__all__ = ["PaddedKVBatch", "Transformer", "TransformerConfig", "append_kv", "cache_row", "left_pad_caches",
            "match_transformer_to"]

@@ -8,7 +8,7 @@ import torch
 from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, load_pretrained
 from samout.config import MIXERS, PRESETS
 from samout.models import MODEL_CLASSES
-from samout.models.transformer import PaddedKVBatch, cache_row, left_pad_caches
+from samout.models.transformer import PaddedKVBatch, cache_row, kv_buffer, left_pad_caches
 from samout.models.transformer_config import BASELINE_STYLES, MATCH_TOLERANCE, match_transformer_to
 from tests.helpers import random_chunks
 
@@ -374,6 +374,100 @@ def test_styles_and_presets():
     modern = _tiny(**MODERN)
     assert not any(name.endswith("bias") for name, _ in modern.named_parameters())
     assert isinstance(modern.norm, torch.nn.RMSNorm)
+
+
+# -- the preallocated KV cache against the concatenating reference ---------------------
+
+def _pair(**kw) -> tuple[Transformer, Transformer]:
+    model = _tiny(**kw)
+    reference = _tiny(**kw)
+    reference.load_state_dict(model.state_dict())
+    reference.set_kv_cache("concat")
+    return model, reference
+
+
+@pytest.mark.parametrize("kw", [dict(), MODERN])
+def test_preallocated_cache_equals_the_concatenating_reference(seed, kw):
+    rng = random.Random(seed)
+    model, reference = _pair(**kw)
+    ids = torch.randint(0, VOCAB, (2, 150))  # past a block of 64 slots and one doubling
+    with torch.no_grad():
+        for chunking in ([1] * 150, random_chunks(150, rng), [150]):
+            state = ref_state = None
+            t = 0
+            for n in chunking:
+                out, state = model(ids[:, t:t + n], state)
+                ref, ref_state = reference(ids[:, t:t + n], ref_state)
+                assert torch.equal(out, ref), (chunking, t)
+                t += n
+            assert state.equal(ref_state)
+            assert kv_buffer(state[0]["key"]) is not None and kv_buffer(ref_state[0]["key"]) is None
+
+
+def test_decode_writes_in_place_and_doubles():
+    model = _tiny()
+    with torch.no_grad():
+        _, state = model(torch.randint(0, VOCAB, (1, 60)))
+        buffer = kv_buffer(state[0]["key"])
+        assert buffer.data.shape[2] == 64
+        for _ in range(4):
+            _, state = model(torch.randint(0, VOCAB, (1, 1)), state)
+        assert kv_buffer(state[0]["key"]) is buffer  # 61..64: the same buffer, written in place
+        assert state[0]["key"].data_ptr() == buffer.data.data_ptr()
+        _, state = model(torch.randint(0, VOCAB, (1, 1)), state)
+        grown = kv_buffer(state[0]["key"])
+        assert grown is not buffer and grown.data.shape[2] == 128 and state[0]["key"].shape[2] == 65
+
+
+def test_an_older_state_stays_valid_and_branches_do_not_collide(seed):
+    """Functional contract: continuing from a state twice (a cached prefix, two branches)
+    gives each branch what a fresh call gives; neither overwrites the other."""
+    model, reference = _pair(**MODERN)
+    prefix = torch.randint(0, VOCAB, (1, 10))
+    a_ids, b_ids = torch.randint(0, VOCAB, (1, 3)), torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        _, prefix_state = model(prefix)
+        snapshot = prefix_state.clone()
+        _, a_state = model(a_ids, prefix_state)
+        _, b_state = model(b_ids, prefix_state)  # must not write over a's slots 10..12
+        nxt = torch.randint(0, VOCAB, (1, 1))
+        a_out, _ = model(nxt, a_state)
+        b_out, _ = model(nxt, b_state)
+        a_ref, _ = reference(torch.cat((prefix, a_ids, nxt), 1))
+        b_ref, _ = reference(torch.cat((prefix, b_ids, nxt), 1))
+    assert prefix_state.equal(snapshot)
+    assert (a_out[:, -1] - a_ref[:, -1]).abs().max() <= 1e-5 * a_ref.abs().max()
+    assert (b_out[:, -1] - b_ref[:, -1]).abs().max() <= 1e-5 * b_ref.abs().max()
+
+
+def test_state_copies_start_their_own_buffer(seed):
+    """State.stack / split / clone / index_select and left padding give ordinary tensors;
+    the next call copies them into a buffer and leaves the originals alone."""
+    model, reference = _pair()
+    with torch.no_grad():
+        states = [model(torch.randint(0, VOCAB, (1, n)))[1] for n in (4, 4)]
+        stacked = State.stack(states)
+        nxt = torch.randint(0, VOCAB, (2, 1))
+        out, new = model(nxt, stacked)
+        ref, _ = reference(nxt, stacked.clone())
+        assert torch.equal(out, ref)
+        for part, alone in zip(new.split(), states):
+            assert part[0]["key"].shape[2] == 5 and alone[0]["key"].shape[2] == 4
+
+
+def test_training_through_a_cache_keeps_autograd(seed):
+    """Under autograd the cache concatenates (in-place writes would break backward)."""
+    model = _tiny(**MODERN).train()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    _, state = model(ids[:, :6])
+    logits, _ = model(ids[:, 6:], state)
+    logits.sum().backward()
+    assert kv_buffer(state[0]["key"]) is None and model.embed.weight.grad is not None
+
+
+def test_set_kv_cache_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="unknown kv cache 'paged'"):
+        _tiny().set_kv_cache("paged")
 
 
 # -- RoPE scaling ----------------------------------------------------------------------
