@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train every model for this long instead (e.g. 5m): equal wall time, "
                              "--max-steps then only caps it")
     parser.add_argument("--work-dir", help="where the data and trained runs go (default OUT/quality-work)")
-    parser.add_argument("--baseline", dest="baselines", type=names,
+    parser.add_argument("--baseline", type=names,
                         help=f"Transformer baseline style(s) to train, comma-separated "
                              f"({','.join(BASELINE_STYLES)}; default {DEFAULT_BASELINE})")
     parser.add_argument("--rope-scaling", type=names,
@@ -124,9 +124,11 @@ def run(args: argparse.Namespace) -> int:
     s = settings_from_args(args, QualitySettings, QUICK,
                            ("corpus", "preset", "mixers", "variants", "window", "context_multiples",
                             "vocab_size", "seq_len", "batch_size", "max_steps", "max_time", "lr",
-                            "warmup_steps", "eval_every", "baselines", "rope_scaling", "seeds", "device",
-                            "seed", "work_dir"),
+                            "warmup_steps", "eval_every", "rope_scaling", "seeds", "device", "seed",
+                            "work_dir"),
                            overrides=("hidden_size", "num_layers", "num_heads"))
+    if args.baseline is not None:
+        s.baselines = args.baseline
     results = run_quality(s, args.out, command=command_line(args), progress=not args.no_progress)
     return write_report(args.out, "quality", results, format_quality(results))
 
@@ -350,8 +352,9 @@ def format_quality(results: dict[str, Any]) -> str:
     lines = [*header_lines("quality", h),
              f"validation files: {_short_list(results['split']['validation_files'])}"]
     for name, label in results.get("baselines", {}).items():
-        lines.append(f"{name}: the {label}; {name}+<scaling>: the same model evaluated with that "
-                     "RoPE scaling of factor k at k x the training length")
+        scaled = any(n.startswith(f"{name}+") for n in results["models"])
+        lines.append(f"{name}: the {label}" + (f"; {name}+<scaling>: the same model evaluated with that "
+                     "RoPE scaling of factor k at k x the training length" if scaled else ""))
     if several:
         lines.append(f"seeds {','.join(map(str, seeds))}: mean ± sample standard deviation")
     lines += ["", f"{'model':>24} {'non-emb. params':>16} {'tokens':>10} {'seconds':>8} "
