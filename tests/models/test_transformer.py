@@ -557,3 +557,20 @@ def test_logits_to_keep_is_the_tail_of_the_full_logits(seed, kw):
     assert torch.allclose(cached, full[:, -2:], rtol=0, atol=1e-5 * scale)
     for a, b in zip(state.to_tensors().values(), full_state.to_tensors().values()):
         assert torch.equal(a, b)
+
+
+def test_eval_rope_scaling_flag():
+    from samout.commands.eval import apply_rope_scaling, parse_rope_scaling
+    from samout.errors import SamoutError
+
+    assert parse_rope_scaling("ntk:4", 256) == {"type": "ntk", "factor": 4.0}
+    assert parse_rope_scaling("yarn:2", 256)["original_max_position_embeddings"] == 256
+    with pytest.raises(SamoutError, match="expected TYPE:FACTOR"):
+        parse_rope_scaling("ntk", 256)
+    model = _tiny(**MODERN)
+    apply_rope_scaling(model, "ntk:4", 16, "run")
+    assert model.config.rope_scaling == {"type": "ntk", "factor": 4.0}
+    with pytest.raises(SamoutError, match="needs rotary positions"):
+        apply_rope_scaling(_tiny(), "ntk:4", 16, "run")
+    with pytest.raises(SamoutError, match="is not a Transformer"):
+        apply_rope_scaling(SamOut(SamOutConfig.from_preset("tiny")), "ntk:4", 16, "run")
