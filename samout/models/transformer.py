@@ -15,7 +15,7 @@ SamOut, so every tool that runs SamOut (training, generation, benchmarks) runs i
 Its state is the KV cache: layers[i] = {"key": [B, H, T, dh], "value": [B, H, T, dh]},
 keys stored after rotary rotation. A call with a state appends to it. Outside autograd
 the cache is preallocated: the tensors in the state are views of the first T slots of
-a capacity-sized buffer (grown by doubling), and a call whose cache is the buffer's
+a capacity-sized buffer (grown by a quarter), and a call whose cache is the buffer's
 longest view writes the new keys and values into the free slots in place, so a decode
 step copies one token's keys, not the whole cache (`append_kv`). The state is still a
 plain functional value: a view never changes, and a call from an older state (a shorter
@@ -23,7 +23,7 @@ view of the same buffer: a branch, a cached prefix) copies into a new buffer ins
 writing over the slots a later state already uses. Copies (`State.clone`, `stack`,
 `index_select`, left padding) are ordinary tensors and start a new buffer on their next
 call. `State.nbytes` counts the slots in use; `kv_capacity_bytes` what the buffers hold
-(at most twice that, plus a block). `Transformer.set_kv_cache("concat")` restores the
+(at most a quarter more, or a block). `Transformer.set_kv_cache("concat")` restores the
 old concatenation per call (as Hugging Face's default dynamic cache does): the reference
 the tests compare with.
 
@@ -49,7 +49,8 @@ from samout.models.samout import check_input_ids, check_logits_to_keep
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
 from samout.state import State, StateBatch, check_state_layers
 
-# Slots a new KV buffer is rounded up to (then grown by doubling, up to the context limit).
+# Slots a KV buffer is rounded up to; a new one has room for a quarter more tokens than it
+# holds (at least KV_BLOCK), up to the context limit.
 KV_BLOCK = 64
 KV_CACHES = ("preallocated", "concat")
 
@@ -77,8 +78,11 @@ def kv_buffer(cache: Tensor) -> KVBuffer | None:
 def append_kv(cache: Tensor | None, new: Tensor, limit: int) -> Tensor:
     """`cache` [B, H, T, dh] followed by `new` [B, H, t, dh], as a view of a preallocated
     buffer: written in place when `cache` is its buffer's longest view and room is left,
-    else copied into a new buffer of max(T + t, 2 T) slots rounded up to KV_BLOCK (at most
-    `limit`, at least T + t). Equal to torch.cat((cache, new), 2) in value."""
+    else copied into a new buffer of T + t + max(KV_BLOCK, T / 4) slots rounded up to
+    KV_BLOCK (at most `limit`, at least T + t): geometric growth, so each token is copied a
+    bounded number of times on average (at most 5), against T times by concatenation, and
+    at most a quarter of the buffer (or a block) is slack. Equal to torch.cat((cache, new), 2)
+    in value."""
     past = 0 if cache is None else cache.shape[2]
     need = past + new.shape[2]
     buf = None if cache is None else kv_buffer(cache)
@@ -87,7 +91,7 @@ def append_kv(cache: Tensor | None, new: Tensor, limit: int) -> Tensor:
             and buf.data.shape[:2] == new.shape[:2]):
         buf.data[:, :, past:need].copy_(new)
     else:
-        capacity = -(-max(need, 2 * past) // KV_BLOCK) * KV_BLOCK
+        capacity = -(-(need + max(KV_BLOCK, past // 4)) // KV_BLOCK) * KV_BLOCK
         capacity = max(need, min(capacity, limit))
         data = new.new_empty(*new.shape[:2], capacity, new.shape[3])
         if past:
@@ -358,7 +362,7 @@ class Transformer(PretrainedModelMixin, nn.Module):
         return self.head_output(x, targets, ignore_index), State(new_caches)
 
     def set_kv_cache(self, kind: str) -> None:
-        """"preallocated" (default: KV buffers written in place, grown by doubling) or
+        """"preallocated" (default: KV buffers written in place, grown by a quarter) or
         "concat" (a new tensor per call by concatenation, the reference)."""
         if kind not in KV_CACHES:
             raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")

@@ -404,19 +404,21 @@ def test_preallocated_cache_equals_the_concatenating_reference(seed, kw):
             assert kv_buffer(state[0]["key"]) is not None and kv_buffer(ref_state[0]["key"]) is None
 
 
-def test_decode_writes_in_place_and_doubles():
-    model = _tiny()
+def test_decode_writes_in_place_and_grows_geometrically():
+    model = _tiny(max_position_embeddings=1000)
     with torch.no_grad():
         _, state = model(torch.randint(0, VOCAB, (1, 60)))
         buffer = kv_buffer(state[0]["key"])
-        assert buffer.data.shape[2] == 64
-        for _ in range(4):
+        assert buffer.data.shape[2] == 128  # 60 + a block of room, rounded up to blocks
+        for _ in range(68):
             _, state = model(torch.randint(0, VOCAB, (1, 1)), state)
-        assert kv_buffer(state[0]["key"]) is buffer  # 61..64: the same buffer, written in place
+        assert kv_buffer(state[0]["key"]) is buffer  # 61..128: the same buffer, written in place
         assert state[0]["key"].data_ptr() == buffer.data.data_ptr()
         _, state = model(torch.randint(0, VOCAB, (1, 1)), state)
         grown = kv_buffer(state[0]["key"])
-        assert grown is not buffer and grown.data.shape[2] == 128 and state[0]["key"].shape[2] == 65
+        assert grown is not buffer and grown.data.shape[2] == 256 and state[0]["key"].shape[2] == 129
+        _, state = model(torch.randint(0, VOCAB, (1, 800)), state)  # 929 + 232 > the limit
+        assert kv_buffer(state[0]["key"]).data.shape[2] == 1000
 
 
 def test_an_older_state_stays_valid_and_branches_do_not_collide(seed):
