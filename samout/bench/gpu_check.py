@@ -85,6 +85,9 @@ def correctness_checks(s: GpuCheckSettings, device: torch.device) -> list[dict[s
 
     torch.manual_seed(0)
     t = s.check_length
+    # float32 on both sides; a GPU's reduction orders (and cuDNN's TF32 convolutions) differ
+    # more from the CPU-exact reference than the CPU's do.
+    tight, loose = (1e-4, 1e-3) if device.type == "cpu" else (2e-3, 2e-2)
     kernels = ["fused"] + (["triton"] if device.type == "cuda" and triton_available() else [])
     for mixer in MIXERS:
         config = SamOutConfig(**s.check_size, mixer=mixer, kernel="reference")
@@ -100,9 +103,9 @@ def correctness_checks(s: GpuCheckSettings, device: torch.device) -> list[dict[s
             logits, _ = model(ids)
             logits.float().square().mean().backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
-            record(f"samout-{mixer} {kernel} == reference (logits)", _close(logits, ref_logits, 1e-4), 1e-4)
-            worst = max((_close(g, r, 1e-3) for g, r in zip(grads, ref_grads)), key=lambda x: x[1])
-            record(f"samout-{mixer} {kernel} == reference (gradients)", worst, 1e-3)
+            record(f"samout-{mixer} {kernel} == reference (logits)", _close(logits, ref_logits, tight), tight)
+            worst = max((_close(g, r, loose) for g, r in zip(grads, ref_grads)), key=lambda x: x[1])
+            record(f"samout-{mixer} {kernel} == reference (gradients)", worst, loose)
             model.eval()
             with torch.no_grad():
                 full, _ = model(ids)
@@ -110,7 +113,7 @@ def correctness_checks(s: GpuCheckSettings, device: torch.device) -> list[dict[s
                 for chunk in (ids[:, : t // 3], ids[:, t // 3: t // 3 + 1], ids[:, t // 3 + 1:]):
                     out, state = model(chunk, state)
                     outs.append(out)
-            record(f"samout-{mixer} {kernel} chunked == full", _close(torch.cat(outs, 1), full, 1e-4), 1e-4)
+            record(f"samout-{mixer} {kernel} chunked == full", _close(torch.cat(outs, 1), full, tight), tight)
         if "triton" in kernels:
             fused = build_model(config, device).eval()
             fused.load_state_dict(ref.state_dict())
@@ -118,7 +121,7 @@ def correctness_checks(s: GpuCheckSettings, device: torch.device) -> list[dict[s
             triton.load_state_dict(ref.state_dict())
             with torch.no_grad():
                 got, want = triton.set_kernel("triton")(ids)[0], fused.set_kernel("fused")(ids)[0]
-                record(f"samout-{mixer} triton == fused", _close(got, want, 1e-4), 1e-4)
+                record(f"samout-{mixer} triton == fused", _close(got, want, tight), tight)
     base = SamOutConfig(**s.check_size)
     tf_config = match_transformer_to(base, max_position_embeddings=4 * t)
     model = build_model(tf_config, device).eval()
@@ -136,13 +139,13 @@ def correctness_checks(s: GpuCheckSettings, device: torch.device) -> list[dict[s
             outs.append(out)
         record("transformer (modern) preallocated KV == concatenating KV (one-token steps)",
                (state.equal(ref_state), 0.0 if state.equal(ref_state) else float("nan")), 0.0)
-        record("transformer (modern) one-token steps == full", _close(torch.cat(outs, 1), full, 1e-4), 1e-4)
+        record("transformer (modern) one-token steps == full", _close(torch.cat(outs, 1), full, tight), tight)
         if device.type == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel([SDPBackend.MATH]):
                 math_out, _ = model(ids)
-            record("transformer SDPA (default backend) == math backend", _close(full, math_out, 1e-3), 1e-3)
+            record("transformer SDPA (default backend) == math backend", _close(full, math_out, loose), loose)
     return results
 
 
