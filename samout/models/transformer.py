@@ -88,7 +88,9 @@ def append_kv(cache: Tensor | None, new: Tensor, limit: int) -> Tensor:
     buf = None if cache is None else kv_buffer(cache)
     if (buf is not None and buf.length == past and buf.data.shape[2] >= need
             and buf.data.dtype == new.dtype and buf.data.device == new.device
-            and buf.data.shape[:2] == new.shape[:2]):
+            and buf.data.shape[:2] == new.shape[:2]
+            # a buffer made under torch.inference_mode can only be written under it
+            and (not buf.data.is_inference() or torch.is_inference_mode_enabled())):
         buf.data[:, :, past:need].copy_(new)
     else:
         capacity = -(-(need + max(KV_BLOCK, past // 4)) // KV_BLOCK) * KV_BLOCK

@@ -457,6 +457,20 @@ def test_state_copies_start_their_own_buffer(seed):
             assert part[0]["key"].shape[2] == 5 and alone[0]["key"].shape[2] == 4
 
 
+def test_a_cache_made_under_inference_mode_continues_outside_it(seed):
+    model, reference = _pair()
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.inference_mode():
+        _, state = model(ids[:, :5])
+    with torch.no_grad():
+        out, state = model(ids[:, 5:6], state)  # copies: an inference tensor is read-only here
+        out2, _ = model(ids[:, 6:], state)
+        _, ref_state = reference(ids[:, :5])
+        want, ref_state = reference(ids[:, 5:6], ref_state)
+        want2, _ = reference(ids[:, 6:], ref_state)
+    assert torch.equal(out, want) and torch.equal(out2, want2)
+
+
 def test_training_through_a_cache_keeps_autograd(seed):
     """Under autograd the cache concatenates (in-place writes would break backward)."""
     model = _tiny(**MODERN).train()
