@@ -16,6 +16,7 @@ import torch
 from samout.bench.common import VARIANTS
 from samout.config import MIXERS, PRESETS
 from samout.errors import SamoutError
+from samout.models.transformer_config import BASELINE_STYLES, DEFAULT_BASELINE
 
 # The SamOut fields that --vocab-size etc. override on top of the preset (`settings.overrides`).
 MODEL_OVERRIDES = ("vocab_size", "hidden_size", "num_layers", "num_heads")
@@ -71,8 +72,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixers", type=names, help=f"comma-separated SamOut mixers ({','.join(MIXERS)})")
     g.add_argument("--match-mixer", choices=MIXERS,
                    help="mixer whose SamOut the Transformer is sized against (default: the preset's)")
-    g.add_argument("--positional", choices=["sinusoidal", "rotary"], help="Transformer positions")
+    add_baseline_argument(g)
+    g.add_argument("--positional", choices=["sinusoidal", "rotary"],
+                   help="Transformer positions (default: the --baseline style's)")
     add_variant_arguments(g)
+
+
+def add_baseline_argument(group) -> None:
+    """--baseline: which Transformer the benchmark compares against (BASELINE_STYLES)."""
+    group.add_argument("--baseline", choices=list(BASELINE_STYLES),
+                       help=f"the Transformer baseline's style (default {DEFAULT_BASELINE}): modern = "
+                            "rotary, RMSNorm, SwiGLU, no biases (Llama-style); seed-004 = the 2017 baseline "
+                            "of seed 004 (sinusoidal, LayerNorm, ReLU, biases)")
 
 
 def add_variant_arguments(group) -> None:

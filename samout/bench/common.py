@@ -24,7 +24,7 @@ from samout.device import resolve_device  # noqa: F401  (the benchmarks' import 
 from samout.errors import SamoutError
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
-from samout.models.transformer_config import match_transformer_to
+from samout.models.transformer_config import DEFAULT_BASELINE, TransformerConfig, match_transformer_to
 from samout.training.config import TrainConfig
 from samout.training.step import build_optimizer, clip_and_step, lm_loss
 
@@ -160,27 +160,49 @@ def check_variants(variants: list[str], base: SamOutConfig | None = None) -> lis
 
 
 def model_specs(base: SamOutConfig, mixers: list[str], match_mixer: str, variants: list[str] = (),
-                window: int = 64, **transformer_overrides: Any) -> dict[str, Any]:
+                window: int = 64, baseline: str = DEFAULT_BASELINE,
+                **transformer_overrides: Any) -> dict[str, Any]:
     """The configs compared: SamOut with each mixer, each of `variants` (VARIANTS) of the
-    base, and one Transformer matched to SamOut with `match_mixer` (mixers differ in size
-    by up to ~30%, so the matched figure is for that one; every model's count is reported)."""
+    base, and one Transformer of style `baseline` (modern or seed-004) matched to SamOut
+    with `match_mixer` (mixers differ in size by up to ~30%, so the matched figure is for
+    that one; every model's count is reported)."""
     specs: dict[str, Any] = {f"samout-{m}": SamOutConfig.from_dict({**base.to_dict(), "mixer": m})
                              for m in mixers}
     for v in check_variants(list(variants), base):
         specs[v] = SamOutConfig.from_dict({**base.to_dict(), **variant_fields(v, window, base.num_layers)})
     match_to = SamOutConfig.from_dict({**base.to_dict(), "mixer": match_mixer})
-    specs["transformer"] = match_transformer_to(match_to, **transformer_overrides)
+    specs["transformer"] = match_transformer_to(match_to, baseline, **transformer_overrides)
     return specs
+
+
+def baseline_label(config: dict[str, Any] | TransformerConfig) -> str:
+    """How a benchmark's output names its Transformer: "modern baseline", "seed-004
+    baseline", or "custom baseline (the options)"."""
+    if isinstance(config, dict):
+        config = TransformerConfig.from_dict(config)
+    if config.style != "custom":
+        return f"{config.style} baseline"
+    return (f"custom baseline ({config.positional}, {config.norm_type}, {config.activation}, "
+            f"{'biases' if config.bias else 'no biases'})")
+
+
+def transformer_options(s: Any) -> dict[str, Any]:
+    """The Transformer style a benchmark's settings ask for: `baseline` and, when given,
+    `positional` over the style's."""
+    options: dict[str, Any] = {"baseline": getattr(s, "baseline", None) or DEFAULT_BASELINE}
+    if getattr(s, "positional", None):
+        options["positional"] = s.positional
+    return options
 
 
 def compared_models(s: Any, longest: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The configs a speed or recall run compares, from its settings (preset, overrides,
-    mixers, variants, window, match_mixer, positional; the Transformer holds `longest`
+    mixers, variants, window, match_mixer, baseline, positional; the Transformer holds `longest`
     positions, at least 4096), and which SamOut the Transformer is matched to."""
     base = SamOutConfig.from_preset(s.preset, **s.overrides)
     match_mixer = s.match_mixer or base.mixer
     check_mixers([match_mixer])
-    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, positional=s.positional,
+    specs = model_specs(base, s.mixers, match_mixer, s.variants, s.window, **transformer_options(s),
                         max_position_embeddings=max(4096, longest))
     return specs, {"matched_to": f"samout-{match_mixer}", "matched_target": matched_target(base, match_mixer)}
 

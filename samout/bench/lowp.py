@@ -52,6 +52,7 @@ from samout.bench.common import (
 from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
 from samout.files import CONFIG_NAME
+from samout.models.transformer_config import DEFAULT_BASELINE
 from samout.quant import INFERENCE_DTYPES, convert_for_inference, weight_bytes
 
 
@@ -69,6 +70,7 @@ class LowpSettings:
     memory_vocab: int = 8192
     memory_tokens: list[int] = field(default_factory=lambda: [1024, 4096])
     memory_repeats: int = 5
+    baseline: str = DEFAULT_BASELINE  # the Transformer's style in the memory table
     device: str = "cpu"
     seed: int = 0
 
@@ -94,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`samout bench speed --lowp`."""
     s = settings_from_args(args, LowpSettings, QUICK,
-                           ("batches", "accuracy_run", "accuracy_windows", "memory_tokens", "device", "seed"))
+                           ("batches", "accuracy_run", "accuracy_windows", "memory_tokens", "baseline",
+                            "device", "seed"))
     if args.lowp_preset:
         s.preset = args.lowp_preset
     if args.decode_steps:
@@ -222,7 +225,7 @@ def memory_table(s: LowpSettings, device: torch.device, progress=print) -> dict[
     base = SamOutConfig.from_preset(s.memory_preset, vocab_size=s.memory_vocab)
     rows = []
     for tokens in s.memory_tokens:
-        specs = model_specs(base, [base.mixer], base.mixer, positional="sinusoidal",
+        specs = model_specs(base, [base.mixer], base.mixer, baseline=s.baseline,
                             max_position_embeddings=max(4096, tokens))
         variants = {}
         for name, cfg in specs.items():

@@ -34,7 +34,7 @@ from samout.bench.common import header_lines, run_header
 from samout.config import SamOutConfig
 from samout.models.samout import SamOut
 from samout.models.transformer import Transformer
-from samout.models.transformer_config import match_transformer_to
+from samout.models.transformer_config import BASELINE_STYLES, DEFAULT_BASELINE, match_transformer_to
 from samout.procmem import proc_status_kib
 
 COMMAND = "samout bench mixers"
@@ -69,7 +69,8 @@ def build(args, kind: str) -> torch.nn.Module:
         num_heads=args.heads, mixer=args.mixer, kernel=kernel,
     )
     if kind == "transformer":
-        return Transformer(match_transformer_to(config, max_position_embeddings=max(args.seq_lens) + 1))
+        return Transformer(match_transformer_to(config, args.baseline,
+                                                max_position_embeddings=max(args.seq_lens) + 1))
     return SamOut(config)
 
 
@@ -229,6 +230,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[128, 32768])
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess RSS runs")
     p.add_argument("--no-transformer", action="store_true", help="skip the Transformer baseline")
+    p.add_argument("--baseline", choices=list(BASELINE_STYLES), default=DEFAULT_BASELINE,
+                   help=f"the Transformer baseline's style (default {DEFAULT_BASELINE}; seed-004: the "
+                        "2017 one)")
     p.add_argument("--sections", nargs="+", choices=["mixer", "train", "decode"],
                    default=["mixer", "train", "decode"], help="which tables to print")
     p.add_argument("--quick", action="store_true", help="small model and lengths, to check it runs")
@@ -314,7 +318,7 @@ def train_table(args, models: dict) -> None:
             if "transformer" in rows and mem not in ("-", "n/a") and rows["transformer"][2] != "n/a":
                 tf_mem = float(rows["transformer"][2])
                 mem = f"{mem} ({float(mem) / tf_mem:.2f}x)"
-            name = kind if kind == "transformer" else f"SamOut {kind}"
+            name = f"transformer ({args.baseline})" if kind == "transformer" else f"SamOut {kind}"
             print(f"| {seq_len} | {batch} | {name} | {tps:,.0f} | {vs_ref:.2f}x | {vs_tf} | "
                   f"{mfu:.0%} of {peak / 1e9:.0f} GFLOP/s | "
                   f"{saved:.0f} | {mem} |", flush=True)

@@ -55,7 +55,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from samout.bench.arguments import add_run_arguments, command_line, ints, settings_from_args
+from samout.bench.arguments import (
+    add_baseline_argument,
+    add_run_arguments,
+    command_line,
+    ints,
+    settings_from_args,
+)
 from samout.bench.common import (
     build_model,
     header_line,
@@ -70,7 +76,7 @@ from samout.bench.common import (
 from samout.config import PRESETS, SamOutConfig
 from samout.errors import SamoutError
 from samout.files import CONFIG_NAME
-from samout.models.transformer_config import match_transformer_to
+from samout.models.transformer_config import DEFAULT_BASELINE, match_transformer_to
 from samout.procmem import proc_status_kib
 from samout.tokenizer import EOT_ID, TOKENIZER_NAME, train_tokenizer
 
@@ -82,6 +88,7 @@ CONVERSATION_CACHE_MB = 4096  # 64 Transformer KV caches at H=4096 (33 MiB each)
 @dataclass
 class ServeBenchSettings:
     preset: str = "small"
+    baseline: str = DEFAULT_BASELINE  # the Transformer's style (BASELINE_STYLES)
     clients: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
     histories: list[int] = field(default_factory=lambda: [512, 4096])
     max_tokens: int = 64
@@ -109,14 +116,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("prefill_chunk", "the server's --prefill-chunk (default 512)")):
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=what)
     parser.add_argument("--work-dir", help="where the temporary run directories go (default: system temp)")
+    add_baseline_argument(parser)
     add_run_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """`samout bench serve`."""
     s = settings_from_args(args, ServeBenchSettings, QUICK,
-                           ("preset", "clients", "histories", "max_tokens", "follow_up_tokens", "repeats",
-                            "prefill_chunk", "device", "seed"))
+                           ("preset", "baseline", "clients", "histories", "max_tokens", "follow_up_tokens",
+                            "repeats", "prefill_chunk", "device", "seed"))
     results = run_serve_bench(s, args.out, command=command_line(args), progress=not args.no_progress,
                               work_dir=args.work_dir)
     return write_report(args.out, "serve", results, format_serve(results))
@@ -149,7 +157,8 @@ def write_runs(s: ServeBenchSettings, work: Path) -> dict[str, Path]:
     config = SamOutConfig.from_preset(s.preset, vocab_size=tokenizer.get_vocab_size())
     context = max(s.histories) + s.follow_up_tokens + 2 * s.max_tokens + 8
     configs = {"samout": config,
-               "transformer": match_transformer_to(config, max_position_embeddings=max(context, 1024))}
+               "transformer": match_transformer_to(config, s.baseline,
+                                                   max_position_embeddings=max(context, 1024))}
     dirs = {}
     for name, cfg in configs.items():
         model = build_model(cfg, torch.device("cpu"), seed=s.seed)
@@ -534,7 +543,8 @@ def _summary(points: list[dict]) -> list[str]:
 
 def format_serve(results: dict) -> str:
     lines = [f"samout bench serve — {header_line(results['header'])}",
-             f"command: {results['header']['command']}", "",
+             f"command: {results['header']['command']}",
+             f"transformer: the {results['settings'].get('baseline', 'seed-004')} baseline", "",
              "new histories (the server has not seen them; state cache off)"]
     lines += _table(results["throughput"]) + [""] + _summary(results["throughput"])
     conversations = results.get("conversations") or []

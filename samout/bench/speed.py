@@ -43,6 +43,7 @@ from samout.bench.arguments import (
 )
 from samout.bench.common import (
     STEP_LR,
+    baseline_label,
     build_model,
     check_mixers,
     check_positive,
@@ -64,6 +65,10 @@ from samout.bench.common import (
     write_report,
 )
 from samout.config import MIXERS
+from samout.models.transformer_config import DEFAULT_BASELINE
+
+# The Transformer again, decoding with the concatenating KV cache (--kv-reference).
+KV_REFERENCE = "transformer-concat"
 
 MEMORY_NOTE = (
     "Bytes of live tensors (allocator caching and the process's code excluded). "
@@ -84,13 +89,15 @@ class SpeedSettings:
     variants: list[str] = field(default_factory=list)  # samout.bench.common.VARIANTS
     window: int = 256  # attention_window of the hybrid-swa variant
     match_mixer: str | None = None  # None: the preset's own mixer
-    positional: str = "sinusoidal"
+    baseline: str = DEFAULT_BASELINE  # the Transformer's style (BASELINE_STYLES)
+    positional: str | None = None  # None: the baseline style's
     lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
     tokens_per_step: int = 8192
     contexts: list[int] = field(default_factory=lambda: [128 * 2**i for i in range(9)])  # ..32768
     decode_steps: int = 16
     prefill_chunk: int = 1024
     repeats: int = 5
+    kv_reference: bool = False  # also decode with the old concatenating KV cache (transformer-concat)
     lr: float = STEP_LR
     device: str = "cpu"
     seed: int = 0
@@ -120,6 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int, help="tokens per call when building the context state")
     g.add_argument("--repeats", type=int, help="timed training steps per point (median reported)")
     g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--kv-reference", action="store_true", default=None,
+                   help=f"also time the Transformer's decode with the old KV cache that concatenates "
+                        f"every token ({KV_REFERENCE}), against today's preallocated one")
     lowp.add_arguments(parser)
     add_run_arguments(parser)
 
@@ -129,9 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if args.lowp:
         return lowp.run(args)
     s = settings_from_args(args, SpeedSettings, QUICK,
-                           ("preset", "mixers", "variants", "window", "match_mixer", "positional", "device",
+                           ("preset", "mixers", "variants", "window", "match_mixer", "baseline", "positional",
+                            "device",
                             "seed", "lengths", "tokens_per_step", "contexts", "decode_steps", "prefill_chunk",
-                            "repeats", "lr"), overrides=MODEL_OVERRIDES)
+                            "repeats", "kv_reference", "lr"), overrides=MODEL_OVERRIDES)
     results = run_speed(s, args.out, command=command_line(args), progress=not args.no_progress)
     return write_report(args.out, "speed", results, format_speed(results))
 
@@ -171,7 +182,10 @@ def _measure_point(specs, prepare, point: int, repeats: int, s: SpeedSettings,
     steps, infos, rows = {}, {}, []
     for name, config in specs.items():
         try:
-            steps[name], infos[name] = prepare(build_model(config, device, s.seed), config, point)
+            model = build_model(config, device, s.seed)
+            if name == KV_REFERENCE:
+                model.set_kv_cache("concat")
+            steps[name], infos[name] = prepare(model, config, point)
         except torch.OutOfMemoryError as err:
             torch.cuda.empty_cache()
             infos[name] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
@@ -195,9 +209,11 @@ def run_speed(s: SpeedSettings, out: str | Path, command: str = "samout bench sp
     device = resolve_device(s.device)
     specs, matched = compared_models(s, max(max(s.lengths), max(s.contexts) + s.decode_steps + 2))
     header = run_header(device, command)
+    decode_specs = {**specs, **({KV_REFERENCE: specs["transformer"]} if s.kv_reference else {})}
     results: dict[str, Any] = {
         "benchmark": "speed", "header": header, "settings": asdict(s), **matched,
-        "memory_note": MEMORY_NOTE, "models": model_sizes(specs), "train": [], "decode": [],
+        "baseline": baseline_label(specs["transformer"]),
+        "memory_note": MEMORY_NOTE, "models": model_sizes(decode_specs), "train": [], "decode": [],
     }
     train = partial(training_step, tokens_per_step=s.tokens_per_step, lr=s.lr, device=device)
     decode = partial(decoding_step, s=s, device=device)
@@ -211,14 +227,14 @@ def run_speed(s: SpeedSettings, out: str | Path, command: str = "samout bench sp
         bar.update()
     for context in s.contexts:
         bar.set_postfix_str(f"decode context={context}")
-        for row in _measure_point(specs, decode, context, s.decode_steps, s, device):
+        for row in _measure_point(decode_specs, decode, context, s.decode_steps, s, device):
             if "median_seconds" in row:
                 row["median_latency_ms"] = 1e3 * row["median_seconds"]
                 row["tokens_per_s"] = 1 / row["median_seconds"]
             results["decode"].append(row)
         bar.update()
     bar.close()
-    results["ratios"] = _ratios(results, [n for n in specs if n != "transformer"])
+    results["ratios"] = _ratios(results, [n for n in decode_specs if n != "transformer"])
     write_json(out / "speed.json", results)
     results["plots"] = plot_speed(results, out)
     write_json(out / "speed.json", results)
@@ -246,7 +262,7 @@ def _ratios(results: dict[str, Any], samout_names: list[str]) -> dict[str, Any]:
 
 def model_line(results: dict[str, Any]) -> str:
     c = results["models"]["transformer"]["config"]
-    return (f"D={c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']} heads, "
+    return (f"{baseline_label(c)}, D={c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']} heads, "
             f"vocab {c['vocab_size']}; {results['settings']['tokens_per_step']} tokens/step")
 
 

@@ -29,11 +29,36 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="context length (default: the training seq_len)")
     p.add_argument("--max-windows", type=int, help="evaluate only this many windows (default all)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
+                   help="a rotary Transformer beyond its training length: RoPE scaling, e.g. ntk:4 at 4x "
+                        "the training seq_len (ntk, linear, yarn)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     add_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def parse_rope_scaling(text: str, trained_len: int) -> dict:
+    """"ntk:4" -> {"type": "ntk", "factor": 4.0}; yarn also gets the training length."""
+    kind, _, factor = text.partition(":")
+    try:
+        scaling = {"type": kind.strip(), "factor": float(factor)}
+    except ValueError:
+        raise SamoutError(f"--rope-scaling {text!r}: expected TYPE:FACTOR, e.g. ntk:4") from None
+    if scaling["type"] == "yarn":
+        scaling["original_max_position_embeddings"] = int(trained_len)
+    return scaling
+
+
+def apply_rope_scaling(model, text: str, trained_len: int, run_dir: Path) -> None:
+    if not hasattr(model, "set_rope_scaling"):
+        raise SamoutError(f"--rope-scaling: {run_dir} is not a Transformer (RoPE scaling applies to a rotary "
+                          "Transformer)")
+    try:
+        model.set_rope_scaling(parse_rope_scaling(text, trained_len))
+    except ValueError as err:
+        raise SamoutError(f"--rope-scaling: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise SamoutError(f"{data_dir} was tokenized with another tokenizer than {run_dir}: "
                           f"prepare it with --tokenizer {run_dir / TOKENIZER_NAME}")
     seq_len = args.seq_len or saved.get("seq_len") or 256
+    if args.rope_scaling:
+        apply_rope_scaling(model, args.rope_scaling, saved.get("seq_len") or seq_len, run_dir)
     result = evaluate(model, data, token_byte_lengths(tokenizer), seq_len, split=args.split,
                       max_windows=args.max_windows, batch_size=args.batch_size, device=args.device,
                       progress=not args.quiet)

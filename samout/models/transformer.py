@@ -3,15 +3,29 @@ a standard decoder-only Transformer with the same call signature and state contr
 SamOut, so every tool that runs SamOut (training, generation, benchmarks) runs it unchanged.
 
     x = Embedding(ids) (+ sinusoidal position)          # or rotary inside attention
-    pre-norm (default):  x = x + Attn(LN(x));  x = x + FFN(LN(x));  final LN
-    post-norm:           x = LN(x + Attn(x));  x = LN(x + FFN(x))
+    pre-norm (default):  x = x + Attn(N(x));  x = x + FFN(N(x));  final N
+    post-norm:           x = N(x + Attn(x));  x = N(x + FFN(x))
+    N    = LayerNorm (seed 004) or RMSNorm (modern)
     Attn = causal softmax attention via F.scaled_dot_product_attention
-    FFN  = Linear(D, F) -> ReLU -> Linear(F, D)
+    FFN  = Linear(D, F) -> ReLU -> Linear(F, D)                     (seed 004)
+           Linear(F, D)(silu(x W_gate) * x W_up)                     (SwiGLU, modern)
     logits = Linear(D, V, bias=False)(x)
+    (the `modern` style: rotary, RMSNorm, SwiGLU and no biases; transformer_config.py)
 
 Its state is the KV cache: layers[i] = {"key": [B, H, T, dh], "value": [B, H, T, dh]},
-keys stored after rotary rotation. A call with a state appends to it by concatenation
-(as Hugging Face's default dynamic cache does), so the state grows with every token.
+keys stored after rotary rotation. A call with a state appends to it. Outside autograd
+the cache is preallocated: the tensors in the state are views of the first T slots of
+a capacity-sized buffer (grown by a quarter), and a call whose cache is the buffer's
+longest view writes the new keys and values into the free slots in place, so a decode
+step copies one token's keys, not the whole cache (`append_kv`). The state is still a
+plain functional value: a view never changes, and a call from an older state (a shorter
+view of the same buffer: a branch, a cached prefix) copies into a new buffer instead of
+writing over the slots a later state already uses. Copies (`State.clone`, `stack`,
+`index_select`, left padding) are ordinary tensors and start a new buffer on their next
+call. `State.nbytes` counts the slots in use; `kv_capacity_bytes` what the buffers hold
+(at most a quarter more, or a block). `Transformer.set_kv_cache("concat")` restores the
+old concatenation per call (as Hugging Face's default dynamic cache does): the reference
+the tests compare with.
 
 Rows with caches of different lengths run in one call (the serving engine's batched
 decode) through `cache_lengths`: the caches are LEFT-padded to a common T, row b holding
@@ -35,6 +49,74 @@ from samout.models.samout import check_input_ids, check_logits_to_keep
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
 from samout.state import State, StateBatch, check_state_layers
 
+# Slots a KV buffer is rounded up to; a new one has room for a quarter more tokens than it
+# holds (at least KV_BLOCK), up to the context limit.
+KV_BLOCK = 64
+KV_CACHES = ("preallocated", "concat")
+
+
+class KVBuffer:
+    """Capacity-sized key or value storage [B, H, C, dh] shared by the cache views cut from
+    it; `length` is how many slots hold data (the longest view handed out)."""
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, data: Tensor, length: int) -> None:
+        self.data, self.length = data, length
+
+    def view(self) -> Tensor:
+        v = self.data[:, :, :self.length]
+        v._samout_kv_buffer = self  # how the next call finds the buffer behind the view
+        return v
+
+
+def kv_buffer(cache: Tensor) -> KVBuffer | None:
+    """The buffer `cache` is the longest view of, if any (None: a plain tensor)."""
+    return getattr(cache, "_samout_kv_buffer", None)
+
+
+def append_kv(cache: Tensor | None, new: Tensor, limit: int) -> Tensor:
+    """`cache` [B, H, T, dh] followed by `new` [B, H, t, dh], as a view of a preallocated
+    buffer: written in place when `cache` is its buffer's longest view and room is left,
+    else copied into a new buffer of T + t + max(KV_BLOCK, T / 4) slots rounded up to
+    KV_BLOCK (at most `limit`, at least T + t): geometric growth, so each token is copied a
+    bounded number of times on average (at most 5), against T times by concatenation, and
+    at most a quarter of the buffer (or a block) is slack. Equal to torch.cat((cache, new), 2)
+    in value."""
+    past = 0 if cache is None else cache.shape[2]
+    need = past + new.shape[2]
+    buf = None if cache is None else kv_buffer(cache)
+    if (buf is not None and buf.length == past and buf.data.shape[2] >= need
+            and buf.data.dtype == new.dtype and buf.data.device == new.device
+            and buf.data.shape[:2] == new.shape[:2]
+            # a buffer made under torch.inference_mode can only be written under it
+            and (not buf.data.is_inference() or torch.is_inference_mode_enabled())):
+        buf.data[:, :, past:need].copy_(new)
+    else:
+        capacity = -(-(need + max(KV_BLOCK, past // 4)) // KV_BLOCK) * KV_BLOCK
+        capacity = max(need, min(capacity, limit))
+        data = new.new_empty(*new.shape[:2], capacity, new.shape[3])
+        if past:
+            data[:, :, :past].copy_(cache)
+        data[:, :, past:need].copy_(new)
+        buf = KVBuffer(data, need)
+    buf.length = need
+    return buf.view()
+
+
+def kv_capacity_bytes(state: State) -> int:
+    """Bytes a state's KV caches hold, buffers counted at their capacity (each once)."""
+    seen, total = set(), 0
+    for layer in state:
+        for t in layer.values():
+            buf = kv_buffer(t)
+            if buf is None:
+                total += t.numel() * t.element_size()
+            elif id(buf) not in seen:
+                seen.add(id(buf))
+                total += buf.data.numel() * buf.data.element_size()
+    return total
+
 
 def sinusoidal_positions(start: int | Tensor, length: int, dim: int, device=None, dtype=None) -> Tensor:
     """[length, dim] table for positions start..start+length-1 (Vaswani et al.), computed
@@ -48,16 +130,40 @@ def sinusoidal_positions(start: int | Tensor, length: int, dim: int, device=None
 
 
 def rotary_angles(start: int | Tensor, length: int, head_dim: int, theta: float,
-                  device=None) -> tuple[Tensor, Tensor]:
+                  device=None, scaling: dict | None = None) -> tuple[Tensor, Tensor]:
     """cos, sin of shape [length, head_dim] for the rotate-half form of RoPE; with `start`
-    a tensor [B] of per-row starts: [B, 1, length, head_dim] (broadcast over heads)."""
+    a tensor [B] of per-row starts: [B, 1, length, head_dim] (broadcast over heads).
+    `scaling`: a config's rope_scaling (transformer_config.py), or None."""
     pos = _positions(start, length, device)
-    inv = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    inv, attention_factor = rotary_frequencies(head_dim, theta, scaling, device)
     angles = pos[..., None] * inv
     angles = torch.cat((angles, angles), dim=-1)
     if angles.dim() == 3:
         angles = angles[:, None]
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                       device=None) -> tuple[Tensor, float]:
+    """RoPE's inverse frequencies [head_dim / 2] (float64) and the factor cos and sin are
+    multiplied by (1 but for YaRN), under `scaling` (see transformer_config.py)."""
+    dims = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
+    kind = None if scaling is None else scaling["type"]
+    factor = 1.0 if scaling is None else float(scaling["factor"])
+    if kind == "ntk":  # NTK-aware: stretch the base so the lowest frequency is interpolated by ~factor
+        theta = theta * factor ** (head_dim / (head_dim - 2)) if head_dim > 2 else theta * factor
+    inv = theta ** -dims
+    if kind == "linear":
+        inv = inv / factor
+    attention_factor = 1.0
+    if kind == "yarn":
+        trained = scaling["original_max_position_embeddings"]
+        rotations = trained * inv / (2 * math.pi)  # turns each frequency makes over the training length
+        beta_fast, beta_slow = 32.0, 1.0
+        keep = ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)  # 1: fast, kept as is
+        inv = inv / factor * (1 - keep) + inv * keep
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv, attention_factor
 
 
 def _positions(start: int | Tensor, length: int, device) -> Tensor:
@@ -88,8 +194,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.kv_cache = "preallocated"  # or "concat" (Transformer.set_kv_cache)
+        self.limit = config.max_position_embeddings
 
     def forward(
         self, x: Tensor, cache: dict[str, Tensor] | None, rotary: tuple[Tensor, Tensor] | None,
@@ -101,9 +209,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        past = 0
-        if cache is not None and cache["key"].shape[2]:
-            past = cache["key"].shape[2]
+        past = 0 if cache is None else cache["key"].shape[2]
+        if self.kv_cache == "preallocated" and not (torch.is_grad_enabled() and k.requires_grad):
+            k = append_kv(cache["key"] if past else None, k, self.limit)
+            v = append_kv(cache["value"] if past else None, v, self.limit)
+        elif past:  # the plain concatenation (and under autograd: in-place writes would break it)
             k = torch.cat((cache["key"], k), dim=2)
             v = torch.cat((cache["value"], v), dim=2)
         if mask is not None:
@@ -119,25 +229,38 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerFeedForward(nn.Module):
-    """Two Linear layers with an activation between them (ReLU in seed 004)."""
+    """Two Linear layers with an activation between them (ReLU in seed 004); SwiGLU: fc1
+    makes the gate and the up projection in one matrix [2 F, D], fc2 is the down one."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.ffn_hidden_size)
-        self.fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size)
-        self.act = nn.ReLU() if config.activation == "relu" else nn.GELU()
+        self.swiglu = config.activation == "swiglu"
+        width = config.ffn_hidden_size
+        self.fc1 = nn.Linear(config.hidden_size, 2 * width if self.swiglu else width, bias=config.bias)
+        self.fc2 = nn.Linear(width, config.hidden_size, bias=config.bias)
+        self.act = {"relu": nn.ReLU, "gelu": nn.GELU, "swiglu": nn.SiLU}[config.activation]()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            gate, up = self.fc1(x).chunk(2, dim=-1)
+            return self.fc2(self.act(gate) * up)
         return self.fc2(self.act(self.fc1(x)))
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    """LayerNorm (with a bias unless config.bias is false) or RMSNorm, over the width."""
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(config.hidden_size, eps=1e-6)
+    return nn.LayerNorm(config.hidden_size, bias=config.bias)
 
 
 class TransformerLayer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.pre_norm = config.norm == "pre"
-        self.attn_norm = nn.LayerNorm(config.hidden_size)
+        self.attn_norm = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ffn_norm = nn.LayerNorm(config.hidden_size)
+        self.ffn_norm = make_norm(config)
         self.ffn = TransformerFeedForward(config)
 
     def forward(self, x: Tensor, cache, rotary,
@@ -191,7 +314,7 @@ class Transformer(PretrainedModelMixin, nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_idx)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
-        self.norm = nn.LayerNorm(config.hidden_size) if config.norm == "pre" else None
+        self.norm = make_norm(config) if config.norm == "pre" else None
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
@@ -226,7 +349,8 @@ class Transformer(PretrainedModelMixin, nn.Module):
         if self.config.positional == "sinusoidal":
             x = x + sinusoidal_positions(start, t, self.config.hidden_size, x.device, x.dtype)
         else:
-            rotary = rotary_angles(start, t, self.config.head_dim, self.config.rope_theta, x.device)
+            rotary = rotary_angles(start, t, self.config.head_dim, self.config.rope_theta, x.device,
+                                   self.config.rope_scaling)
         new_caches = []
         for layer, cache in zip(self.layers, caches):
             x, cache = layer(x, cache, rotary, mask)
@@ -238,6 +362,24 @@ class Transformer(PretrainedModelMixin, nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return self.head_output(x, targets, ignore_index), State(new_caches)
+
+    def set_kv_cache(self, kind: str) -> None:
+        """"preallocated" (default: KV buffers written in place, grown by a quarter) or
+        "concat" (a new tensor per call by concatenation, the reference)."""
+        if kind not in KV_CACHES:
+            raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")
+        for layer in self.layers:
+            layer.attn.kv_cache = kind
+
+    def set_rope_scaling(self, scaling: dict | None) -> None:
+        """Evaluate beyond the training length with RoPE scaling, e.g. {"type": "ntk",
+        "factor": 4.0} at 4x (see transformer_config.py); None turns it off. Checked like
+        the config field it sets; caches made before the change hold keys rotated the old
+        way, so start a new state."""
+        from samout.models.transformer_config import check_rope_scaling
+
+        check_rope_scaling(scaling, self.config.positional)
+        self.config.rope_scaling = None if scaling is None else dict(scaling)
 
     def _check_state(self, state: State | None, batch_size: int) -> list[dict[str, Tensor] | None]:
         check_state_layers(state, len(self.layers))
@@ -296,5 +438,5 @@ def cache_row(state: State, row: int, length: int) -> State:
     return State([{k: v[row:row + 1, :, v.shape[2] - length:] for k, v in layer.items()} for layer in state])
 
 
-__all__ = ["PaddedKVBatch", "Transformer", "TransformerConfig", "cache_row", "left_pad_caches",
+__all__ = ["PaddedKVBatch", "Transformer", "TransformerConfig", "append_kv", "cache_row", "left_pad_caches",
            "match_transformer_to"]

@@ -205,6 +205,7 @@ def build_model_config(model_fields: dict[str, Any], vocab_size: int, preset: st
         raise SamoutError(f"unknown model_type {model_type!r}: choose one of {', '.join(MODEL_CLASSES)}")
     config_class = MODEL_CLASSES[model_type].config_class
     known = {f.name for f in dataclasses.fields(config_class)}
+    known |= set(getattr(config_class, "preset_options", ()))  # keys besides the fields, e.g. baseline
     unknown = sorted(str(k) for k in set(fields) - known)
     if unknown:
         raise SamoutError(f"unknown setting(s) {', '.join(unknown)}: not a training setting nor a field "

@@ -14,7 +14,7 @@ def test_tiny_mixer_benchmark_prints_every_table(capsys):
     assert header.startswith("# samout bench mixers — ") and "torch " in header and "commit " in header
     assert command.startswith("# samout bench mixers ") and "--seq-lens 16 32" in command
     assert "| 16 | 4 | " in out and "| 32 | 2 | " in out  # mixer and training rows, batch = tokens / T
-    for row in ("SamOut reference", "SamOut fused", "transformer"):
+    for row in ("SamOut reference", "SamOut fused", "transformer (modern)"):
         assert out.count(f"| {row} |") == 2
     assert out.count("| reference |") == 2 and out.count("| fused |") == 2  # decode, per context
 

@@ -88,3 +88,21 @@ def test_peak_allocated_bytes_counts_what_is_allocated():
 
     peak = peak_allocated_bytes(work, torch.device("cpu"))
     assert 3 * mb <= peak < 3 * mb + 64 * 1024
+
+
+def test_seed_004_baseline_and_the_concatenating_kv_reference(tmp_path):
+    """--baseline seed-004 runs today's faithful baseline, labelled so; --kv-reference adds
+    the Transformer decoding with the old concatenating cache, in the same run."""
+    from samout.bench.speed import KV_REFERENCE, format_speed
+
+    settings = SpeedSettings(**{**TINY, "mixers": ["openash"], "lengths": [16], "contexts": [8],
+                                "baseline": "seed-004", "kv_reference": True})
+    results = run_speed(settings, tmp_path, progress=False)
+    assert results["baseline"] == "seed-004 baseline"
+    assert results["models"]["transformer"]["config"]["positional"] == "sinusoidal"
+    assert [r["model"] for r in results["train"]] == ["samout-openash", "transformer"]
+    assert [r["model"] for r in results["decode"]] == ["samout-openash", "transformer", KV_REFERENCE]
+    assert results["ratios"]["decode_latency"][KV_REFERENCE]["8"] > 0
+    assert "seed-004 baseline" in format_speed(results)
+    default = model_specs(SamOutConfig.from_preset("tiny"), ["openash"], "openash")["transformer"]
+    assert default.style == "modern"

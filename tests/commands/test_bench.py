@@ -83,6 +83,10 @@ def test_bench_params_counts_real_models(tmp_path, capsys):
                                              ffn_hidden_size=2048))
     assert rows["seed-001"]["transformer_4d_ffn"]["parameters"] == standard.num_parameters()
     assert (tmp_path / "params.md").read_text().startswith("| preset |")
+    assert "matched modern Transformer FFN width" in (tmp_path / "params.md").read_text()
+    assert main(["bench", "params", "--baseline", "seed-004"]) == 0
+    assert "| seed-001 | gen3 | 21,266,480 (12,603,440) | 33,883,136 (25,220,096) | 37.2% (50.0%) | 512 " \
+        "(12,624,896) |" in capsys.readouterr().out  # docs/benchmarks.md's table, against seed-004
 
 
 @pytest.mark.parametrize("benchmark", ["speed", "recall", "params", "quality", "serve", "chat", "mixers",

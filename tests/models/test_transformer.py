@@ -1,3 +1,4 @@
+import json
 import math
 import random
 
@@ -7,8 +8,8 @@ import torch
 from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, load_pretrained
 from samout.config import MIXERS, PRESETS
 from samout.models import MODEL_CLASSES
-from samout.models.transformer import PaddedKVBatch, cache_row, left_pad_caches
-from samout.models.transformer_config import MATCH_TOLERANCE, match_transformer_to
+from samout.models.transformer import PaddedKVBatch, cache_row, kv_buffer, left_pad_caches
+from samout.models.transformer_config import BASELINE_STYLES, MATCH_TOLERANCE, match_transformer_to
 from tests.helpers import random_chunks
 
 VOCAB = 97
@@ -19,7 +20,9 @@ def _tiny(**kw) -> Transformer:
     return Transformer(TransformerConfig(**{**config, **kw})).eval()
 
 
-VARIANTS = [dict(), dict(positional="rotary"), dict(norm="post"), dict(activation="gelu")]
+MODERN = BASELINE_STYLES["modern"]
+VARIANTS = [dict(), dict(positional="rotary"), dict(norm="post"), dict(activation="gelu"), MODERN,
+            dict(MODERN, norm="post"), dict(norm_type="rmsnorm"), dict(activation="swiglu")]
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
@@ -224,7 +227,9 @@ def test_context_limit_is_a_clear_error(positional):
             model(torch.zeros(1, 7, dtype=torch.long), state=state)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(norm="post"), dict(tie_word_embeddings=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(norm="post"), dict(tie_word_embeddings=True), MODERN,
+                                dict(MODERN, norm="post"), dict(bias=False), dict(activation="swiglu"),
+                                dict(norm_type="rmsnorm", bias=True)])
 def test_parameter_formula_is_exact(kw):
     model = _tiny(**kw)
     assert model.num_parameters(exclude_embeddings=True) == model.config.non_embedding_parameters()
@@ -236,25 +241,28 @@ def _samout_non_embedding(config: SamOutConfig) -> int:
     return SamOut(config).num_parameters(exclude_embeddings=True)
 
 
+@pytest.mark.parametrize("baseline", list(BASELINE_STYLES))
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_matched_within_two_percent_for_every_preset(preset):
+def test_matched_within_two_percent_for_every_preset(preset, baseline):
     config = SamOutConfig.from_preset(preset)
     with torch.device("meta"):
         target = _samout_non_embedding(config)
-        matched = match_transformer_to(config)
+        matched = match_transformer_to(config, baseline=baseline)
         got = Transformer(matched).num_parameters(exclude_embeddings=True)
     assert abs(got - target) <= MATCH_TOLERANCE * target, (got, target)
+    assert matched.style == baseline and matched.ffn_hidden_size % 8 == 0
     assert (matched.vocab_size, matched.hidden_size, matched.num_layers, matched.num_heads) == (
         config.vocab_size, config.hidden_size, config.num_layers, config.num_heads)
 
 
+@pytest.mark.parametrize("baseline", list(BASELINE_STYLES))
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("preset", ["tiny", "seed-003"])
-def test_matched_within_two_percent_for_every_mixer(preset, mixer):
+def test_matched_within_two_percent_for_every_mixer(preset, mixer, baseline):
     config = SamOutConfig.from_preset(preset, mixer=mixer)
     with torch.device("meta"):
         target = _samout_non_embedding(config)
-        got = Transformer(match_transformer_to(config, positional="rotary")).num_parameters(True)
+        got = Transformer(match_transformer_to(config, baseline, positional="rotary")).num_parameters(True)
     assert abs(got - target) <= MATCH_TOLERANCE * target, (got, target)
 
 
@@ -329,9 +337,209 @@ def test_impossible_configs(kwargs, message):
         TransformerConfig(**kwargs)
 
 
-def test_config_json_round_trip(tmp_path):
-    config = TransformerConfig(positional="rotary", norm="post", ffn_hidden_size=100)
+@pytest.mark.parametrize("kw", [dict(), MODERN, dict(MODERN, rope_scaling={"type": "ntk", "factor": 4.0})])
+def test_config_json_round_trip(tmp_path, kw):
+    config = TransformerConfig(**{**dict(positional="rotary", norm="post", ffn_hidden_size=100), **kw})
     assert TransformerConfig.from_json(config.to_json()) == config
+
+
+def test_an_old_config_without_the_style_fields_loads_as_seed_004(tmp_path):
+    """config.json written before the styles existed (no norm_type, bias, rope_scaling)."""
+    old = {"activation": "relu", "ffn_hidden_size": 48, "format_version": 1, "hidden_size": 32,
+           "max_position_embeddings": 4096, "model_type": "transformer", "norm": "pre", "num_heads": 4,
+           "num_layers": 2, "padding_idx": 0, "positional": "sinusoidal", "rope_theta": 10000.0,
+           "tie_word_embeddings": False, "vocab_size": VOCAB}
+    config = TransformerConfig.from_dict(old)
+    assert config.style == "seed-004" and config.bias and config.norm_type == "layernorm"
+    model = _tiny()  # the same sizes in today's defaults: the old weights load into it
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], loaded.eval()(ids)[0])
+
+
+def test_styles_and_presets():
+    tiny = SamOutConfig.from_preset("tiny")
+    assert match_transformer_to(tiny).style == "modern"
+    assert match_transformer_to(tiny, "seed-004").style == "seed-004"
+    assert match_transformer_to(tiny, positional="sinusoidal").style == "custom"
+    assert TransformerConfig.from_preset("tiny").style == "modern"  # new training runs
+    assert TransformerConfig.from_preset("tiny", baseline="seed-004").style == "seed-004"
+    assert TransformerConfig.from_dict({"baseline": "modern", "ffn_hidden_size": 8}).style == "modern"
+    assert TransformerConfig().style == "seed-004"
+    with pytest.raises(ValueError, match="unknown baseline 'gpt2'"):
+        match_transformer_to(tiny, "gpt2")
+    modern = _tiny(**MODERN)
+    assert not any(name.endswith("bias") for name, _ in modern.named_parameters())
+    assert isinstance(modern.norm, torch.nn.RMSNorm)
+
+
+# -- the preallocated KV cache against the concatenating reference ---------------------
+
+def _pair(**kw) -> tuple[Transformer, Transformer]:
+    model = _tiny(**kw)
+    reference = _tiny(**kw)
+    reference.load_state_dict(model.state_dict())
+    reference.set_kv_cache("concat")
+    return model, reference
+
+
+@pytest.mark.parametrize("kw", [dict(), MODERN])
+def test_preallocated_cache_equals_the_concatenating_reference(seed, kw):
+    rng = random.Random(seed)
+    model, reference = _pair(**kw)
+    ids = torch.randint(0, VOCAB, (2, 150))  # past a block of 64 slots and one doubling
+    with torch.no_grad():
+        for chunking in ([1] * 150, random_chunks(150, rng), [150]):
+            state = ref_state = None
+            t = 0
+            for n in chunking:
+                out, state = model(ids[:, t:t + n], state)
+                ref, ref_state = reference(ids[:, t:t + n], ref_state)
+                assert torch.equal(out, ref), (chunking, t)
+                t += n
+            assert state.equal(ref_state)
+            assert kv_buffer(state[0]["key"]) is not None and kv_buffer(ref_state[0]["key"]) is None
+
+
+def test_decode_writes_in_place_and_grows_geometrically():
+    model = _tiny(max_position_embeddings=1000)
+    with torch.no_grad():
+        _, state = model(torch.randint(0, VOCAB, (1, 60)))
+        buffer = kv_buffer(state[0]["key"])
+        assert buffer.data.shape[2] == 128  # 60 + a block of room, rounded up to blocks
+        for _ in range(68):
+            _, state = model(torch.randint(0, VOCAB, (1, 1)), state)
+        assert kv_buffer(state[0]["key"]) is buffer  # 61..128: the same buffer, written in place
+        assert state[0]["key"].data_ptr() == buffer.data.data_ptr()
+        _, state = model(torch.randint(0, VOCAB, (1, 1)), state)
+        grown = kv_buffer(state[0]["key"])
+        assert grown is not buffer and grown.data.shape[2] == 256 and state[0]["key"].shape[2] == 129
+        _, state = model(torch.randint(0, VOCAB, (1, 800)), state)  # 929 + 232 > the limit
+        assert kv_buffer(state[0]["key"]).data.shape[2] == 1000
+
+
+def test_an_older_state_stays_valid_and_branches_do_not_collide(seed):
+    """Functional contract: continuing from a state twice (a cached prefix, two branches)
+    gives each branch what a fresh call gives; neither overwrites the other."""
+    model, reference = _pair(**MODERN)
+    prefix = torch.randint(0, VOCAB, (1, 10))
+    a_ids, b_ids = torch.randint(0, VOCAB, (1, 3)), torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        _, prefix_state = model(prefix)
+        snapshot = prefix_state.clone()
+        _, a_state = model(a_ids, prefix_state)
+        _, b_state = model(b_ids, prefix_state)  # must not write over a's slots 10..12
+        nxt = torch.randint(0, VOCAB, (1, 1))
+        a_out, _ = model(nxt, a_state)
+        b_out, _ = model(nxt, b_state)
+        a_ref, _ = reference(torch.cat((prefix, a_ids, nxt), 1))
+        b_ref, _ = reference(torch.cat((prefix, b_ids, nxt), 1))
+    assert prefix_state.equal(snapshot)
+    assert (a_out[:, -1] - a_ref[:, -1]).abs().max() <= 1e-5 * a_ref.abs().max()
+    assert (b_out[:, -1] - b_ref[:, -1]).abs().max() <= 1e-5 * b_ref.abs().max()
+
+
+def test_state_copies_start_their_own_buffer(seed):
+    """State.stack / split / clone / index_select and left padding give ordinary tensors;
+    the next call copies them into a buffer and leaves the originals alone."""
+    model, reference = _pair()
+    with torch.no_grad():
+        states = [model(torch.randint(0, VOCAB, (1, n)))[1] for n in (4, 4)]
+        stacked = State.stack(states)
+        nxt = torch.randint(0, VOCAB, (2, 1))
+        out, new = model(nxt, stacked)
+        ref, _ = reference(nxt, stacked.clone())
+        assert torch.equal(out, ref)
+        for part, alone in zip(new.split(), states):
+            assert part[0]["key"].shape[2] == 5 and alone[0]["key"].shape[2] == 4
+
+
+def test_a_cache_made_under_inference_mode_continues_outside_it(seed):
+    model, reference = _pair()
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.inference_mode():
+        _, state = model(ids[:, :5])
+    with torch.no_grad():
+        out, state = model(ids[:, 5:6], state)  # copies: an inference tensor is read-only here
+        out2, _ = model(ids[:, 6:], state)
+        _, ref_state = reference(ids[:, :5])
+        want, ref_state = reference(ids[:, 5:6], ref_state)
+        want2, _ = reference(ids[:, 6:], ref_state)
+    assert torch.equal(out, want) and torch.equal(out2, want2)
+
+
+def test_training_through_a_cache_keeps_autograd(seed):
+    """Under autograd the cache concatenates (in-place writes would break backward)."""
+    model = _tiny(**MODERN).train()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    _, state = model(ids[:, :6])
+    logits, _ = model(ids[:, 6:], state)
+    logits.sum().backward()
+    assert kv_buffer(state[0]["key"]) is None and model.embed.weight.grad is not None
+
+
+def test_set_kv_cache_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="unknown kv cache 'paged'"):
+        _tiny().set_kv_cache("paged")
+
+
+# -- RoPE scaling ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ntk", "linear", "yarn"])
+def test_rope_scaling_by_one_changes_nothing(seed, kind):
+    model = _tiny(**MODERN)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        plain, _ = model(ids)
+        model.set_rope_scaling({"type": kind, "factor": 1.0, **(
+            {"original_max_position_embeddings": 16} if kind == "yarn" else {})})
+        scaled, _ = model(ids)
+    assert (plain - scaled).abs().max() <= 1e-5 * plain.abs().max()
+
+
+@pytest.mark.parametrize("scaling", [{"type": "ntk", "factor": 4.0}, {"type": "linear", "factor": 2},
+                                     {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
+def test_rope_scaling_keeps_the_state_contract(seed, scaling):
+    model = _tiny(**MODERN, rope_scaling=scaling)
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        full, _ = model(ids)
+        plain = _tiny(**MODERN)
+        plain.load_state_dict(model.state_dict())
+        assert not torch.allclose(full, plain(ids)[0])  # it does change the model
+        out, state = model(ids[:, :17])
+        rest, _ = model(ids[:, 17:], state)
+    assert (torch.cat((out, rest), 1) - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_rope_scaling_frequencies():
+    from samout.models.transformer import rotary_frequencies
+
+    base, _ = rotary_frequencies(16, 10000.0)
+    ntk, _ = rotary_frequencies(16, 10000.0, {"type": "ntk", "factor": 4.0})
+    assert torch.isclose(ntk[0], base[0]) and torch.isclose(ntk[-1], base[-1] / 4, rtol=1e-9)
+    yarn, factor = rotary_frequencies(16, 10000.0, {"type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 4096})
+    assert torch.equal(yarn[0], base[0]) and torch.isclose(yarn[-1], base[-1] / 4)
+    assert factor == pytest.approx(0.1 * math.log(4) + 1)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(rope_scaling={"type": "ntk", "factor": 2.0}), "needs rotary positions"),
+    (dict(positional="rotary", rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling must be"),
+    (dict(positional="rotary", rope_scaling={"type": "ntk", "factor": 0}), "positive number"),
+    (dict(positional="rotary", rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_position"),
+    (dict(positional="rotary", rope_scaling={"type": "ntk", "factor": 2.0, "beta": 1}),
+     "unknown rope_scaling"),
+    (dict(bias="no"), "bias must be true or false"),
+    (dict(norm_type="batchnorm"), "unknown norm_type"),
+])
+def test_bad_style_options(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**kw)
 
 
 def test_overfits_a_small_batch_of_real_text(shakespeare_text):
@@ -365,3 +573,20 @@ def test_logits_to_keep_is_the_tail_of_the_full_logits(seed, kw):
     assert torch.allclose(cached, full[:, -2:], rtol=0, atol=1e-5 * scale)
     for a, b in zip(state.to_tensors().values(), full_state.to_tensors().values()):
         assert torch.equal(a, b)
+
+
+def test_eval_rope_scaling_flag():
+    from samout.commands.eval import apply_rope_scaling, parse_rope_scaling
+    from samout.errors import SamoutError
+
+    assert parse_rope_scaling("ntk:4", 256) == {"type": "ntk", "factor": 4.0}
+    assert parse_rope_scaling("yarn:2", 256)["original_max_position_embeddings"] == 256
+    with pytest.raises(SamoutError, match="expected TYPE:FACTOR"):
+        parse_rope_scaling("ntk", 256)
+    model = _tiny(**MODERN)
+    apply_rope_scaling(model, "ntk:4", 16, "run")
+    assert model.config.rope_scaling == {"type": "ntk", "factor": 4.0}
+    with pytest.raises(SamoutError, match="needs rotary positions"):
+        apply_rope_scaling(_tiny(), "ntk:4", 16, "run")
+    with pytest.raises(SamoutError, match="is not a Transformer"):
+        apply_rope_scaling(SamOut(SamOutConfig.from_preset("tiny")), "ntk:4", 16, "run")

@@ -26,6 +26,7 @@ def test_train_generate_eval_a_transformer(tmp_path, prepared_data, capsys):
     # The preset's Transformer is the one matched to SamOut's tiny preset at this vocab.
     target = samout_non_embedding_parameters(SamOutConfig.from_preset("tiny", vocab_size=VOCAB))
     assert abs(model.num_parameters(exclude_embeddings=True) - target) <= 0.02 * target
+    assert model.config.style == "modern"  # new training runs get the modern baseline
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4]
     capsys.readouterr()
@@ -44,3 +45,13 @@ def test_transformer_from_preset():
     assert abs(got - target) <= 0.02 * target
     explicit = TransformerConfig.from_preset("tiny", ffn_hidden_size=100)
     assert explicit.ffn_hidden_size == 100 and explicit.hidden_size == 64
+
+
+def test_a_config_file_picks_the_seed_004_baseline():
+    from samout.training.config import build_model_config
+
+    _, config = build_model_config({"model_type": "transformer", "baseline": "seed-004"}, VOCAB, "tiny")
+    assert config.style == "seed-004" and config.vocab_size == VOCAB
+    _, config = build_model_config({"model_type": "transformer", "baseline": "seed-004",
+                                    "positional": "rotary", "ffn_hidden_size": 64}, VOCAB, None)
+    assert (config.positional, config.norm_type, config.ffn_hidden_size) == ("rotary", "layernorm", 64)
