@@ -141,7 +141,7 @@ def test_fuzz_the_api(schema, server, label, mode):
                 bare = case.call(base_url=url, session=session, timeout=CALL_TIMEOUT)
                 assert bare.status_code == 401, bare.text
                 assert bare.json()["error"]["code"] == "invalid_api_key"
-                assert time.perf_counter() - start < 1.0
+                assert time.perf_counter() - start < 2.0  # a constant: no body parsed, no engine
 
         fuzz(schema, label, mode, run_case)
     print(label, mode.value, dict(statuses))
