@@ -166,14 +166,15 @@ class Watch:
 
     def _probe(self) -> None:
         with httpx.Client(timeout=120) as http:
-            while not self.stop.is_set():
+            while True:  # at least one probe, however short the attack
                 start = time.perf_counter()
                 try:
                     http.get(self.server.url + "/health")
                 except httpx.HTTPError:
                     pass
                 self.latencies.append(time.perf_counter() - start)
-                self.stop.wait(PROBE_INTERVAL)
+                if self.stop.wait(PROBE_INTERVAL):
+                    break
 
     def _sample(self) -> None:
         while not self.stop.is_set():
