@@ -508,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown attack(s): {', '.join(unknown)}")
 
     started = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg": os.getloadavg()}
+    commits = {label: describe(checkout) for label, checkout in servers}  # as the servers start
     with tempfile.TemporaryDirectory(prefix="serve-attacks-") as tmp:
         run_dir = args.run_dir or make_run(Path(tmp) / "tiny")
         rows: list[Row] = []
@@ -538,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         finished = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg": os.getloadavg()}
         report = {"machine": machine(args.python), "started": started, "finished": finished,
-                  "servers": {label: describe(checkout) for label, checkout in servers},
+                  "servers": commits,
                   "rows": [asdict(r) for r in rows]}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
