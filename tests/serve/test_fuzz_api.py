@@ -1,6 +1,7 @@
 """Property-based fuzz of the HTTP API over its own OpenAPI schema (`app.openapi()`), with
 schemathesis, against a live server on 127.0.0.1: every operation, with requests that fit the
-schema (positive) and requests that break it (negative), without and with an API key.
+schema (positive) and requests that break it (negative), without and with an API key; each
+JSON body is sent again with a lone surrogate in every string (which no generator draws).
 
 Each answer must be no 5xx, within a per-call timeout (no hang), of a status, media type and
 (JSON) shape the schema documents; every 4xx is OpenAI's error body; a request breaking the
@@ -12,6 +13,7 @@ Hypothesis profile "ci" (tests/conftest.py) derandomizes the examples.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -64,6 +66,19 @@ def openai_error_body(ctx, response, case) -> bool | None:
     assert error["param"] is None or isinstance(error["param"], str), error
     assert error["code"] is None or isinstance(error["code"], str), error
     return None
+
+
+def with_lone_surrogates(value):
+    """`value` with a lone surrogate after every string in it: valid JSON (json.dumps writes
+    it as the escape \\ud800) that no UTF-8 encoder takes. Hypothesis and schemathesis never
+    draw lone surrogates, and a prompt holding one was a 500 from the tokenizer."""
+    if isinstance(value, str):
+        return value + "\ud800"
+    if isinstance(value, list):
+        return [with_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):  # a message's role kept, so that its content is what is refused
+        return {k: v if k == "role" else with_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _models(serve_models):
@@ -136,6 +151,13 @@ def test_fuzz_the_api(schema, server, label, mode):
                 statuses[response.json()["error"]["message"][:70]] += 1
             case.validate_response(response, checks=CHECKS, additional_checks=[openai_error_body],
                                    headers=headers)
+            if isinstance(case.body, dict):  # and again with a lone surrogate in every string
+                tainted = session.post(url + case.path, data=json.dumps(with_lone_surrogates(case.body)),
+                                       headers={"Content-Type": "application/json", **headers},
+                                       timeout=CALL_TIMEOUT)
+                assert tainted.status_code < 500, tainted.text
+                if tainted.status_code >= 400:
+                    assert set(tainted.json()["error"]) == {"message", "type", "param", "code"}, tainted.text
             if keyed:  # and without the key: a 401 at a constant cost, whatever the request
                 start = time.perf_counter()
                 bare = case.call(base_url=url, session=session, timeout=CALL_TIMEOUT)
