@@ -86,6 +86,7 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
             await loop.run_in_executor(None, m.engine.shutdown, True, settings.drain_timeout)
 
     app = FastAPI(title="samout", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    describe_errors_as_openai(app)
 
     # -- errors: always OpenAI's body ---------------------------------------------------
     @app.exception_handler(OpenAIError)
@@ -138,22 +139,24 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
     app.add_middleware(_Guard, allowed_hosts=settings.allowed_hosts)
 
     # -- routes -------------------------------------------------------------------------
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=Response, responses={200: _text("text/html"), **_errors(*ANY_ROUTE)})
     async def page():
         return HTMLResponse(chat_page_html())
 
-    @app.get("/static/{name}")
+    @app.get("/static/{name}", response_class=Response,
+             responses={200: _text(*(t.split(";")[0] for t in PAGE_FILES.values())),
+                        **_errors(*ANY_ROUTE, 404)})
     async def page_file(name: str):
         if name not in PAGE_FILES:
             raise StarletteHTTPException(404, f"no file {name!r}")
         return Response(static_text(name), media_type=PAGE_FILES[name])
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": P.Health}, **_errors(*ANY_ROUTE)})
     async def health():
         """Liveness only: open to anyone, so it must cost a constant and tell nothing."""
         return {"status": "ok"}
 
-    @app.get("/v1/health")
+    @app.get("/v1/health", responses={200: {"model": P.HealthDetails}, **_errors(*KEYED_ROUTE)})
     async def health_details(reset_peaks: bool = False):
         """The engines' counters, the state caches and the process memory: behind the API key
         (under /v1/) when one is set. `reset_peaks` (benchmarks): the engines' peak figures
@@ -164,23 +167,27 @@ def build_app(models: list[ServedModel], settings: ServerSettings | None = None)
             release_free_memory()
         return {"status": "ok", "models": stats, "memory": memory_stats()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: _text("text/plain"), **_errors(*KEYED_ROUTE)})
     async def prometheus_metrics():
         """Prometheus' text format: behind the key when one is set; a constant per model."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": P.ModelList}, **_errors(*KEYED_ROUTE)})
     async def list_models():
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "samout",
              "chat": m.render_chat is not None, "max_context": m.context_limit, "dtype": m.dtype}
             for m in models]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={200: {"model": P.CompletionResponse, "content": EVENT_STREAM},
+                                            **_errors(*GENERATING_ROUTE)})
     async def completions(body: P.CompletionRequest, request: Request):
         return await serving_completion.create_completion(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses={200: {"model": P.ChatCompletionResponse, "content": EVENT_STREAM},
+                         **_errors(*GENERATING_ROUTE)})
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         return await serving_chat.create_chat_completion(body, request)
 
@@ -231,6 +238,47 @@ class _Guard:
             await JSONResponse(body, status_code=400)(scope, receive, send_secured)
             return
         await self.app(scope, receive, send_secured)
+
+
+# The errors each route may answer, for its OpenAPI description (all OpenAI's error body).
+ERROR_STATUSES = {400: "a bad request: a malformed body or field, or a Host not served here",
+                  401: "a missing or wrong API key (when the server has one)",
+                  404: "no such model, or no such file", 408: "the request body did not arrive in time",
+                  413: "the request body is over --max-body-bytes", 429: "the queue is full: retry later",
+                  503: "the server is shutting down"}
+ANY_ROUTE = (400, 408, 413)
+KEYED_ROUTE = (*ANY_ROUTE, 401)
+GENERATING_ROUTE = (*KEYED_ROUTE, 404, 429, 503)
+# With "stream": true. The schema of a server-sent event stream describes each event (OpenAPI
+# 3.1): its data is a chunk's JSON, or [DONE] at the end.
+EVENT_STREAM = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                                 "properties": {"data": {"type": "string"}}}}}
+
+
+def _text(*media_types: str) -> dict:
+    """An answer of text in one of `media_types`, for a route's OpenAPI `responses`."""
+    return {"content": {t: {"schema": {"type": "string"}} for t in media_types}}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": P.ErrorResponse, "description": ERROR_STATUSES[s]} for s in statuses}
+
+
+def describe_errors_as_openai(app: FastAPI) -> None:
+    """FastAPI's schema promises a 422 with its own body for a bad request; this server answers
+    400 with OpenAI's (the routes' `responses` name it). Drop the 422 from `app.openapi()`."""
+    make_schema = app.openapi
+
+    def openapi() -> dict:
+        schema = make_schema()  # cached by FastAPI: patched once
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi
 
 
 def host_name(host: bytes) -> str:

@@ -56,9 +56,21 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 Number = StrictFloat
 
 
+def _off_values_only(schema: dict[str, Any]) -> None:
+    """The request's JSON schema (OpenAPI) names, for each UNSUPPORTED_FIELDS entry, only the
+    values accepted: its type `Any` would describe every value, and all but these are a 400."""
+    for name, allowed in UNSUPPORTED_FIELDS.items():
+        values: list = []
+        for value in allowed:  # JSON Schema's equality: 0 and 0.0 are one value, False another
+            if not any(v == value and isinstance(v, bool) == isinstance(value, bool) for v in values):
+                values.append(value)
+        schema["properties"][name] = {"title": schema["properties"][name].get("title", name),
+                                      "enum": values, "default": None}
+
+
 class _Request(BaseModel):
     # An unknown field is a 400: a misspelt or unimplemented option must not pass unnoticed.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_off_values_only)
 
     model: str | None = None
     user: str | None = None  # OpenAI's end-user id for abuse monitoring: nothing to do here
@@ -209,6 +221,90 @@ class ChatCompletionRequest(_Request):
 
 
 # -- responses --------------------------------------------------------------------------
+# What the answers look like, for the OpenAPI schema only (api_server.py names them in each
+# route's `responses`): the builders below write plain dicts, never validated against these.
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int]
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    chat: bool
+    max_context: int | None
+    dtype: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class HealthDetails(Health):
+    models: dict[str, dict[str, Any]]
+    memory: dict[str, Any]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

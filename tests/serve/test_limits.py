@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from samout.procmem import proc_status_kib, rss_bytes
 from samout.serve.api_server import ServerSettings
 from samout.serve.loading import served_model
 from samout.serve.serving import OpenAIServing
@@ -157,3 +158,70 @@ def test_a_large_prompt_is_tokenized_off_the_event_loop(serve_models):
         assert answer["r"].status_code == 400  # over --max-prompt-tokens, found after tokenizing
         assert answer["r"].json()["error"]["code"] == "context_length_exceeded"
         assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
+
+
+@pytest.fixture(scope="module")
+def default_server(serve_models):
+    """The limits at their defaults, as `samout serve` starts: (base URL, the served model)."""
+    model, _, tokenizer = serve_models[:3]
+    served = served_model(model, tokenizer, "samout")
+    with running_server([served]) as url:
+        yield url, served
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's VmHWM afresh (Linux's clear_refs); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def test_20000_prompts_in_one_request_are_refused_before_tokenizing(default_server):
+    """scripts/serve_attacks.py (d): each of them was tokenized on the event loop, then
+    submitted until the queue was full."""
+    url, served = default_server
+    steps = served.engine.stats()["steps"]
+    start = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", json={"prompt": ["Hello there"] * 20_000, "max_tokens": 1},
+                   timeout=60)
+    _error(r, 400, "n", "too_many_choices")
+    assert time.perf_counter() - start < 5 and served.engine.stats()["steps"] == steps
+
+
+def test_a_4_mb_prompt_costs_bounded_memory_and_keeps_health_answering(default_server):
+    """scripts/serve_attacks.py (a): a 4 MB text was tokenized on the event loop, seconds in
+    which /health went unanswered, into token lists and encodings of hundreds of MB. At the
+    defaults it is a 400 from --max-prompt-chars before any tokenizing."""
+    url, served = default_server
+    text = ("the quick brown fox jumps over the lazy dog. " * 90_000)[:4_000_000]
+    body = json.dumps({"prompt": text, "max_tokens": 1}).encode()
+    del text
+    done, latencies = threading.Event(), []
+
+    def probe():
+        with httpx.Client(timeout=30) as http:
+            while not done.is_set():
+                start = time.perf_counter()
+                assert http.get(url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    measured = reset_peak_rss()
+    before = rss_bytes()
+    prober.start()
+    start = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    seconds = time.perf_counter() - start
+    done.set()
+    prober.join(30)
+    _error(r, 400, "prompt", "context_length_exceeded")
+    assert "--max-prompt-chars" in r.json()["error"]["message"]
+    assert seconds < 5 and latencies and max(latencies) < 1.0, (seconds, latencies)
+    if measured:  # the body and its parsed text, a few times 4 MB; tokenized, hundreds of MB
+        peak = proc_status_kib("VmHWM") * 1024
+        assert peak - before < 64 * 2**20, (peak - before) / 2**20
