@@ -138,8 +138,10 @@ def test_a_large_prompt_is_tokenized_off_the_event_loop(serve_models):
         answer = {}
 
         def send_big():
+            start = time.perf_counter()
             answer["r"] = httpx.post(url + "/v1/completions", content=json.dumps(big),
                                      headers={"Content-Type": "application/json"}, timeout=120)
+            answer["seconds"] = time.perf_counter() - start
             done.set()
 
         thread = threading.Thread(target=send_big)
@@ -157,7 +159,10 @@ def test_a_large_prompt_is_tokenized_off_the_event_loop(serve_models):
         thread.join(120)
         assert answer["r"].status_code == 400  # over --max-prompt-tokens, found after tokenizing
         assert answer["r"].json()["error"]["code"] == "context_length_exceeded"
-        assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
+        # Relative to the big request's own time, so that a loaded machine (slower at both)
+        # does not fail it: on the event loop, one small request waited for nearly all of it.
+        assert len(latencies) >= 3, latencies
+        assert max(latencies) < 0.5 * answer["seconds"], (latencies, answer["seconds"])
 
 
 @pytest.fixture(scope="module")
