@@ -166,3 +166,38 @@ def test_a_token_constraint_masks_and_finishes():
 def test_params_refuse_out_of_range(bad):
     with pytest.raises(SamoutError):
         SamplingParams(**bad)
+
+
+class EndsAt:
+    """A toy grammar that allows only token `end` (say, after a complete JSON value whose
+    grammar waits for its end token): not finished until it takes it."""
+
+    def __init__(self, end: int) -> None:
+        self.end, self.taken = end, []
+
+    def fill_bitmask(self, bitmask, row):
+        bitmask[row] = 0
+        bitmask[row, self.end // 32] = 1 << (self.end % 32)
+
+    def advance(self, token):
+        if token != self.end:
+            raise SamoutError(f"token {token} is not allowed")
+        self.taken.append(token)
+
+    def is_finished(self):
+        return bool(self.taken)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_leaves_a_grammar_its_end_token(temperature):
+    """min_tokens masks the stop ids, but not when the grammar allows nothing else: then every
+    logit was -inf, the sampler fell back to token 0 and the grammar refused it."""
+    x = torch.randn(2, V, generator=torch.Generator().manual_seed(4))
+    rows = [RowSampler(SamplingParams(temperature=temperature, seed=0, min_tokens=5), stop_ids={7},
+                       constraint=EndsAt(7)),
+            RowSampler(SamplingParams(temperature=temperature, seed=1, min_tokens=5), stop_ids={7},
+                       constraint=EvenTokens(9))]  # more is allowed: min_tokens applies
+    x[:, 7] = 50.0
+    tokens, _ = sample(x, rows)
+    assert tokens[0] == 7 and rows[0].is_stop(7)
+    assert tokens[1] != 7 and tokens[1] % 2 == 0
