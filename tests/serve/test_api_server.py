@@ -251,8 +251,9 @@ def test_bad_completion_requests_are_openai_400s(server, body, param):
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json"}},
      "response_format"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {
-        "name": "a", "schema": {"type": "object", "properties": {"x": {"type": "strin"}}}}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",
+      "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"x": {"type": "strin"}}}}}},
+     "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
     ({"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
