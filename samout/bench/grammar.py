@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 def run_decode(args: argparse.Namespace, settings: dict) -> int:
     """`--decode`: the table of samout.bench.grammar_decode (default vocabulary: 8192, the
     `small` preset's)."""
-    from samout.bench.grammar_decode import format_decode_rows, measure_decode
+    from samout.bench.grammar_decode import SCHEMA_NAME, format_decode_rows, measure_decode
 
     if args.engine != "llguidance":
         raise SamoutError("--decode measures samout's own engine: --engine llguidance")
@@ -134,8 +134,8 @@ def run_decode(args: argparse.Namespace, settings: dict) -> int:
     header = run_header(torch.device("cpu"), command_line(args))
     rows = []
     for name, tokenizer in tokenizers(args.tokenizer, sizes):
-        rows += measure_decode(tokenizer, name, args.preset, args.decode_batches, args.decode_steps,
-                               settings["repeats"], args.seed)
+        rows += measure_decode(tokenizer, name, SCHEMAS[SCHEMA_NAME], args.preset, args.decode_batches,
+                               args.decode_steps, settings["repeats"], args.seed)
     table = "\n".join(header_lines("grammar --decode", header) + [format_decode_rows(rows)])
     print(table)
     if args.out:

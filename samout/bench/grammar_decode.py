@@ -91,16 +91,15 @@ def decode_once(model, tokenizer, grammar, batch: int, steps: int, seed: int) ->
             "outputs": sum(restarts)}
 
 
-def measure_decode(tokenizer, name: str, preset: str, batches: list[int], steps: int, repeats: int,
-                   seed: int) -> list[dict]:
+def measure_decode(tokenizer, name: str, schema: dict, preset: str, batches: list[int], steps: int,
+                   repeats: int, seed: int) -> list[dict]:
     """Rows of (batch, plain or schema) medians over `repeats` interleaved runs."""
     from samout import SamOut, SamOutConfig
-    from samout.bench.grammar import SCHEMAS
     from samout.decoding.grammar import json_schema_constraint
 
     torch.manual_seed(seed)
     model = SamOut(SamOutConfig.from_preset(preset, vocab_size=tokenizer.get_vocab_size())).eval()
-    grammar = json_schema_constraint(tokenizer, SCHEMAS[SCHEMA_NAME])
+    grammar = json_schema_constraint(tokenizer, schema)
     runs: dict[tuple[int, str], list[dict]] = {}
     for r in range(repeats):
         for batch in batches:

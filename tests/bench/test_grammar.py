@@ -32,7 +32,8 @@ def test_missing_xgrammar_is_a_one_line_error(tmp_path, capsys, monkeypatch):
 
 def test_bench_grammar_decode(tmp_path, capsys):
     code = main(["bench", "grammar", "--decode", "--vocab-sizes", "300", "--preset", "tiny",
-                 "--decode-batches", "1,3", "--decode-steps", "150", "--repeats", "2", "--out", str(tmp_path)])
+                 "--decode-batches", "1,3", "--decode-steps", "150", "--repeats", "2",
+                 "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     rows = json.loads((tmp_path / "grammar-decode.json").read_text())["rows"]
