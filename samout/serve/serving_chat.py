@@ -58,7 +58,7 @@ class ChatRun(Run):
 
     def _apply(self, index: int, event: tuple) -> str:
         text = super()._apply(index, event)
-        if not self.tools:
+        if not (self.tools and self.body.stream):  # a whole response is parsed once, at its end
             return text
         whole = self.streams[index].text
         if self.finish[index] is None:  # send what cannot belong to a call (nor be stripped)
@@ -127,6 +127,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_choices(served, 1, body.n)
         chars = sum(len(m.text()) for m in body.messages)
         self.check_prompt_chars(chars)
+        check_chat_template(served)
         tools = self.check_tools(body)
         constraint = None  # compiled first: a bad schema is a 400 before the prompt is rendered
         if tools and body.tool_choice not in (None, "auto"):
@@ -155,6 +156,13 @@ class OpenAIServingChat(OpenAIServing):
         return served.chat_stop_ids
 
 
+def check_chat_template(served: ServedModel) -> None:
+    if served.render_chat is None:
+        raise OpenAIError(400, f"model {served.name!r} has no chat template (its run directory's "
+                               "tokenizer_config.json holds no \"chat_template\"): use /v1/completions",
+                          param="messages", code="no_chat_template")
+
+
 def _tool_constraint(body: P.ChatCompletionRequest, served: ServedModel):
     return tool_call_constraint(served.tokenizer, body.tools, body.tool_choice,
                                 parallel_tool_calls=body.parallel_tool_calls is not False,
@@ -165,10 +173,7 @@ def chat_prompt(body: P.ChatCompletionRequest, served: ServedModel,
                 tools: list[dict] | None = None) -> list[int]:
     """The messages rendered with the model's chat template (and `tools`), ending in the
     assistant marker."""
-    if served.render_chat is None:
-        raise OpenAIError(400, f"model {served.name!r} has no chat template (its run directory's "
-                               "tokenizer_config.json holds no \"chat_template\"): use /v1/completions",
-                          param="messages", code="no_chat_template")
+    check_chat_template(served)
     messages = []
     for m in body.messages:
         message = {"role": m.role, "content": None if m.content is None and m.tool_calls else m.text()}

@@ -15,6 +15,7 @@ import pydantic
 import pytest
 
 from samout.serve.api_server import ServerSettings
+from samout.serve.loading import served_model
 from tests.serve.serve_fixtures import running_server, serve_pair
 
 SCHEMAS = {
@@ -46,7 +47,9 @@ MESSAGES = [{"role": "user", "content": "Describe a thing as JSON."}]
 @pytest.fixture(scope="module")
 def server(serve_models):
     model, transformer, tokenizer = serve_models[:3]
-    with running_server(serve_pair(model, transformer, tokenizer), ServerSettings()) as url:
+    models = serve_pair(model, transformer, tokenizer)
+    models.append(served_model(model, tokenizer, "plain", chat_template=None, state_cache_mb=0))
+    with running_server(models, ServerSettings()) as url:
         yield url
 
 
@@ -100,6 +103,12 @@ def test_completions_take_a_response_format_too(server):
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
         jsonschema.validate(json.loads(choice["text"]), SCHEMAS["enums"])
+
+
+def test_a_model_without_chat_is_told_so_before_the_schema_compiles(server):
+    r = httpx.post(server + "/v1/chat/completions", json={"model": "plain", "messages": MESSAGES,
+                                                          "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
 
 
 def test_a_cut_reply_ends_with_length(server):
