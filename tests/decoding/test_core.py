@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from samout.decoding import processors as P
-from samout.decoding.constraint import bitmask_words
+from samout.decoding.constraint import apply_bitmask_ref, bitmask_words
 from samout.decoding.logprobs import token_logprob_ref, token_logprobs
 from samout.decoding.params import SamplingParams
 from samout.decoding.sampler import RowSampler, sample, sample_one
@@ -78,6 +78,10 @@ def test_bitmask_rows_equal_reference():
     assert torch.equal(got[0], x[0]) and torch.equal(got[2], x[2])
     for i in (1, 3):
         assert torch.equal(got[i], P.constraint_ref(x[i], bitmask[i]))
+    every = x.clone()  # all rows constrained: masked in place
+    P.apply_bitmask(every, [0, 1, 2, 3], bitmask)
+    assert torch.equal(every, apply_bitmask_ref(x, bitmask))
+    assert torch.equal(every[[1, 3]], got[[1, 3]])
 
 
 def _random_params(rng: random.Random, seed: int) -> SamplingParams:
