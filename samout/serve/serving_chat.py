@@ -53,16 +53,25 @@ class ChatRun(Run):
     def __init__(self, *args, tools: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.tools = tools  # the reply is parsed for tool calls
-        self.sent = [""] * len(self.requests)  # with tools: the content streamed so far
+        # With tools, streamed: the reply's text released so far (past any stop string), the
+        # content sent, whether a call has begun (all that follows is held to the end), calls.
+        self.reply = [""] * len(self.requests)
+        self.sent = [""] * len(self.requests)
+        self.holding = [False] * len(self.requests)
         self.calls: list[list[dict]] = [[] for _ in self.requests]
 
     def _apply(self, index: int, event: tuple) -> str:
         text = super()._apply(index, event)
         if not (self.tools and self.body.stream):  # a whole response is parsed once, at its end
             return text
-        whole = self.streams[index].text
+        self.reply[index] += text
+        whole = self.reply[index]
         if self.finish[index] is None:  # send what cannot belong to a call (nor be stripped)
-            safe = whole[:held_from(whole)].lstrip().rstrip()
+            if self.holding[index] or not text:
+                return ""
+            held = held_from(whole)
+            self.holding[index] = whole.startswith(CALL_START, held)
+            safe = whole[:held].strip()
         else:
             safe, self.calls[index] = reply_parts(whole)
             safe = safe or ""

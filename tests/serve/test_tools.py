@@ -141,20 +141,25 @@ TEXTS = [
 ]
 
 
+@pytest.mark.parametrize("stop", [None, ["</tool_call>"], ["then"], ["text, no"], ["zzz"]])
 @pytest.mark.parametrize("text", TEXTS)
-def test_a_free_reply_streams_as_it_parses(serve_models, text):
-    """tool_choice "auto": the stream's content and calls equal the whole reply's, token by token."""
+def test_a_free_reply_streams_as_it_parses(serve_models, text, stop):
+    """tool_choice "auto": the stream's content and calls equal the whole reply's, token by
+    token, with stop strings too (text held back for a possible stop is never sent early)."""
     tokenizer = serve_models[2]
     served = serve_pair(serve_models[0], serve_models[1], tokenizer)[0]
-    body = P.ChatCompletionRequest(model="samout", messages=MESSAGES, tools=TOOLS, stream=True)
+    body = P.ChatCompletionRequest(model="samout", messages=MESSAGES, tools=TOOLS, stream=True, stop=stop)
     request = GenerationRequest(np.array([1], dtype=np.int32), SamplingParams(), lambda e: None)
     run = ChatRun(body, served, [request], None, tools=True)
     sent = ""
     for token in tokenizer.encode(text, add_special_tokens=False).ids:
-        sent += run._apply(0, ("token", token))
-        assert text.lstrip().startswith(sent)
-    sent += run._apply(0, ("finish", "stop", {}))
-    content, calls = reply_parts(text)
+        if run.finish[0] is None:
+            sent += run._apply(0, ("token", token))
+    if run.finish[0] is None:
+        sent += run._apply(0, ("finish", "stop", {}))
+    reply = run.streams[0].text  # the whole reply, as a response without streaming has it
+    assert reply == (text if stop is None else text.split(stop[0])[0])
+    content, calls = reply_parts(reply)
     assert sent == (content or "")
     assert [c["function"] for c in run.calls[0]] == [c["function"] for c in calls]
     chunks = run._chunk(0, "", "stop")
