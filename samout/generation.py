@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from samout.decoding.constraint import TokenConstraint
 from samout.decoding.detokenizer import TextStream
 from samout.decoding.logprobs import TokenLogprob
 from samout.decoding.params import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams
@@ -54,17 +55,19 @@ def sample_next(logits: Tensor, seen: Tensor, params: SamplingParams,
 
 @torch.no_grad()
 def stream_logprobs(model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams | None = None,
-                    stop_ids: frozenset[int] = frozenset({EOT_ID}),
+                    stop_ids: frozenset[int] = frozenset({EOT_ID}), *,
+                    constraint: TokenConstraint | None = None,
                     **kwargs) -> Iterator[tuple[int, TokenLogprob | None]]:
     """Yield (token id, its `TokenLogprob` when `params.logprobs` is set, else None) one by one.
     The prompt is fed once; each step feeds only the last token. Stops before a token of
-    `stop_ids` (the tokenizer's `end_ids`) if `params.stop_at_eot`."""
+    `stop_ids` (the tokenizer's `end_ids`) if `params.stop_at_eot`, and once `constraint` (a
+    grammar, one per sequence: `samout.decoding.grammar`) is complete."""
     params = params or SamplingParams(**kwargs)
     if not prompt_ids:
         raise SamoutError("the prompt is empty (it must hold at least one token)")
     model.eval()
     device = next(model.parameters()).device
-    row = RowSampler(params, prompt=prompt_ids, stop_ids=stop_ids)
+    row = RowSampler(params, prompt=prompt_ids, stop_ids=stop_ids, constraint=constraint)
     logits, state = model(torch.tensor([prompt_ids], device=device), logits_to_keep=1)
     for _ in range(params.max_new_tokens):
         token, logprob = sample_one(logits[0, -1].cpu(), row)
@@ -78,9 +81,10 @@ def stream_logprobs(model: torch.nn.Module, prompt_ids: list[int], params: Sampl
 
 
 def stream_ids(model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams | None = None,
-               stop_ids: frozenset[int] = frozenset({EOT_ID}), **kwargs) -> Iterator[int]:
+               stop_ids: frozenset[int] = frozenset({EOT_ID}), *, constraint: TokenConstraint | None = None,
+               **kwargs) -> Iterator[int]:
     """Yield new token ids one by one (`stream_logprobs` without the logprobs)."""
-    for token, _ in stream_logprobs(model, prompt_ids, params, stop_ids, **kwargs):
+    for token, _ in stream_logprobs(model, prompt_ids, params, stop_ids, constraint=constraint, **kwargs):
         yield token
 
 
@@ -91,11 +95,13 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return document_prefix(tokenizer) + tokenizer.encode(prompt, add_special_tokens=False).ids
 
 
-def stream(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
-    """Yield text pieces as tokens are sampled (waiting where a UTF-8 character spans tokens)."""
+def stream(model: torch.nn.Module, tokenizer, prompt: str, *, constraint: TokenConstraint | None = None,
+           **kwargs) -> Iterator[str]:
+    """Yield text pieces as tokens are sampled (waiting where a UTF-8 character spans tokens).
+    `constraint`: a grammar the continuation is held to (e.g. `json_schema_constraint`)."""
     text = TextStream(tokenizer)
     for token in stream_ids(model, encode_prompt(tokenizer, prompt), SamplingParams(**kwargs),
-                            stop_ids=end_ids(tokenizer)):
+                            stop_ids=end_ids(tokenizer), constraint=constraint):
         piece = text.add(token)
         if piece:
             yield piece

@@ -83,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="vocabularies 400 and 8192, batch 8, 2 repeats")
     parser.add_argument("--out", help="also write grammar-<engine>.json and .md into this directory")
+    parser.add_argument("--decode", action="store_true",
+                        help="instead: tokens/s of an untrained --preset model's decode steps with and "
+                             "without a schema (samout.bench.grammar_decode; llguidance only)")
+    parser.add_argument("--preset", default="small", help="with --decode: the model preset (default: small)")
+    parser.add_argument("--decode-batches", type=ints, default=[1, 32],
+                        help="with --decode: batch sizes (default: 1,32)")
+    parser.add_argument("--decode-steps", type=int, default=128,
+                        help="with --decode: timed steps per run (default: 128)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if settings["batch"] < 1 or settings["repeats"] < 1 or args.max_tokens < 1:
         raise SamoutError("--batch, --repeats and --max-tokens must be positive")
     set_threads(args.threads)
+    if args.decode:
+        return run_decode(args, settings)
     engine = ENGINE_CLASSES[args.engine]()
     header = run_header(torch.device("cpu"), command_line(args))
     rows = []
@@ -109,6 +119,31 @@ def run(args: argparse.Namespace) -> int:
                     "header": header, "rows": rows})
         atomic_write(out / f"grammar-{args.engine}.md", table + "\n")
     return 0 if all(r["valid"] == r["outputs"] for r in rows) else 1
+
+
+def run_decode(args: argparse.Namespace, settings: dict) -> int:
+    """`--decode`: the table of samout.bench.grammar_decode (default vocabulary: 8192, the
+    `small` preset's)."""
+    from samout.bench.grammar_decode import SCHEMA_NAME, format_decode_rows, measure_decode
+
+    if args.engine != "llguidance":
+        raise SamoutError("--decode measures samout's own engine: --engine llguidance")
+    if args.decode_steps < 1 or min(args.decode_batches) < 1:
+        raise SamoutError("--decode-steps and --decode-batches must be positive")
+    sizes = args.vocab_sizes or [8192]
+    header = run_header(torch.device("cpu"), command_line(args))
+    rows = []
+    for name, tokenizer in tokenizers(args.tokenizer, sizes):
+        rows += measure_decode(tokenizer, name, SCHEMAS[SCHEMA_NAME], args.preset, args.decode_batches,
+                               args.decode_steps, settings["repeats"], args.seed)
+    table = "\n".join(header_lines("grammar --decode", header) + [format_decode_rows(rows)])
+    print(table)
+    if args.out:
+        out = prepare_out_dir(args.out)
+        write_json(out / "grammar-decode.json",
+                   {"benchmark": "grammar-decode", "header": header, "rows": rows})
+        atomic_write(out / "grammar-decode.md", table + "\n")
+    return 0
 
 
 def tokenizers(path: str | None, vocab_sizes: list[int]):

@@ -31,10 +31,6 @@ DESCRIPTION = (
 )
 
 
-JSON_SCHEMA_PENDING = ("--json-schema: the schema is valid, but constrained sampling needs the batched "
-                       "decoding core, which this build does not have yet")
-
-
 def _read_json_schema(path: str | None) -> dict | None:
     """--json-schema FILE, read and checked before anything is loaded."""
     if path is None:
@@ -109,30 +105,34 @@ def run(args: argparse.Namespace) -> int:
               for i in range(len(prompts))]
     schema = _read_json_schema(args.json_schema)
     model, tokenizer = load(args.run_dir, device=args.device, dtype=args.dtype)
+    grammar = None
     if schema is not None:
         from samout.decoding.grammar import json_schema_constraint
 
         # Compiled now, so that a schema the engine rejects fails before any token.
-        json_schema_constraint(tokenizer, schema, what=f"--json-schema {args.json_schema}")
-        # INTEGRATION POINT (s22-core): pass a fresh constraint per prompt to the sampler,
-        # `stream(..., constraint=...)` -> `RowSampler(params, constraint=...)`, and drop this error.
-        raise SamoutError(JSON_SCHEMA_PENDING)
+        grammar = json_schema_constraint(tokenizer, schema, what=f"--json-schema {args.json_schema}")
+
+    def constraint():  # one matcher per prompt, from its start
+        return None if grammar is None else grammar.fresh()
+
     if args.json or args.logprobs is not None:
         for i, prompt in enumerate(prompts):
-            _with_logprobs(model, tokenizer, i, prompt, params[i], args.json)
+            _with_logprobs(model, tokenizer, i, prompt, params[i], args.json, constraint())
         return 0
     for i, prompt in enumerate(prompts):
         if i:
             print("\n" + "-" * 40)
         sys.stdout.write(prompt)
-        for piece in stream(model, tokenizer, prompt, **dataclasses.asdict(params[i])):
+        pieces = stream(model, tokenizer, prompt, constraint=constraint(), **dataclasses.asdict(params[i]))
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()
     return 0
 
 
-def _with_logprobs(model, tokenizer, index: int, prompt: str, params: SamplingParams, as_json: bool) -> None:
+def _with_logprobs(model, tokenizer, index: int, prompt: str, params: SamplingParams, as_json: bool,
+                   constraint=None) -> None:
     """One prompt's generation with a line per token: JSON, or the text then a table."""
     def name(token: int) -> str:
         raw = token_bytes(tokenizer, token)
@@ -147,7 +147,7 @@ def _with_logprobs(model, tokenizer, index: int, prompt: str, params: SamplingPa
             print("\n" + "-" * 40)
         sys.stdout.write(prompt)
     for token, lp in stream_logprobs(model, encode_prompt(tokenizer, prompt), params,
-                                     stop_ids=end_ids(tokenizer)):
+                                     stop_ids=end_ids(tokenizer), constraint=constraint):
         piece = text.add(token)
         if as_json:
             line = {"prompt": index, "token": token, "text": name(token)}

@@ -35,7 +35,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_p: float = 0.0  # keep tokens of probability >= min_p * the largest (after temperature)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
-    min_tokens: int = 0  # the stop tokens are masked until this many tokens are generated
+    # The stop tokens are masked until this many tokens are generated, unless a grammar allows
+    # nothing else (a complete JSON value ends where its grammar says).
+    min_tokens: int = 0
     # Per generated token, the log-probability of the token and of the `logprobs` most likely
     # tokens (0: the token's only; None: nothing), of the model's raw distribution.
     logprobs: int | None = None

@@ -99,6 +99,10 @@ def process(logits: Tensor, rows: Sequence[RowSampler]) -> Tensor:
     biased = [i for i in special if rows[i].params.logit_bias]
     P.apply_logit_bias(x, biased, [rows[i].params.logit_bias for i in biased])
     early = [i for i in special if rows[i].generated < rows[i].params.min_tokens]
+    if constrained and early:
+        # A grammar that allows nothing but an end token has the last word: masking it
+        # too would leave no token at all (and the grammar would refuse the fallback).
+        early = [i for i in early if rows[i].constraint is None or _allows_more(x[i], rows[i]._stop_list)]
     P.apply_mask(x, early, [rows[i]._stop_list for i in early])
     repeat = [i for i in special if rows[i].history is not None]
     P.apply_repetition_penalty(x, repeat, [rows[i].seen() for i in repeat],
@@ -108,6 +112,13 @@ def process(logits: Tensor, rows: Sequence[RowSampler]) -> Tensor:
                                [rows[i].params.presence_penalty for i in counted],
                                [rows[i].params.frequency_penalty for i in counted])
     return x
+
+
+def _allows_more(logits: Tensor, stop_ids: list[int]) -> bool:
+    """Whether a token other than `stop_ids` has a finite logit (is allowed)."""
+    finite = torch.isfinite(logits)
+    finite[torch.tensor(stop_ids, dtype=torch.long)] = False
+    return bool(finite.any())
 
 
 def sample(logits: Tensor, rows: Sequence[RowSampler],

@@ -409,10 +409,10 @@ class Engine:
                 seq.generated += 1
                 self.tokens_generated += 1
                 self._emit(seq, ("token", token) if logprob is None else ("token", token, logprob))
-                if seq.generated >= seq.request.params.max_new_tokens:
-                    self._finish(seq, "length")
-                elif seq.sampler.finished:  # the grammar is complete
+                if seq.sampler.finished:  # the grammar is complete (on its last token, too)
                     self._finish(seq, "stop")
+                elif seq.generated >= seq.request.params.max_new_tokens:  # cut: "length"
+                    self._finish(seq, "length")
                 elif not seq.request.cancelled:
                     feed.append((seq, token))
         # The rows of the sequences that go on are not needed any more: freed before the

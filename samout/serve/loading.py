@@ -34,8 +34,8 @@ def chat_renderer(tokenizer, template: str | None):
     if template is None or (template == DEFAULT_CHAT_TEMPLATE and not has_chat_tokens(tokenizer)):
         return None, frozenset()
 
-    def render(messages: list[dict]) -> list[int]:
-        return render_ids(tokenizer, messages, add_generation_prompt=True, template=template)
+    def render(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return render_ids(tokenizer, messages, add_generation_prompt=True, template=template, tools=tools)
 
     return render, end_ids(tokenizer) | {end_of_turn_ids(tokenizer, template)[0]}
 

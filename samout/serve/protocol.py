@@ -3,8 +3,10 @@ builders for the response and stream-chunk objects (plain dicts: they are only w
 
 Nothing a request asks for is silently ignored: an unknown field, a field of the wrong type
 (numbers are strict: "0.5" is not a temperature), a value out of range, or an OpenAI field
-asking for something this server does not do (tools, response_format, best_of, ...) is a 400
-with OpenAI's error body naming the field. Only `user`, which asks nothing of the server, is
+asking for something this server does not do (best_of, functions, ...) is a 400 with OpenAI's
+error body naming the field. `response_format`, `tools`, `tool_choice` and
+`parallel_tool_calls` are checked when their grammar is built (samout.decoding.grammar,
+samout.decoding.tools), with the same 400s. Only `user`, which asks nothing of the server, is
 accepted and ignored. docs/serving.md has the table of every field.
 """
 
@@ -24,8 +26,7 @@ MAX_LOGPROBS = 20  # the default of --max-logprobs (OpenAI's cap for chat's top_
 # "off" (accepted, since clients send defaults). Any other value is a 400 naming the field.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "best_of": (None, 1), "suffix": (None, ""),
-    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
-    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "functions": (None, []), "function_call": (None, "none"),
     "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
     "web_search_options": (None,), "include_stop_str_in_output": (None, False),
@@ -95,15 +96,13 @@ class _Request(BaseModel):
     # token id (a string, as JSON keys are) -> bias in [-100, 100]; ids checked against the vocabulary
     logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    # Structured output: checked and compiled by samout.decoding.grammar (400s naming the field).
+    response_format: Any = None
     # UNSUPPORTED_FIELDS: accepted only at the values that mean "off".
     best_of: Any = None
     suffix: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     store: Any = None
     metadata: Any = None
     service_tier: Any = None
@@ -173,7 +172,11 @@ class CompletionRequest(_Request):
     logprobs: StrictInt | None = Field(default=None, ge=0)
     echo: StrictBool = False  # the prompt's text (and, with logprobs, its tokens' logprobs) first
     top_logprobs: Any = None  # chat's field
-    unsupported: ClassVar[dict[str, tuple]] = {"top_logprobs": (None, 0)}
+    tools: Any = None  # chat's fields: a completion has no messages to show tools in
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    unsupported: ClassVar[dict[str, tuple]] = {"top_logprobs": (None, 0), "tools": (None, []),
+                                                "tool_choice": (None, "none"), "parallel_tool_calls": (None,)}
 
     def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
         super().check_supported(max_stops, max_stop_chars)
@@ -189,6 +192,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: Any = None  # an assistant's calls (checked by samout.chat.tools.check_tool_calls)
+    tool_call_id: Any = None  # a tool message's: the call it answers
 
     def text(self) -> str:
         """The message's text (content parts of type "text" joined; others refused)."""
@@ -212,6 +217,9 @@ class ChatCompletionRequest(_Request):
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(default=None, ge=0)  # needs logprobs: true
     echo: Any = None  # vLLM's chat echo (the last message) is not done
+    tools: Any = None  # checked by samout.chat.tools (400s naming the field)
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
     unsupported: ClassVar[dict[str, tuple]] = {"echo": (None, False)}
 
     def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
@@ -322,9 +330,17 @@ def completion_response(rid: str, model: str, created: int, choices: list[dict],
             "usage": usage}
 
 
+def chat_message(text: str | None, tool_calls: list[dict] | None = None) -> dict:
+    """A response's assistant message; content null when the reply is only tool calls."""
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
 def chat_response(rid: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+            "choices": [{"index": c["index"], "message": chat_message(c["text"], c.get("tool_calls")),
                          "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
                         for c in choices],
             "usage": usage}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from samout.decoding.detokenizer import TextStream, token_bytes
+from samout.decoding.grammar import GrammarConstraint
 from samout.decoding.logprobs import TokenLogprob
 from samout.decoding.params import SamplingParams
+from samout.errors import SamoutError
 from samout.serve import protocol as P
 from samout.serve.engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
 from samout.serve.metrics import USAGE_SCOPE_KEY, ModelMetrics, ServerMetrics
@@ -398,9 +401,24 @@ class OpenAIServing:
                                    f"got {max_tokens}", param="max_tokens")
         return max_tokens
 
+    async def build_constraint(self, work: Callable, *args):
+        """A grammar constraint (or None) built by `work(*args)` on a worker thread (a big
+        schema takes milliseconds to compile); its SamoutError is a 400 naming the field its
+        message starts with (`response_format...`, `tools[0]...`)."""
+        try:
+            return await run_in_threadpool(work, *args)
+        except SamoutError as err:
+            message = str(err)
+            param = re.match(r"[A-Za-z_]+", message)
+            raise OpenAIError(400, message, param=param.group(0) if param else None) from None
+
     async def generate(self, body: P.CompletionRequest | P.ChatCompletionRequest, served: ServedModel,
-                       prompts: list[list[int]], request: Request) -> dict | StreamingResponse:
-        """Submit `body.n` choices per prompt; the response, or the stream of its chunks."""
+                       prompts: list[list[int]], request: Request,
+                       constraint: GrammarConstraint | None = None,
+                       run_options: dict | None = None) -> dict | StreamingResponse:
+        """Submit `body.n` choices per prompt; the response, or the stream of its chunks.
+        `constraint`: a grammar every choice is held to (each its own, from the start);
+        `run_options`: keyword arguments of the run class."""
         max_tokens = self.max_tokens(body, served, prompts)
         stop_ids = self.stop_ids(served)
         vocab = served.tokenizer.get_vocab_size()
@@ -425,8 +443,10 @@ class OpenAIServing:
             for index, (ids, j) in enumerate(choices):
                 def emit(event, index=index):  # on the event loop (the engine's `deliver`)
                     queue.put_nowait((index, event))
+                grammar = None if constraint is None else constraint if index == 0 else constraint.fresh()
                 submitted.append(served.engine.submit(ids, sampling_params(body, max_tokens, j, logit_bias),
-                                                      emit, stop_ids, prompt_logprobs=prompt_logprobs))
+                                                      emit, stop_ids, constraint=grammar,
+                                                      prompt_logprobs=prompt_logprobs))
         except QueueFullError as err:
             for r in submitted:
                 served.engine.abort(r)
@@ -438,7 +458,7 @@ class OpenAIServing:
             raise OpenAIError(503, str(err), type="server_error", code="shutting_down") from None
         run = self.run_class(body, served, submitted, queue,
                              None if self.metrics is None else self.metrics.models.get(served.name),
-                             request.scope.get(USAGE_SCOPE_KEY))
+                             request.scope.get(USAGE_SCOPE_KEY), **(run_options or {}))
         # The engine holds the ids as int32. The body's list of Python ints (36 bytes a token)
         # need not live as long as the stream, nor the copies Starlette's Request caches for
         # its whole life: the raw bytes and the parsed JSON.

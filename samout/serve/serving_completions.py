@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from samout.decoding.detokenizer import token_bytes
+from samout.decoding.grammar import response_format_constraint
 from samout.decoding.logprobs import TokenLogprob
 from samout.serve import protocol as P
 from samout.serve.protocol import OpenAIError
@@ -72,7 +73,12 @@ class OpenAIServingCompletion(OpenAIServing):
         chars = prompt_chars(body.prompt)
         self.check_prompt_chars(chars)
         prompts = await self.off_loop(chars, completion_prompts, body, served)
-        return await self.generate(body, served, prompts, request)
+        constraint = None
+        if body.response_format is not None:  # vLLM's extension: OpenAI's is chat only
+            constraint = await self.build_constraint(response_format_constraint, served.tokenizer,
+                                                     body.response_format, "response_format",
+                                                     end_ids(served.tokenizer))
+        return await self.generate(body, served, prompts, request, constraint)
 
     def stop_ids(self, served: ServedModel) -> frozenset[int]:
         return end_ids(served.tokenizer)

@@ -28,3 +28,19 @@ def test_missing_xgrammar_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     assert main(["bench", "grammar", "--engine", "xgrammar", "--vocab-sizes", "300"]) == 1
     err = capsys.readouterr().err
     assert "--engine xgrammar needs xgrammar installed" in err and err.count("\n") == 1
+
+
+def test_bench_grammar_decode(tmp_path, capsys):
+    code = main(["bench", "grammar", "--decode", "--vocab-sizes", "300", "--preset", "tiny",
+                 "--decode-batches", "1,3", "--decode-steps", "150", "--repeats", "2",
+                 "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    rows = json.loads((tmp_path / "grammar-decode.json").read_text())["rows"]
+    assert [(r["batch"], r["mode"]) for r in rows] == [(1, "plain"), (1, "schema"), (3, "plain"),
+                                                       (3, "schema")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["forward_ms"] > 0 and r["sample_ms"] > 0
+        assert (r["mask_ms"] > 0) == (r["mode"] == "schema")
+    assert rows[3]["outputs"] > 0  # rows completed JSON values and started fresh ones
+    assert "| bpe-300 | tiny | 3 | schema (nested) |" in printed

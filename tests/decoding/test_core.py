@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from samout.decoding import processors as P
-from samout.decoding.constraint import bitmask_words
+from samout.decoding.constraint import apply_bitmask_ref, bitmask_words
 from samout.decoding.logprobs import token_logprob_ref, token_logprobs
 from samout.decoding.params import SamplingParams
 from samout.decoding.sampler import RowSampler, sample, sample_one
@@ -78,6 +78,10 @@ def test_bitmask_rows_equal_reference():
     assert torch.equal(got[0], x[0]) and torch.equal(got[2], x[2])
     for i in (1, 3):
         assert torch.equal(got[i], P.constraint_ref(x[i], bitmask[i]))
+    every = x.clone()  # all rows constrained: masked in place
+    P.apply_bitmask(every, [0, 1, 2, 3], bitmask)
+    assert torch.equal(every, apply_bitmask_ref(x, bitmask))
+    assert torch.equal(every[[1, 3]], got[[1, 3]])
 
 
 def _random_params(rng: random.Random, seed: int) -> SamplingParams:
@@ -166,3 +170,38 @@ def test_a_token_constraint_masks_and_finishes():
 def test_params_refuse_out_of_range(bad):
     with pytest.raises(SamoutError):
         SamplingParams(**bad)
+
+
+class EndsAt:
+    """A toy grammar that allows only token `end` (say, after a complete JSON value whose
+    grammar waits for its end token): not finished until it takes it."""
+
+    def __init__(self, end: int) -> None:
+        self.end, self.taken = end, []
+
+    def fill_bitmask(self, bitmask, row):
+        bitmask[row] = 0
+        bitmask[row, self.end // 32] = 1 << (self.end % 32)
+
+    def advance(self, token):
+        if token != self.end:
+            raise SamoutError(f"token {token} is not allowed")
+        self.taken.append(token)
+
+    def is_finished(self):
+        return bool(self.taken)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_leaves_a_grammar_its_end_token(temperature):
+    """min_tokens masks the stop ids, but not when the grammar allows nothing else: then every
+    logit was -inf, the sampler fell back to token 0 and the grammar refused it."""
+    x = torch.randn(2, V, generator=torch.Generator().manual_seed(4))
+    rows = [RowSampler(SamplingParams(temperature=temperature, seed=0, min_tokens=5), stop_ids={7},
+                       constraint=EndsAt(7)),
+            RowSampler(SamplingParams(temperature=temperature, seed=1, min_tokens=5), stop_ids={7},
+                       constraint=EvenTokens(9))]  # more is allowed: min_tokens applies
+    x[:, 7] = 50.0
+    tokens, _ = sample(x, rows)
+    assert tokens[0] == 7 and rows[0].is_stop(7)
+    assert tokens[1] != 7 and tokens[1] % 2 == 0

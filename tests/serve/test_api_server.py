@@ -208,7 +208,10 @@ BAD_BODIES = [
     ({"prompt": "x", "temperature": "0.5"}, "temperature"),
     ({"prompt": "x", "top_p": "0.5"}, "top_p"),
     ({"prompt": "x", "temperature": True}, "temperature"),
-    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "strin"}}}}, "response_format"),
+    ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"prompt": "x", "tool_choice": "auto"}, "tool_choice"),
     ({"prompt": "x", "parallel_tool_calls": True}, "parallel_tool_calls"),
     # Penalties and bias: out of range.
@@ -246,8 +249,17 @@ def test_bad_completion_requests_are_openai_400s(server, body, param):
     ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json"}},
      "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",
+      "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"x": {"type": "strin"}}}}}},
+     "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}}}}]}, "tools"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": "{oops"}}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),  # no logprobs
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -339,3 +339,20 @@ def test_a_token_constraint_masks_batched_rows_and_finishes_with_stop(serve_mode
     assert outs[0].tokens == grammar.taken and len(outs[0].tokens) == 5
     assert all(t % 2 == 0 for t in outs[0].tokens) and outs[0].finish[1] == "stop"
     assert [o.tokens for o in outs[1:]] == [reference(model, p, params) for p in prompts[1:]]
+
+
+@pytest.mark.parametrize("length, max_tokens, finish", [(5, 5, "stop"), (6, 5, "length")])
+def test_a_grammar_complete_on_the_last_token_ends_with_stop(serve_models, length, max_tokens, finish):
+    """A reply whose grammar completes on its max_tokens-th token is whole ("stop"); one cut
+    before its grammar completes is not ("length")."""
+    from tests.decoding.test_core import EvenTokens
+
+    model = serve_models[0]
+    engine = Engine(model).start()
+    out = Collector()
+    engine.submit(_prompts(model.config.vocab_size, 1, count=1)[0],
+                  SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_at_eot=False), out,
+                  constraint=EvenTokens(length))
+    assert out.done.wait(60)
+    engine.shutdown()
+    assert len(out.tokens) == max_tokens and out.finish[1] == finish
