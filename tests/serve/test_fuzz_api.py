@@ -127,7 +127,8 @@ def test_the_schema_describes_every_route_and_its_bodies(schema):
         assert "422" not in operation["responses"]  # FastAPI's; this server answers 400
         assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     properties = raw["components"]["schemas"]["CompletionRequest"]["properties"]
-    assert properties["logprobs"]["enum"] == [None, False, 0]  # only the "off" values
+    assert properties["best_of"]["enum"] == [None, 1]  # an unimplemented field: only its "off" values
+    assert {"minimum": 0, "type": "integer"} in properties["logprobs"]["anyOf"]  # implemented: its type
     assert raw["components"]["schemas"]["CompletionRequest"]["additionalProperties"] is False
 
 
