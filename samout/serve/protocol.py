@@ -187,13 +187,25 @@ class CompletionRequest(_Request):
                 break
 
 
+# Fields of OpenAI's message objects that this server does not implement, with the values that
+# mean "unset" (the openai client sends an assistant reply back with refusal/audio/... null).
+MESSAGE_UNSUPPORTED: dict[str, tuple] = {"name": (None,), "refusal": (None,), "annotations": (None, []),
+                                         "audio": (None,), "function_call": (None,)}
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # An unknown field is a 400 here too: a participant's `name`, say, must not vanish unnoticed.
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     tool_calls: Any = None  # an assistant's calls (checked by samout.chat.tools.check_tool_calls)
     tool_call_id: Any = None  # a tool message's: the call it answers
+    name: Any = None
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: Any = None
 
     def text(self) -> str:
         """The message's text (content parts of type "text" joined; others refused)."""
@@ -211,6 +223,14 @@ class ChatMessage(BaseModel):
     def check_unicode(self) -> None:
         check_unicode(self.text(), "messages")
 
+    def check_supported(self, index: int) -> None:
+        for name, allowed in MESSAGE_UNSUPPORTED.items():
+            value = getattr(self, name)
+            if not any(value == a and type(value) is type(a) for a in allowed):
+                raise OpenAIError(400, f"'messages[{index}].{name}' is not supported by this server",
+                                  param=f"messages[{index}].{name}", code="unsupported_parameter")
+        self.check_unicode()
+
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -224,8 +244,8 @@ class ChatCompletionRequest(_Request):
 
     def check_supported(self, max_stops: int = MAX_STOP_SEQUENCES, max_stop_chars: int | None = None) -> None:
         super().check_supported(max_stops, max_stop_chars)
-        for message in self.messages:
-            message.check_unicode()
+        for i, message in enumerate(self.messages):
+            message.check_supported(i)
 
 
 # -- responses --------------------------------------------------------------------------

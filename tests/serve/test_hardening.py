@@ -213,3 +213,24 @@ def test_a_slow_but_steady_request_within_the_timeouts_is_served(serve_models):
                 time.sleep(0.15)
             sock.settimeout(10)
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_message_fields_the_server_does_not_implement_are_refused(serve_models):
+    """A message's `name` or an unknown key used to be dropped silently; OpenAI's "unset" values
+    (what the openai client sends back with an assistant reply) are still accepted."""
+    model, _, tokenizer = serve_models[:3]
+    served = served_model(model, tokenizer, "samout", chat_template=DEFAULT_CHAT_TEMPLATE)
+    with running_server([served]) as url:
+        def ask(messages):
+            return httpx.post(url + "/v1/chat/completions", timeout=30,
+                              json={"messages": messages, "max_tokens": 1, "temperature": 0})
+
+        r = ask([{"role": "user", "content": "hi", "name": "ann"}])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].name"
+        r = ask([{"role": "user", "content": "hi", "colour": "red"}])
+        assert r.status_code == 400 and "colour" in r.json()["error"]["message"]
+        r = ask([{"role": "user", "content": "hi"},
+                 {"role": "assistant", "content": "yes", "refusal": None, "annotations": [], "audio": None,
+                  "function_call": None, "name": None},
+                 {"role": "user", "content": "and?"}])
+        assert r.status_code == 200, r.text
