@@ -1,4 +1,4 @@
-"""`samout bench params|speed|recall|quality|serve|chat|mixers|onnx`: every benchmark of samout.
+"""`samout bench params|speed|recall|quality|serve|chat|mixers|onnx|rollout`: every benchmark of samout.
 
 speed, recall, quality and serve compare SamOut with the matched Transformer and write JSON
 and PNG plots into --out; mixers compares the fused and reference kernels; onnx measures the
@@ -14,7 +14,7 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-from samout.bench import chat, mixers, onnx_export, params, quality, recall, serve, speed
+from samout.bench import chat, mixers, onnx_export, params, quality, recall, rollout, serve, speed
 
 # Benchmark name -> the module that declares its flags (`add_arguments(parser)`) and runs it
 # (`run(args) -> int`; its docstring is the benchmark's --help), and its line in `samout bench --help`.
@@ -29,6 +29,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, str]] = {
     "params": (params, "parameter counts: SamOut presets vs standard and matched Transformers"),
     "mixers": (mixers, "fused vs reference mixer kernels: training speed, memory, MFU, decode latency"),
     "onnx": (onnx_export, "ONNX export: graph accuracy, int8 size and accuracy, decode latency"),
+    "rollout": (rollout, "GRPO rollouts, G completions of one prompt: SamOut's forked state vs the "
+                         "Transformer's copied KV cache, tokens/s and memory"),
 }
 
 
