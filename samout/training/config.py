@@ -181,6 +181,9 @@ class TrainConfig:
         if not reward:
             raise SamoutError("--objective grpo needs --reward NAME (task, answer, format or "
                               "module:function)")
+        if self.temperature == 0:
+            raise SamoutError("--temperature must be positive for grpo: greedy replies of a prompt are all "
+                              "alike, so no reply has an advantage")
         if self.num_generations < 2:
             raise SamoutError("--num-generations must be at least 2: advantages compare the completions "
                               "of a prompt")
