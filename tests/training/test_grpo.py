@@ -223,3 +223,25 @@ def test_grpo_resume_is_exact_in_the_middle_of_the_iterations(dirs, tmp_path):
         assert key in whole[0]
     assert any(r["reward_std"] > 0 for r in whole) and whole[3]["ratio_mean"] != 1.0  # really learning
     assert (tmp_path / "whole" / "loss.png").is_file()
+
+
+def test_an_update_raises_the_log_probability_of_better_completions(dirs):
+    data = PromptData(dirs / "prompts")
+    model = load_pretrained(dirs / "run-sft")
+    cfg = grpo_cfg(dirs, reward=["tests.training.grpo_rewards:odd_first_token"], temperature=1.5)
+    objective = GRPOObjective(data, cfg)
+    loss, stats = objective.micro_loss(model, 0, 0, 0, 1, "cpu", None)
+    assert stats["frac_zero_std"] < 1
+    loss.backward()
+    batch = objective.cache[(0, 0)]
+
+    def weighted_logps() -> float:
+        total = 0.0
+        for g, group in enumerate(batch["groups"]):
+            logps, mask = completion_logps(model, group["prompt"], group["completions"])
+            total += float((logps.sum(1) / mask.sum(1) * batch["advantages"][g]).sum().detach())
+        return total
+
+    before = weighted_logps()
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    assert weighted_logps() > before
