@@ -2,7 +2,7 @@
 built-in tasks, with a table and GRPO's reward curve (OUT/grpo_reward.png).
 
     python -m samout.chat.demo --out build/chat-demo [--pretrain-steps 100 --sft-steps 900
-                               --grpo-steps 150 --dpo-steps 400]
+                               --grpo-steps 200 --dpo-steps 400]
 
 Pretraining (skipped when OUT/run-pretrain already holds a model) is next-token training on
 `pretrain.txt`: the training questions without their answers, so the model knows the words,
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-time", default=None, help="also stop DPO after this long (default: steps only)")
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--skip-dpo", action="store_true", help="no DPO stage (pretrain -> SFT -> GRPO only)")
-    p.add_argument("--grpo-steps", type=int, default=150)
+    p.add_argument("--grpo-steps", type=int, default=200)
     p.add_argument("--grpo-time", default=None, help="also stop GRPO after this long (default: steps only)")
     p.add_argument("--grpo-lr", type=float, default=3e-4)
-    p.add_argument("--grpo-batch", type=int, default=8, help="GRPO: prompts per step")
+    p.add_argument("--grpo-batch", type=int, default=16, help="GRPO: prompts per step")
     p.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden-size", type=int, default=128)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "objective": "grpo", "init_from": str(sft_run), "reward": ["task"], "max_steps": args.grpo_steps,
         "max_time": args.grpo_time and parse_duration(args.grpo_time), "batch_size": args.grpo_batch,
         "num_generations": args.num_generations, "max_completion_length": 12, "lr": args.grpo_lr,
-        "warmup_steps": 5, "eval_every": 50, "eval_windows": 8, "log_every": 1, "save_every": 100000,
+        "warmup_steps": 10, "eval_every": 50, "eval_windows": 4, "log_every": 1, "save_every": 100000,
         "seed": args.seed})
     evaluate("GRPO", grpo_run)
     plot_rewards(grpo_run / "log.jsonl", out / "grpo_reward.png")
