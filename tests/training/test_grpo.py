@@ -245,3 +245,50 @@ def test_an_update_raises_the_log_probability_of_better_completions(dirs):
     before = weighted_logps()
     torch.optim.SGD(model.parameters(), lr=0.05).step()
     assert weighted_logps() > before
+
+
+@pytest.mark.slow
+def test_grpo_killed_with_sigkill_then_resumed_ends_bit_identical(dirs, tmp_path):
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    max_steps = 16
+
+    def command(run, *extra):
+        return [sys.executable, "-m", "samout", "train", "--data", str(dirs / "prompts"), "--out", str(run),
+                "--objective", "grpo", "--init-from", str(dirs / "run-sft"), "--reward", "task",
+                "--reward", "tests.training.grpo_rewards:odd_first_token", "--num-generations", "3",
+                "--max-completion-length", "5", "--temperature", "1.5", "--batch-size", "2",
+                "--grpo-iterations", "2", "--kl-beta", "0.05", "--max-steps", str(max_steps), "--lr", "1e-2",
+                "--warmup-steps", "1", "--log-every", "1", "--eval-every", "1000", "--eval-windows", "1",
+                "--device", "cpu", "--quiet", *extra]
+
+    def steps_logged(run) -> int:
+        try:
+            lines = (run / "log.jsonl").read_text().splitlines()
+            return max([0] + [json.loads(line)["step"] for line in lines])
+        except (OSError, json.JSONDecodeError, KeyError):
+            return 0
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    subprocess.run(command(straight, "--save-every", "1000"), env=env, cwd=root, check=True,
+                   capture_output=True)
+    victim = subprocess.Popen(command(crashed, "--save-every", "3"), env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while steps_logged(crashed) < 8 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL and steps_logged(crashed) < max_steps
+    proc = subprocess.run([*command(crashed, "--save-every", "3"), "--resume"], env=env, cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_file(straight / "model.safetensors"), load_file(crashed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
