@@ -52,7 +52,7 @@ test-latest:
 demo: venv
 	scripts/demo.sh
 
-# Pretrain -> SFT -> DPO on built-in checkable tasks (about 12 minutes on 2 CPU cores).
+# Pretrain -> SFT -> GRPO (and DPO) on built-in checkable tasks (about 15 minutes on 2 CPU cores).
 chat-demo: venv
 	scripts/chat_demo.sh
 

@@ -32,6 +32,8 @@ class _RegisterAfterLoad(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
+        for finder in [f for f in sys.meta_path if isinstance(f, _TransformersFinder)]:
+            sys.meta_path.remove(finder)  # done: transformers is loaded
         _register()
 
     def __getattr__(self, name):  # e.g. get_resource_reader, is_package
@@ -42,8 +44,14 @@ class _TransformersFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != "transformers":
             return None
-        sys.meta_path.remove(self)  # one shot: find the real spec without us
-        spec = importlib.util.find_spec(name)
+        # Find the real spec without us, and stay installed until transformers is really loaded:
+        # a mere `importlib.util.find_spec("transformers")` (TRL's availability checks) looks
+        # the spec up without loading it.
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
             spec.loader = _RegisterAfterLoad(spec.loader)
         return spec

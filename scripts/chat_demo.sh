@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The chat demo: pretrain (or reuse) a small SamOut, SFT, DPO, with a table of exact-match
-# accuracy, end-of-turn rate and preference accuracy before/after each stage.
+# The chat demo: pretrain (or reuse) a small SamOut, SFT, GRPO and DPO, with a table of exact-match
+# accuracy, end-of-turn rate and preference accuracy after each stage, and GRPO's reward curve.
 # Knobs: CHAT_DEMO_DIR (build/chat-demo), CHAT_DEMO_FLAGS (e.g. "--sft-time 3m").
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 TASKS = ("largest", "smallest", "alphabet", "category")
@@ -65,6 +66,33 @@ def _pick(rng: random.Random, task: str, k: int) -> tuple[str, str, str]:
     return f"Which of these is {name}: {' '.join(words)}?", answer, rng.choice(others)
 
 
+QUESTION_PATTERNS = (
+    re.compile(r"Which number is the (largest|smallest): ([0-9 ]+)\?"),
+    re.compile(r"Which word comes first (alphabetically): ([a-z ]+)\?"),
+    re.compile(r"Which of these is (an? [a-z]+): ([a-z ]+)\?"),
+)
+
+
+def solve(question: str) -> str | None:
+    """The right answer ("It is X.") of a built-in task question, computed from the question
+    alone (the checker of GRPO's verifiable `task` reward); None for any other text."""
+    for pattern in QUESTION_PATTERNS:
+        match = pattern.fullmatch(question.strip())
+        if match is None:
+            continue
+        rule, items = match.group(1), match.group(2).split()
+        if not items:
+            return None
+        if rule in ("largest", "smallest"):
+            numbers = [int(x) for x in items]
+            return ANSWER.format(max(numbers) if rule == "largest" else min(numbers))
+        if rule == "alphabetically":
+            return ANSWER.format(min(items))
+        members = [w for w in items if w in CATEGORIES.get(rule, ())]
+        return ANSWER.format(members[0]) if len(members) == 1 else None
+    return None
+
+
 def make_conversation(rng: random.Random, max_turns: int = 2, sizes: tuple[int, int] = (3, 5)
                       ) -> tuple[list[dict[str, str]], str]:
     """A conversation of 1..max_turns exchanges (sometimes with a system prompt), and the
@@ -98,7 +126,8 @@ def _heldout(rng: random.Random, n: int, seen: set[str], make) -> list:
 
 def write_task_files(out_dir: str | Path, train: int = 20000, heldout: int = 500,
                      seed: int = 0) -> dict[str, Path]:
-    """sft_train.jsonl, sft_heldout.jsonl, dpo_train.jsonl, dpo_heldout.jsonl and pretrain.txt."""
+    """sft_train.jsonl, sft_heldout.jsonl, dpo_train.jsonl, dpo_heldout.jsonl, grpo_train.jsonl
+    (DPO's prompts with an "answer" column) and pretrain.txt."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -115,7 +144,7 @@ def write_task_files(out_dir: str | Path, train: int = 20000, heldout: int = 500
     dpo_train = [make_hard(dpo_rng) for _ in range(max(1, train // 4))]
     dpo_seen = seen | {question for conv, _ in dpo_train for question in _questions(conv)}
     dpo_held = _heldout(dpo_rng, heldout, dpo_seen, make_hard)
-    names = ("sft_train", "sft_heldout", "dpo_train", "dpo_heldout")
+    names = ("sft_train", "sft_heldout", "dpo_train", "dpo_heldout", "grpo_train")
     paths = {name: out_dir / f"{name}.jsonl" for name in names}
     for name, convs in (("train", train_convs), ("heldout", held)):
         with paths[f"sft_{name}"].open("w") as f:
@@ -126,6 +155,11 @@ def write_task_files(out_dir: str | Path, train: int = 20000, heldout: int = 500
             for messages, wrong in convs:
                 f.write(json.dumps({"prompt": messages[:-1], "chosen": messages[-1]["content"],
                                     "rejected": wrong}) + "\n")
+    # GRPO's prompts are DPO's (the same questions, for a fair comparison), the reply sampled;
+    # the right answer rides along as a column (the `task` reward computes it anyway).
+    with paths["grpo_train"].open("w") as f:
+        for messages, _ in dpo_train:
+            f.write(json.dumps({"messages": messages[:-1], "answer": messages[-1]["content"]}) + "\n")
     # Pretraining text: the questions, without their answers.
     pretrain = out_dir / "pretrain.txt"
     with pretrain.open("w") as f:

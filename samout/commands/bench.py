@@ -1,8 +1,8 @@
-"""`samout bench params|speed|recall|quality|serve|stores|chat|mixers|onnx|grammar`: every benchmark.
+"""`samout bench NAME`: every benchmark of samout, one per entry of BENCHMARKS below.
 
 speed, recall, quality and serve compare SamOut with the matched Transformer and write JSON
 and PNG plots into --out; mixers compares the fused and reference kernels; onnx measures the
-exported graphs; grammar measures the structured-output engines. Each prints a header with
+exported graphs; grammar the structured-output engines; rollout GRPO rollouts. Each prints a header with
 the machine, torch version, threads and git commit (`samout.bench.common.header_lines`).
 `--quick` runs a small version.
 """
@@ -15,7 +15,19 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-from samout.bench import chat, grammar, mixers, onnx_export, params, quality, recall, serve, speed, stores
+from samout.bench import (
+    chat,
+    grammar,
+    mixers,
+    onnx_export,
+    params,
+    quality,
+    recall,
+    rollout,
+    serve,
+    speed,
+    stores,
+)
 
 # Benchmark name -> the module that declares its flags (`add_arguments(parser)`) and runs it
 # (`run(args) -> int`; its docstring is the benchmark's --help), and its line in `samout bench --help`.
@@ -34,6 +46,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, str]] = {
     "onnx": (onnx_export, "ONNX export: graph accuracy, int8 size and accuracy, decode latency"),
     "grammar": (grammar, "structured output: grammar engines' compile, mask and advance times on samout "
                          "vocabularies, and the validity of what they let through"),
+    "rollout": (rollout, "GRPO rollouts, G completions of one prompt: SamOut's forked state vs the "
+                         "Transformer's copied KV cache, tokens/s and memory"),
 }
 
 

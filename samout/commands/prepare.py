@@ -7,6 +7,7 @@ import argparse
 from samout.commands import add_command
 from samout.data.chat import DEFAULT_MAX_TOKENS, FORMATS, OVERLONG_RULES, prepare_conversations
 from samout.data.prepare import prepare
+from samout.data.prompts import prepare_prompts
 from samout.data.sources import BUILTIN_CORPORA, DEFAULT_CORPUS
 from samout.tokenizer import DEFAULT_VOCAB_SIZE
 
@@ -28,11 +29,13 @@ def register(subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--format", choices=FORMATS, default="text",
+    p.add_argument("--format", choices=(*FORMATS, "prompts"), default="text",
                    help="text: documents; chat: JSONL lines {\"messages\": [{\"role\", \"content\"}, ...]} "
                         "rendered with the chat template, with a loss mask on assistant tokens; "
                         "dpo: JSONL lines "
-                        "{\"prompt\": [messages], \"chosen\": TEXT, \"rejected\": TEXT}")
+                        "{\"prompt\": [messages], \"chosen\": TEXT, \"rejected\": TEXT}; "
+                        "prompts: JSONL lines {\"messages\": [...], ...columns} for --objective grpo "
+                        "(the columns reach the rewards)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="chat/dpo: longest rendered example in tokens; longer ones follow --overlong")
     p.add_argument("--overlong", choices=OVERLONG_RULES, default="drop",
@@ -46,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "text":
         meta = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                        val_fraction=args.val_fraction, seed=args.seed, quiet=args.quiet)
+    elif args.format == "prompts":
+        meta = prepare_prompts(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                               val_fraction=args.val_fraction, seed=args.seed, max_tokens=args.max_tokens,
+                               quiet=args.quiet)
     else:
         meta = prepare_conversations(args.inputs, args.out, args.format, vocab_size=args.vocab_size,
                                      tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,

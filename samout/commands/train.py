@@ -26,6 +26,10 @@ def train_flags() -> dict[str, dict]:
         if "help" not in f.metadata or f.metadata.get("flag") is False:
             continue
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        if f.metadata.get("append"):
+            flags[f.name] = dict(action="append", default=None, metavar=f.name.upper(),
+                                 help=f.metadata["help"])
+            continue
         if kind is bool:
             flags[f.name] = dict(action="store_true", default=None, help=f.metadata["help"])
             continue

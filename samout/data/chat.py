@@ -271,7 +271,7 @@ class ChatData(TokenData):
         have = self.meta.get("kind", "text")
         if kind is not None and have != kind:
             hint = {"text": "samout prepare --format chat|dpo", "chat": "--objective sft",
-                    "dpo": "--objective dpo"}[have]
+                    "dpo": "--objective dpo", "prompts": "--objective grpo"}.get(have, "")
             raise SamoutError(f"{self.dir} holds {have} data, not {kind} data ({hint})")
         self.kind = have
         self.masks: dict[str, np.ndarray] = {}

@@ -14,20 +14,28 @@ step are decided by how many the cache has absorbed, not by how `generate` slice
 
 SamOut has no attention mask: every token enters the running max. Left padding is
 handled exactly by running each padded prompt on its real tokens only (the state starts
-empty, so padding at the left is the same as no padding); padding anywhere else is refused.
+empty, so padding at the left is the same as no padding). With `use_cache=False` (no state
+comes back) padding after a row's tokens is accepted too: a causal model's earlier positions
+never see it, and its positions' outputs are zeros (what TRL's trainers send: left-padded
+prompts, right-padded completions). Padding anywhere else is refused.
+
+`base_model` is a backbone view (`SamOutBackbone`) whose call returns the final hidden states
+(`last_hidden_state`): TRL's fused log-probability head runs it and applies the head itself.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from samout.files import MODEL_FILES, verify_checksums
 from samout.hf.cache import SamOutCache
@@ -44,7 +52,9 @@ class SamOutPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DecoderLayer"]
     # A running max cannot roll back tokens (assisted generation needs that).
     _is_stateful = True
-    supports_gradient_checkpointing = False
+    # Activation checkpointing wraps each DecoderLayer's forward (TRL's trainers turn it on
+    # by default); decoding's one-token `step` path is never checkpointed.
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
         # SamOut's own initialisation (torch defaults, every alpha 0.5), so a fresh
@@ -67,6 +77,16 @@ class SamOutPreTrainedModel(PreTrainedModel):
         if path.is_dir():
             verify_checksums(path, names=MODEL_FILES)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.__dict__.pop("forward", None)
+            if enable and i % every_n_layers == 0:
+                # An instance attribute shadows DecoderLayer.forward; nn.Module.__call__ runs it.
+                layer.forward = functools.partial(_checkpointed, gradient_checkpointing_func,
+                                                  type(layer).forward.__get__(layer))
+        self.gradient_checkpointing = enable
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -172,7 +192,8 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
         cache = as_samout_cache(given) if (use_cache or given is not None) else None
 
         keep = 0 if labels is not None else logits_to_keep  # the loss needs every position
-        logits, state = self._run(input_ids, None if cache is None else cache.state, attention_mask, keep)
+        logits, state = self._run(input_ids, None if cache is None else cache.state, attention_mask, keep,
+                                  trailing_padding=not use_cache and given is None)
         if cache is not None:
             cache.update_state(state, input_ids.shape[1])
 
@@ -188,24 +209,33 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
 
+    @property
+    def base_model(self) -> SamOutBackbone:
+        return SamOutBackbone(self)
+
     def _run(self, input_ids: Tensor, state: State | None, attention_mask: Tensor | None,
-             logits_to_keep: int = 0) -> tuple[Tensor, State]:
+             logits_to_keep: int = 0, trailing_padding: bool = False,
+             output_hidden: bool = False) -> tuple[Tensor, State | None]:
         # generate() passes the mask of the whole sequence; this call covers its last tokens.
         mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[-1]:]
         if mask is None or bool(mask.all()):
-            return self.samout(input_ids, state, logits_to_keep=logits_to_keep)
+            return self.samout(input_ids, state, logits_to_keep=logits_to_keep, output_hidden=output_hidden)
         if state is not None:
             raise ValueError(
                 "attention_mask has zeros after the first call: SamOut has no attention mask, "
                 "only left padding of the prompt is supported"
             )
-        starts = left_padding_starts(mask)
-        logits = input_ids.new_zeros((*input_ids.shape, self.config.vocab_size), dtype=self.head.weight.dtype)
+        spans = padding_spans(mask, trailing_padding)
+        width = self.config.hidden_size if output_hidden else self.config.vocab_size
+        logits = input_ids.new_zeros((*input_ids.shape, width), dtype=self.head.weight.dtype)
         states = []
-        for row, start in enumerate(starts):
-            row_logits, row_state = self.samout(input_ids[row : row + 1, start:])
-            logits[row, start:] = row_logits[0]
+        for row, (start, end) in enumerate(spans):
+            row_ids = input_ids[row : row + 1, start:end]
+            row_logits, row_state = self.samout(row_ids, output_hidden=output_hidden)
+            logits[row, start:end] = row_logits[0].to(logits.dtype)
             states.append(row_state)
+        if any(end < input_ids.shape[1] for _, end in spans):  # the states hold no padding, but not all
+            return logits, None  # end at the last position: none is returned (use_cache=False)
         for i, layer in enumerate(states[0]):
             if len({s[i][k].shape for s in states for k in layer}) > 1:
                 raise ValueError(
@@ -215,10 +245,54 @@ class SamOutForCausalLM(SamOutPreTrainedModel, GenerationMixin):
         return logits, State.stack(states)
 
 
+def _checkpointed(checkpoint_func, forward, *args, **kwargs):
+    """A layer's forward, recomputed in the backward pass when training with autograd."""
+    if torch.is_grad_enabled() and forward.__self__.training:
+        return checkpoint_func(forward, *args, **kwargs)
+    return forward(*args, **kwargs)
+
+
 # The names a cache can arrive under (transformers < 5.24 used `past_key_values`, later
 # releases `cache`), and the output field this release declares.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class SamOutBackbone:
+    """`model.base_model`: the model without its head. Called like the model, it returns
+    `BaseModelOutputWithPast(last_hidden_state=...)` (what TRL's fused head reads)."""
+
+    _tp_plan = None
+    _pp_plan = None
+
+    def __init__(self, model: SamOutForCausalLM) -> None:
+        self.model = model
+
+    def __call__(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                 use_cache: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
+        if input_ids is None:
+            raise ValueError("SamOut's backbone takes input_ids")
+        hidden, _ = self.model._run(input_ids, None, attention_mask, trailing_padding=not use_cache,
+                                    output_hidden=True)
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+def padding_spans(mask: Tensor, trailing: bool = False) -> list[tuple[int, int]]:
+    """Per row, (first real token, end) of a left-padded mask (0...0 1...1), or with
+    `trailing` of a mask padded on both sides (0...0 1...1 0...0)."""
+    if not trailing:
+        return [(start, mask.shape[1]) for start in left_padding_starts(mask)]
+    spans = []
+    for row in mask.bool():
+        real = row.nonzero().flatten()
+        if real.numel() == 0:
+            raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one token")
+        start, end = int(real[0]), int(real[-1]) + 1
+        if not bool(row[start:end].all()):
+            raise ValueError("SamOut supports left padding only, and with use_cache=False padding after "
+                             "the tokens: attention_mask must be 0...0 1...1 0...0 per row")
+        spans.append((start, end))
+    return spans
 
 
 def left_padding_starts(mask: Tensor) -> list[int]:

@@ -81,7 +81,9 @@ class DecoderLayer(nn.Module):
         else:
             h, running = self.mixer.step(x, None if state is None else state["running_max"])
             new_state = {"running_max": running}
-        return self.layer_norm(torch.lerp(x, self.ffn(h), self.alpha)), new_state
+        # Under autocast the FFN's output is bfloat16 while x stays float32 (as in `forward`,
+        # whose blend promotes): lerp needs one dtype.
+        return self.layer_norm(torch.lerp(x, self.ffn(h).to(x.dtype), self.alpha)), new_state
 
 
 class SamOut(PretrainedModelMixin, nn.Module):
@@ -110,12 +112,15 @@ class SamOut(PretrainedModelMixin, nn.Module):
 
     # -- forward -------------------------------------------------------------
     def forward(self, input_ids: Tensor, state: State | None = None, *, logits_to_keep: int = 0,
-                targets: Tensor | None = None, ignore_index: int = -100) -> tuple[Tensor, State]:
+                targets: Tensor | None = None, ignore_index: int = -100,
+                output_hidden: bool = False) -> tuple[Tensor, State]:
         """`logits_to_keep` n > 0: logits of the last n positions only (the name and meaning
         of Hugging Face's argument). A prefill needs only the last position's; the output head
         is then not run over the whole prompt, which at a small width is half its FLOPs.
         `targets` [B, T]: return the mean cross-entropy against them (a scalar) in place of
-        the logits, computed without materialising them (`head_output`); for training."""
+        the logits, computed without materialising them (`head_output`); for training.
+        `output_hidden`: the final hidden states [B, T, D] (after the final norm) in place of the
+        logits, for a caller that applies the head itself (TRL's fused log-probability head)."""
         check_input_ids(input_ids, self.config.vocab_size)
         check_logits_to_keep(logits_to_keep)
         layer_states = self._check_state(state, input_ids.shape[0])
@@ -139,6 +144,8 @@ class SamOut(PretrainedModelMixin, nn.Module):
             x = x[:, -logits_to_keep:]
         if self.norm is not None:
             x = self.norm(x)
+        if output_hidden:
+            return x, State(new_states)
         return self.head_output(x, targets, ignore_index), State(new_states)
 
     def _steps(self, input_ids: Tensor) -> bool:

@@ -28,6 +28,7 @@ from samout.models import MODEL_CLASSES
 from samout.tokenizer import PAD_ID
 
 DEFAULT_PRESET = "small"
+OBJECTIVES = ("lm", "sft", "dpo", "grpo")
 
 
 def setting(default: Any, help: str, **metadata: Any) -> Any:
@@ -80,10 +81,25 @@ class TrainConfig:
     # Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of
     # replicating them (DDP).
     fsdp: bool = setting(False, "under torchrun: shard the model with FSDP2 instead of DDP (see README)")
-    # What to minimise (samout/training/objectives.py): lm (pretraining), sft or dpo.
-    objective: str = setting("lm", "lm (next token), sft (assistant tokens of --format chat data) or dpo "
-                                   "(--format dpo data, needs --init-from)")
+    # What to minimise (samout/training/objectives.py): lm (pretraining), sft, dpo or grpo.
+    objective: str = setting("lm", "lm (next token), sft (assistant tokens of --format chat data), dpo "
+                                   "(--format dpo data, needs --init-from) or grpo (--format prompts data, "
+                                   "needs --init-from and --reward)")
     dpo_beta: float = setting(0.1, "DPO: strength of the pull towards the reference model")
+    # GRPO (samout/training/grpo): --batch-size prompts per micro-batch, each sampled G times.
+    num_generations: int = setting(8, "GRPO: completions sampled per prompt (the group)")
+    max_completion_length: int = setting(32, "GRPO: most tokens sampled per completion")
+    temperature: float = setting(1.0, "GRPO: sampling temperature; the loss's log-probabilities are "
+                                      "softmax(logits / temperature) too")
+    reward: list[str] | None = setting(None, "GRPO: a reward, built-in (task, answer, format) or "
+                                             "module:function; repeat for several", append=True)
+    reward_weights: list[float] | None = setting(None, "GRPO: weights of the rewards, e.g. 1,0.5 (default "
+                                                       "all 1)", parse="floats")
+    epsilon: float = setting(0.2, "GRPO: clipping range of the probability ratio")
+    kl_beta: float = setting(0.0, "GRPO: weight of the KL penalty to the --init-from model (k3 estimator)")
+    grpo_loss: str = setting("grpo", "GRPO: grpo (mean over each completion's tokens) or dr_grpo (no std "
+                                     "scaling, sum over tokens / max length)")
+    grpo_iterations: int = setting(1, "GRPO: optimizer steps on each batch of rollouts")
     # Start from this run's model (weights, config, tokenizer); DPO's frozen reference.
     init_from: str | None = setting(None, "start from this run's model, tokenizer and model config (fresh "
                                           "optimizer and schedule); for dpo also the frozen reference")
@@ -126,14 +142,51 @@ class TrainConfig:
             raise SamoutError(f"unknown device {self.device!r}: use {DEVICE_HELP}") from None
         if not isinstance(self.fsdp, bool):
             raise SamoutError(f"fsdp must be true or false, got {self.fsdp!r}")
-        if self.objective not in ("lm", "sft", "dpo"):
-            raise SamoutError(f"objective must be lm, sft or dpo, got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise SamoutError(f"objective must be lm, sft, dpo or grpo, got {self.objective!r}")
         if not (_is_number(self.dpo_beta) and math.isfinite(self.dpo_beta) and self.dpo_beta > 0):
             raise SamoutError(f"dpo_beta must be a positive number, got {self.dpo_beta!r}")
         if self.init_from is not None and not isinstance(self.init_from, str):
             raise SamoutError(f"init_from must be a run directory path, got {self.init_from!r}")
         if self.objective == "dpo" and self.init_from is None:
             raise SamoutError("--objective dpo needs --init-from RUN_DIR (the frozen reference model)")
+        self._validate_grpo()
+
+    def _validate_grpo(self) -> None:
+        for name in ("num_generations", "max_completion_length", "grpo_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SamoutError(f"{name} must be a positive integer, got {value!r}")
+        for name, lo, hi in (("temperature", 0, math.inf), ("epsilon", 0, 1), ("kl_beta", 0, math.inf)):
+            value = getattr(self, name)
+            if not (_is_number(value) and lo <= value <= hi and math.isfinite(value)):
+                raise SamoutError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+        if self.grpo_loss not in ("grpo", "dr_grpo"):
+            raise SamoutError(f"grpo_loss must be grpo or dr_grpo, got {self.grpo_loss!r}")
+        reward = self.reward
+        if reward is not None and not (isinstance(reward, list) and all(isinstance(r, str) for r in reward)):
+            raise SamoutError(f"reward must be a list of names, got {reward!r}")
+        weights = self.reward_weights
+        if weights is not None:
+            if not isinstance(weights, list) or not all(_is_number(w) and math.isfinite(w) for w in weights):
+                raise SamoutError(f"reward_weights must be a list of numbers, got {weights!r}")
+            if len(weights) != len(reward or []):
+                raise SamoutError(f"--reward-weights has {len(weights)} weight(s) for {len(reward or [])} "
+                                  "reward(s): give one weight per --reward")
+        if self.objective != "grpo":
+            return
+        if self.init_from is None:
+            raise SamoutError("--objective grpo needs --init-from RUN_DIR (the policy to start from, and the "
+                              "KL reference)")
+        if not reward:
+            raise SamoutError("--objective grpo needs --reward NAME (task, answer, format or "
+                              "module:function)")
+        if self.temperature == 0:
+            raise SamoutError("--temperature must be positive for grpo: greedy replies of a prompt are all "
+                              "alike, so no reply has an advantage")
+        if self.num_generations < 2:
+            raise SamoutError("--num-generations must be at least 2: advantages compare the completions "
+                              "of a prompt")
 
     @property
     def tokens_per_step(self) -> int:
@@ -153,6 +206,10 @@ class TrainConfig:
         data = dict(data)
         if isinstance(data.get("max_time"), str):
             data["max_time"] = parse_duration(data["max_time"])
+        if isinstance(data.get("reward_weights"), str):
+            data["reward_weights"] = parse_floats(data["reward_weights"])
+        if isinstance(data.get("reward"), str):
+            data["reward"] = [data["reward"]]
         return cls(**data)
 
 
@@ -161,6 +218,14 @@ def _is_number(value: Any) -> bool:
 
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_floats(text: str) -> list[float]:
+    """[1.0, 0.5] from `1,0.5`."""
+    try:
+        return [float(part) for part in str(text).split(",")]
+    except ValueError:
+        raise SamoutError(f"not a comma-separated list of numbers: {text!r} (e.g. 1,0.5)") from None
 
 
 def parse_duration(text: str | float) -> float:

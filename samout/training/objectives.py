@@ -10,6 +10,8 @@ micro-step, so `--resume` stays exact) and, for sft/dpo, its own validation:
           model, the `--init-from` model:
               loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
           where log p(.) sums the completion's token log-probabilities given the prompt.
+    grpo  Group Relative Policy Optimization on sampled completions of `--format prompts`
+          data, scored by verifiable rewards (samout/training/grpo)
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from torch import Tensor
 
 from samout.data.chat import IGNORE, ChatData
 from samout.data.dataset import TokenData
+from samout.data.prompts import PromptData
 from samout.errors import SamoutError
 from samout.training import step
+from samout.training.grpo.objective import GRPOObjective
 
 DATA_KIND = {"sft": "chat", "dpo": "dpo"}
 
@@ -175,6 +179,8 @@ def build_objective(cfg, data: TokenData, reference: torch.nn.Module | None = No
         return LMObjective(data, cfg)
     if cfg.objective == "sft":
         return SFTObjective(data, cfg)
+    if cfg.objective == "grpo":
+        return GRPOObjective(data, cfg, reference)  # type: ignore[arg-type]
     if reference is None:
         raise SamoutError("--objective dpo needs --init-from RUN_DIR: its model is the frozen reference")
     return DPOObjective(data, cfg, reference)
@@ -184,4 +190,6 @@ def load_data(data_dir, objective: str) -> TokenData:
     """The data directory, checked to hold what the objective trains on."""
     if objective == "lm":
         return TokenData(data_dir)
+    if objective == "grpo":
+        return PromptData(data_dir)
     return ChatData(data_dir, DATA_KIND[objective])

@@ -56,22 +56,25 @@ def write_error(run_dir: Path, step: int, err: OSError, what: str = "checkpoint"
 
 
 def plot_losses(log_path: Path, out_path: Path) -> None:
-    """Training and validation loss against step, as a PNG."""
+    """Training and validation loss against step, as a PNG; for a GRPO run (records with
+    "reward_mean"), the mean reward of the rollouts and of greedy validation replies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
+    rl = any("reward_mean" in r for r in records if r.get("type") == "train")
+    train_key, val_key = ("reward_mean", "val_reward") if rl else ("loss", "val_loss")
+    train = [(r["step"], r[train_key]) for r in records if r.get("type") == "train" and train_key in r]
+    val = [(r["step"], r[val_key]) for r in records if r.get("type") == "eval" and val_key in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
+        ax.plot(*zip(*train), label="rollout reward (mean)" if rl else "train loss", lw=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val), "o-", label="validation reward (greedy)" if rl else "validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("reward" if rl else "cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

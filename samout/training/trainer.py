@@ -82,7 +82,7 @@ class Trainer:
         self.last_eval: dict[str, float] | None = None
         self.last_metrics: dict[str, float] = {}
         reference = None
-        if cfg.objective == "dpo":
+        if cfg.objective == "dpo" or (cfg.objective == "grpo" and cfg.kl_beta > 0):
             reference = load_init_model(cfg.init_from, data).to(self.device)
         self.objective = objectives.build_objective(cfg, data, reference)
 
@@ -104,6 +104,8 @@ class Trainer:
             "data_dir": str(self.data.dir.resolve()),
             # Batches are a pure function of these (TokenData.train_batch): the data position.
             "data_position": {"next_step": self.step, "seed": self.cfg.seed, "world_size": self.world_size},
+            # GRPO: the rollouts kept for the remaining --grpo-iterations steps.
+            "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -116,6 +118,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         set_rng_state(per_rank[self.rank] if len(per_rank) == self.world_size else state["rng"])
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state.get("objective", {}))
 
     def save(self) -> Path | None:
         """Checkpoint (rank 0 writes, the others wait). A write failure (full disk, read-only

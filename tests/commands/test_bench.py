@@ -90,7 +90,7 @@ def test_bench_params_counts_real_models(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("benchmark", ["speed", "recall", "params", "quality", "serve", "chat", "mixers",
-                                       "onnx"])
+                                       "onnx", "rollout"])
 def test_every_benchmark_has_help(benchmark, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", benchmark, "--help"])
