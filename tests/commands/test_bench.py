@@ -106,6 +106,16 @@ def test_every_benchmark_declares_its_flags_and_runs_itself():
         assert module.__doc__ and summary and "\n" not in summary, name
 
 
+def test_the_readme_names_every_benchmark():
+    from pathlib import Path
+
+    from samout.commands.bench import BENCHMARKS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("| `samout bench BENCHMARK`"))
+    assert [name for name in BENCHMARKS if f"`{name}`" not in line] == []
+
+
 def test_make_bench_commands_parse(tmp_path):
     from pathlib import Path
 
