@@ -18,10 +18,13 @@ The split is by whole documents and deterministic in `seed`:
   * a corpus of at most SMALL_CORPUS_BYTES is split as it always was: all its documents
     are known, a random permutation (seeded) holds out round(val_fraction * n) of them
     (at least one), and fewer than MIN_SPLIT_UNITS documents are first cut at line breaks;
-  * a larger corpus is split as it streams: documents are taken in blocks of SPLIT_BLOCK
-    in input order, and in block b the positions among the first round(val_fraction *
-    SPLIT_BLOCK) of a permutation seeded by (seed, b) are validation documents. No count
-    of documents is needed in advance, and the fraction is exact over each full block.
+  * a larger corpus is first counted (read, not tokenized, not held); with at most
+    SPLIT_BLOCK documents the same seeded permutation rule applies, so the split is the
+    one prepare always made. Beyond, documents are taken in blocks of SPLIT_BLOCK in input
+    order, and block b holds out the first round(val_fraction * size) positions of a
+    permutation seeded by (seed, b): only one block is in memory, and the fraction is
+    exact per block. Fewer than MIN_SPLIT_UNITS documents: the pieces (cut at line
+    breaks, at most 2^20 characters) are the units, each followed by <|endoftext|>.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -91,21 +93,34 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
 
 
 class BlockSplit:
-    """The streaming split: is document i a validation document? (see the module docstring)"""
+    """The split of a streamed corpus of `n` units: is unit i a validation unit?
 
-    def __init__(self, val_fraction: float, seed: int) -> None:
+    Up to SPLIT_BLOCK units it is `split_documents`' rule exactly (one seeded permutation of
+    all n); beyond, units are taken in blocks of SPLIT_BLOCK in input order and block b holds
+    out the first round(val_fraction * size) positions of a permutation seeded by (seed, b)
+    (at least one in the first block), so no more than a block is ever in memory.
+    """
+
+    def __init__(self, val_fraction: float, seed: int, n: int) -> None:
         _check_fraction(val_fraction)
-        self.seed, self.n_val = seed, max(1, round(val_fraction * SPLIT_BLOCK))
+        self.val_fraction, self.seed, self.n = val_fraction, seed, n
         self._block, self._val = -1, np.zeros(0, dtype=bool)
 
     def __call__(self, index: int) -> bool:
-        block = index // SPLIT_BLOCK
+        block = index // SPLIT_BLOCK if self.n > SPLIT_BLOCK else 0
         if block != self._block:
-            order = np.random.default_rng([self.seed, block]).permutation(SPLIT_BLOCK)
-            self._val = np.zeros(SPLIT_BLOCK, dtype=bool)
-            self._val[order[:self.n_val]] = True
+            if self.n <= SPLIT_BLOCK:
+                size = self.n
+                order = np.random.default_rng(self.seed).permutation(size)
+                n_val = min(size - 1, max(1, round(self.val_fraction * size)))
+            else:
+                size = min(SPLIT_BLOCK, self.n - block * SPLIT_BLOCK)
+                order = np.random.default_rng([self.seed, block]).permutation(size)
+                n_val = round(self.val_fraction * size) if block else max(1, round(self.val_fraction * size))
+            self._val = np.zeros(size, dtype=bool)
+            self._val[order[:n_val]] = True
             self._block = block
-        return bool(self._val[index % SPLIT_BLOCK])
+        return bool(self._val[index - block * SPLIT_BLOCK])
 
 
 def _cut_into_pieces(docs: list[Document], pieces: int) -> list[Document]:
@@ -134,7 +149,9 @@ def _hash_unit(seed: int, index: int) -> float:
 
 
 class _Plan:
-    """What is tokenized, in which order, into which split: `pieces()` and `is_val(doc)`."""
+    """What is tokenized, in which order, into which split: `pieces()`, `is_val(unit)`, and
+    `per_piece`: whether each piece is a unit of the split (followed by <|endoftext|>), as
+    in a corpus of fewer than MIN_SPLIT_UNITS documents, or each document."""
 
     def __init__(self, corpus: Corpus, val_fraction: float, seed: int) -> None:
         _check_fraction(val_fraction)
@@ -158,12 +175,24 @@ class _Plan:
             self.val_set = set(split_documents(self.docs, val_fraction, seed)[1])
             self.rule = "permutation"
             self.is_val: Callable[[int], bool] = self.val_set.__contains__
+            self.per_piece = False
             return
         stream.close()
+        # A larger corpus: count its documents (reading, not tokenizing) so the split can
+        # follow the same rule without holding them.
         self.docs = None
-        self.unit = "document"
-        self.rule = f"blocks of {SPLIT_BLOCK}"
-        self.is_val = BlockSplit(val_fraction, seed)
+        n_docs = n_pieces = 0
+        for piece in corpus.pieces():
+            n_pieces += 1
+            n_docs += piece.last
+        self.per_piece = n_docs < MIN_SPLIT_UNITS
+        self.unit = "piece of a document (cut at line breaks)" if self.per_piece else "document"
+        units = n_pieces if self.per_piece else n_docs
+        if units < 2:
+            raise SamoutError("the corpus is too small to split into training and validation text: "
+                              "add more text")
+        self.rule = "permutation" if units <= SPLIT_BLOCK else f"blocks of {SPLIT_BLOCK}"
+        self.is_val = BlockSplit(val_fraction, seed, units)
 
     @staticmethod
     def _join(pieces: list[Piece]) -> list[Document]:
@@ -190,10 +219,10 @@ def _tokenizer_sample(plan: _Plan, budget: int, seed: int) -> tuple[list[str], i
     else the pieces whose hash (seed, index) falls below a threshold halved until they fit.
     Returns (texts in corpus order, bytes used, bytes of training text seen)."""
     kept: list[tuple[float, str, int]] = []
-    used = seen = doc = 0
+    used = seen = unit = 0
     threshold = 1.0
     for index, piece in enumerate(plan.pieces()):
-        if not plan.is_val(doc):
+        if not plan.is_val(unit):
             seen += piece.nbytes
             u = _hash_unit(seed, index)
             if u < threshold:
@@ -203,7 +232,7 @@ def _tokenizer_sample(plan: _Plan, budget: int, seed: int) -> tuple[list[str], i
                     threshold /= 2
                     kept = [k for k in kept if k[0] < threshold]
                     used = sum(k[2] for k in kept)
-        doc += piece.last
+        unit += piece.last or plan.per_piece
     return [k[1] for k in kept], used, seen
 
 
@@ -373,7 +402,7 @@ def prepare(inputs: list[str] | None, out_dir: str | Path, vocab_size: int = DEF
             name = "val" if plan.is_val(doc) else "train"
             finished = writers[name].write(ids)
             stats[name]["bytes"] += piece.nbytes
-            if piece.last:
+            if piece.last or plan.per_piece:
                 finished += writers[name].write(eot)
                 stats[name]["documents"] += 1
                 doc += 1
@@ -385,7 +414,7 @@ def prepare(inputs: list[str] | None, out_dir: str | Path, vocab_size: int = DEF
     for name in names:
         if not stats[name]["documents"]:
             (out_dir / STATE_NAME).unlink(missing_ok=True)
-            raise SamoutError(f"no document fell into the {name} split ({doc} documents, --val-fraction "
+            raise SamoutError(f"nothing fell into the {name} split ({doc} units, --val-fraction "
                               f"{val_fraction}): give more documents or another --val-fraction")
     splits = {n: {"shards": shards[n], "tokens": sum(s["tokens"] for s in shards[n]), **stats[n]}
               for n in names}
@@ -406,6 +435,4 @@ def prepare(inputs: list[str] | None, out_dir: str | Path, vocab_size: int = DEF
         meta["tokenizer_sample"] = sample_info
     atomic_write(out_dir / META_NAME, json.dumps(meta, indent=2) + "\n")
     (out_dir / STATE_NAME).unlink(missing_ok=True)
-    if not quiet:
-        print(f"{doc:,} documents", file=sys.stderr)
     return meta

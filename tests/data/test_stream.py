@@ -84,10 +84,30 @@ def test_same_output_for_any_workers_and_shard_size(tmp_path, corpus_dir, prepar
     # The whole token stream is what a single encode of each document gives.
     tokenizer = load_tokenizer(tok)
     texts = _docs()
-    val = [i for i in range(len(texts)) if prep.BlockSplit(0.05, 0)(i)]
+    val = [i for i in range(len(texts)) if prep.BlockSplit(0.05, 0, len(texts))(i)]
     want = [t for i in range(len(texts)) if i not in val
             for t in tokenizer.encode(texts[i], add_special_tokens=False).ids + [1]]
     assert np.array_equal(np.frombuffer(_stream(one, "train"), dtype=np.uint16), want)
+
+
+def test_streamed_split_is_the_old_split_up_to_a_block():
+    docs = [sources.Document("x", str(i)) for i in range(300)]
+    for n in (2, 20, 300):
+        split = prep.BlockSplit(0.1, 5, n)
+        assert [i for i in range(n) if split(i)] == prep.split_documents(docs[:n], 0.1, 5)[1]
+    big = prep.BlockSplit(0.05, 0, 3 * prep.SPLIT_BLOCK + 7)
+    val = [i for i in range(3 * prep.SPLIT_BLOCK + 7) if big(i)]
+    assert len(val) == 3 * round(0.05 * prep.SPLIT_BLOCK) and val[-1] < 3 * prep.SPLIT_BLOCK
+
+
+def test_few_large_documents_split_by_pieces(tmp_path, monkeypatch, prepared_data):
+    monkeypatch.setattr(prep, "SMALL_CORPUS_BYTES", 0)
+    monkeypatch.setattr(sources, "PIECE_CHARS", 200)
+    (tmp_path / "one.txt").write_text("".join(_docs(20)))
+    meta = prepare([str(tmp_path / "one.txt")], tmp_path / "d", tokenizer=prepared_data / "tokenizer.json",
+                   workers=1, quiet=True)
+    assert meta["split"]["unit"].startswith("piece") and meta["splits"]["val"]["documents"] > 0
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] > 20
 
 
 def test_batches_do_not_depend_on_shard_size(tmp_path, corpus_dir, prepared_data):
