@@ -364,6 +364,8 @@ def prepare(inputs: list[str] | None, out_dir: str | Path, vocab_size: int = DEF
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     settings = _settings(corpus, seed, val_fraction, shard_tokens, file_sha256(tok_path))
     state = _load_state(out_dir, settings) if resume else None
+    if resume and state is None and not quiet:
+        print(f"nothing to resume in {out_dir} (no {STATE_NAME}): starting from the beginning")
     if state is None:
         (out_dir / STATE_NAME).unlink(missing_ok=True)
         for legacy in ("train.bin", "val.bin"):  # format 1's files: not part of this directory any more
