@@ -279,9 +279,15 @@ def tokenize_pieces(tokenizer, pieces: Iterator[Piece], workers: int
         for chunk in _chunks(pieces):
             yield from _split_result(chunk, _encode_chunk([p.text for p in chunk]))
         return
+    import gc
     import multiprocessing
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork warning
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
+    # Objects made before the fork are left out of the workers' garbage collection, so it
+    # does not touch (and so copy) the parent's pages: less memory per worker.
+    gc.freeze()
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker)
+    gc.unfreeze()  # the workers are forked: the parent collects as usual
+    with pool:
         pending: deque = deque()
         for chunk in _chunks(pieces):
             pending.append((chunk, pool.apply_async(_encode_chunk, ([p.text for p in chunk],))))
