@@ -24,12 +24,13 @@ The split is by whole documents and deterministic in `seed`:
     order, and block b holds out the first round(val_fraction * size) positions of a
     permutation seeded by (seed, b): only one block is in memory, and the fraction is
     exact per block. Fewer than MIN_SPLIT_UNITS documents: the pieces (cut at line
-    breaks, at most 2^20 characters) are the units, each followed by <|endoftext|>.
+    breaks, at most 2^18 characters) are the units, each followed by <|endoftext|>.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -64,7 +65,9 @@ READ_VERSIONS = (1, 2)
 MIN_SPLIT_UNITS = 20
 SMALL_CORPUS_BYTES = 32 << 20
 SPLIT_BLOCK = 10_000
-CHUNK_CHARS = 1 << 20  # text per tokenization task
+# Text per tokenization task: a worker's transient memory is ~100 bytes per token of it
+# (the tokenizer's Encodings, then Python's lists of ids), so a few MB at this size.
+CHUNK_CHARS = 1 << 18
 DEFAULT_TOKENIZER_SAMPLE = 100_000_000
 STATE_NAME = ".prepare-state.json"
 # Tests: SIGKILL this process once this many shards are finished (a crash at a known point).
@@ -253,7 +256,7 @@ def _encode_chunk(texts: list[str]) -> tuple[bytes, np.ndarray]:
     batch = getattr(_TOKENIZER, "encode_batch_fast", None) or _TOKENIZER.encode_batch
     encodings = [e.ids for e in batch(texts, add_special_tokens=False)]
     lengths = np.fromiter((len(ids) for ids in encodings), dtype=np.int64, count=len(encodings))
-    ids = np.array([i for ids in encodings for i in ids], dtype=np.uint32)
+    ids = np.fromiter(itertools.chain.from_iterable(encodings), dtype=np.uint32, count=int(lengths.sum()))
     return ids.tobytes(), lengths
 
 

@@ -118,7 +118,7 @@ DEFAULT_CORPUS = "kjv"
 # followed by a non-space character: a byte-level BPE's pre-tokenizer always splits there,
 # so the pieces of a document tokenize to exactly the ids of the whole (with samout's
 # tokenizers), and no document, however large, is ever held whole in memory.
-PIECE_CHARS = 1 << 20
+PIECE_CHARS = 1 << 18
 READ_BYTES = 1 << 20
 COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".xz": "xz"}
 TEXT_COLUMN = "text"
