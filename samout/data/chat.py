@@ -1,8 +1,8 @@
 """Conversation data: `samout prepare --format chat|dpo` and the batches SFT and DPO train on.
 
-A chat or DPO data directory is an ordinary data directory (`train.bin`, `val.bin`,
-`tokenizer.json`, `meta.json`, so `--objective lm` and `samout eval` read it too) plus,
-per split:
+A chat or DPO data directory is an ordinary data directory (token shards `train-00000.bin`,
+..., `val-00000.bin`, ..., written by the same ShardWriter as text data, `tokenizer.json`,
+`meta.json`, so `--objective lm` and `samout eval` read it too) plus, per split:
 
     {split}_mask.bin      uint8, one per token: 1 on assistant tokens and their <|end|>
     {split}_offsets.bin   int64, n+1 entries: sequence i is tokens[offsets[i]:offsets[i+1]]
@@ -41,6 +41,7 @@ from samout.chat.template import (
 from samout.chat.tools import call_text, check_tools
 from samout.data.dataset import TokenData
 from samout.data.prepare import DATA_FORMAT, DATA_VERSION, split_documents
+from samout.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter
 from samout.data.sources import jsonl_records
 from samout.errors import SamoutError
 from samout.files import META_NAME, atomic_write
@@ -174,7 +175,8 @@ def _write(path: Path, array: np.ndarray) -> None:
 def prepare_conversations(inputs: list[str], out_dir: str | Path, fmt: str = "chat",
                           vocab_size: int = DEFAULT_VOCAB_SIZE, tokenizer: str | Path | None = None,
                           val_fraction: float = 0.05, seed: int = 0, max_tokens: int = DEFAULT_MAX_TOKENS,
-                          overlong: str = "drop", quiet: bool = False) -> dict[str, Any]:
+                          overlong: str = "drop", quiet: bool = False,
+                          shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict[str, Any]:
     """Build a chat or DPO data directory from JSONL files; returns its metadata."""
     if fmt not in ("chat", "dpo"):
         raise SamoutError(f"unknown format {fmt!r}: use chat or dpo")
@@ -239,10 +241,12 @@ def prepare_conversations(inputs: list[str], out_dir: str | Path, fmt: str = "ch
         tokens = np.concatenate(ids_parts)
         masks = np.concatenate(mask_parts)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        _write(out_dir / f"{split}.bin", tokens)
+        writer = ShardWriter(out_dir, split, dtype, shard_tokens)
+        writer.write(tokens)
+        shards = writer.close()
         _write(out_dir / f"{split}_mask.bin", masks)
         _write(out_dir / f"{split}_offsets.bin", offsets)
-        splits[split] = {"file": f"{split}.bin", "tokens": int(tokens.size),
+        splits[split] = {"shards": shards, "tokens": int(tokens.size),
                          "bytes": int(sum(len(tok.decode(p.tolist(), skip_special_tokens=True).encode())
                                           for p in ids_parts)),
                          "documents": kept, "sequences": len(lengths), "mask": f"{split}_mask.bin",
@@ -255,7 +259,7 @@ def prepare_conversations(inputs: list[str], out_dir: str | Path, fmt: str = "ch
         "format": DATA_FORMAT, "version": DATA_VERSION, "kind": fmt, "tokenizer": TOKENIZER_NAME,
         "vocab_size": vocab, "dtype": np.dtype(dtype).name, "pad_id": PAD_ID, "eot_id": EOT_ID,
         "split": {"seed": seed, "val_fraction": val_fraction, "unit": "example"},
-        "max_tokens": max_tokens, "overlong": overlong,
+        "shard_tokens": shard_tokens, "max_tokens": max_tokens, "overlong": overlong,
         "overlong_report": {"dropped": len(dropped), "truncated": int(truncated)},
         "splits": splits, "sources": sources,
     }

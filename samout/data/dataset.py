@@ -16,14 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from samout.data.prepare import DATA_FORMAT, DATA_VERSION
+from samout.data.prepare import DATA_FORMAT, DATA_VERSION, READ_VERSIONS
+from samout.data.shards import ShardedTokens, open_split
 from samout.errors import SamoutError
 from samout.files import META_NAME
 from samout.tokenizer import TOKENIZER_NAME
 
 
 class TokenData:
-    """`TokenData(data_dir)`: `.train` / `.val` token arrays (np.memmap), `.meta`, `.tokenizer_path`."""
+    """`TokenData(data_dir)`: `.train` / `.val` token arrays (np.memmap, or ShardedTokens over
+    several), `.meta`, `.tokenizer_path`. Reads format 2 (shards) and format 1 (one file)."""
 
     def __init__(self, data_dir: str | Path) -> None:
         self.dir = Path(data_dir)
@@ -42,27 +44,23 @@ class TokenData:
             raise SamoutError(f"{meta_path} is not valid JSON: run `samout prepare` again") from None
         if not isinstance(meta, dict) or meta.get("format") != DATA_FORMAT:
             raise SamoutError(f"{self.dir} is not a data directory made by `samout prepare`")
-        if meta.get("version") != DATA_VERSION:
+        if meta.get("version") not in READ_VERSIONS:
             raise SamoutError(f"{self.dir} has data format version {meta.get('version')}, "
                               f"this samout reads {DATA_VERSION}: run `samout prepare` again")
         self.meta: dict[str, Any] = meta
         self.tokenizer_path = self.dir / meta.get("tokenizer", TOKENIZER_NAME)
         self.vocab_size = int(meta["vocab_size"])
-        self.splits: dict[str, np.ndarray] = {}
-        for name, info in meta["splits"].items():
-            path = self.dir / info["file"]
-            expected = info["tokens"] * np.dtype(meta["dtype"]).itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                raise SamoutError(f"{path} is missing or truncated: run `samout prepare` again")
-            self.splits[name] = (np.memmap(path, dtype=meta["dtype"], mode="r") if info["tokens"]
-                                 else np.zeros(0, dtype=meta["dtype"]))
+        # Each split memory-maps its shards and reads them as one stream (ShardedTokens), so
+        # batches depend on the tokens only, never on how they are cut into files.
+        self.splits: dict[str, np.ndarray | ShardedTokens] = {
+            name: open_split(self.dir, info, meta["dtype"]) for name, info in meta["splits"].items()}
 
     @property
-    def train(self) -> np.ndarray:
+    def train(self) -> np.ndarray | ShardedTokens:
         return self.splits["train"]
 
     @property
-    def val(self) -> np.ndarray:
+    def val(self) -> np.ndarray | ShardedTokens:
         return self.splits["val"]
 
     def check_seq_len(self, seq_len: int, split: str = "train") -> None:

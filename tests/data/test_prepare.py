@@ -22,7 +22,8 @@ def test_data_dir_contents(prepared_data):
         tokens = data.splits[name]
         info = meta["splits"][name]
         assert len(tokens) == info["tokens"] > 0
-        assert (prepared_data / f"{name}.bin").stat().st_size == 2 * info["tokens"]
+        assert [s["file"] for s in info["shards"]] == [f"{name}-00000.bin"]
+        assert (prepared_data / f"{name}-00000.bin").stat().st_size == 2 * info["tokens"]
         assert int(tokens.max()) < 400
         # One <|endoftext|> after every document; no padding in the stream.
         assert int((tokens == EOT_ID).sum()) == info["documents"] and tokens[-1] == EOT_ID
