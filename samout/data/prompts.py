@@ -5,8 +5,9 @@ Each line is `{"messages": [...], ...extra columns}`: a conversation that ends w
 fields (a reference answer, a test case), which reach the reward functions as keyword
 arguments, one value per completion (TRL's convention for dataset columns).
 
-A prompts directory is an ordinary data directory (`train.bin`, `val.bin` hold the rendered
-prompts, generation prompt included, so `TokenData` and `samout eval` read it) plus, per split:
+A prompts directory is an ordinary data directory (token shards `train-00000.bin`, ..., written
+by the same ShardWriter as text data, hold the rendered prompts, generation prompt included, so
+`TokenData` and `samout eval` read it) plus, per split:
 
     {split}_offsets.bin   int64, n+1 entries: prompt i is tokens[offsets[i]:offsets[i+1]]
     {split}_rows.jsonl    prompt i's messages and extra columns, one JSON object a line
@@ -23,6 +24,7 @@ import numpy as np
 from samout.chat.template import DEFAULT_CHAT_TEMPLATE, encode_rendered, render_text
 from samout.data.dataset import TokenData
 from samout.data.prepare import DATA_FORMAT, DATA_VERSION, split_documents
+from samout.data.shards import ShardWriter
 from samout.data.sources import jsonl_records
 from samout.errors import SamoutError
 from samout.files import META_NAME, atomic_write
@@ -127,12 +129,14 @@ def prepare_prompts(inputs: list[str], out_dir: str | Path, tokenizer: str | Pat
                               f"{max_tokens}: raise --max-tokens")
         tokens = np.concatenate(parts)
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
-        for name, array in ((f"{split}.bin", tokens), (f"{split}_offsets.bin", offsets)):
-            tmp = out_dir / f".{name}.tmp"
-            array.tofile(tmp)
-            tmp.replace(out_dir / name)
+        writer = ShardWriter(out_dir, split, dtype)
+        writer.write(tokens)
+        shards = writer.close()
+        tmp = out_dir / f".{split}_offsets.bin.tmp"
+        offsets.tofile(tmp)
+        tmp.replace(out_dir / f"{split}_offsets.bin")
         atomic_write(out_dir / f"{split}_rows.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        splits[split] = {"file": f"{split}.bin", "tokens": int(tokens.size), "documents": len(kept),
+        splits[split] = {"shards": shards, "tokens": int(tokens.size), "documents": len(kept),
                          "bytes": sum(len(m["content"].encode()) for r in kept for m in r["messages"]),
                          "sequences": len(kept), "offsets": f"{split}_offsets.bin",
                          "rows": f"{split}_rows.jsonl"}

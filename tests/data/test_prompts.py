@@ -30,6 +30,10 @@ def test_prompts_directory_keeps_messages_and_columns(tmp_path):
     src = write(tmp_path / "p.jsonl", good_lines())
     meta = prepare_prompts([str(src)], tmp_path / "data", tokenizer=tmp_path / "run", quiet=True)
     assert meta["kind"] == "prompts"
+    # The same shard writer as text data: shards listed with their token counts and checksums.
+    shards = meta["splits"]["train"]["shards"]
+    assert sum(s["tokens"] for s in shards) == meta["splits"]["train"]["tokens"]
+    assert all((tmp_path / "data" / s["file"]).is_file() and s["sha256"] for s in shards)
     data = PromptData(tmp_path / "data")
     rows = data.rows["train"] + data.rows["val"]
     assert sorted(r["meta"]["id"] for r in rows) == list(range(6))
