@@ -5,7 +5,9 @@ UTF-8 safe: a token whose text ends inside a character (byte-level BPE splits th
 until the character is complete, or for at most `MAX_HELD_TOKENS` tokens (a model may never
 complete it; holding on would make each token re-decode a growing tail). Linear time: stop
 strings are found by an Aho-Corasick automaton fed each character once, and only the tail that
-may still begin a stop string is held back.
+may still begin a stop string is held back. Special tokens are dropped from the text, except
+those named in `keep` (the OpenASH vocabulary's tool-call markers, when a reply is parsed for
+calls), which are spelled out as their text.
 """
 
 from __future__ import annotations
@@ -80,10 +82,12 @@ def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
 
 class TextStream:
     """Token ids -> text pieces for one choice: waits where a UTF-8 character spans tokens,
-    and ends the text where the first stop string ends (holding back text that may start one)."""
+    and ends the text where the first stop string ends (holding back text that may start one).
+    keep: ids of special tokens whose text stays in the text (others are dropped)."""
 
-    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = ()) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
+    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = (),
+                 keep: frozenset[int] | set[int] = frozenset()) -> None:
+        self.tokenizer, self.stops, self.keep = tokenizer, stops, frozenset(keep)
         self.matcher = stop_matcher(tuple(stops)) if stops else None
         self.state = 0  # the matcher's, after the text so far
         self.pending: list[int] = []
@@ -100,6 +104,11 @@ class TextStream:
         return "".join(self.released) + self.unsent
 
     def add(self, token: int) -> str:
+        if token in self.keep:  # what is pending, then the kept token's own text
+            piece = self.tokenizer.decode(self.pending, skip_special_tokens=True) if self.pending else ""
+            self.pending = []
+            marker = self.tokenizer.decode([token], skip_special_tokens=False)
+            return self._release(piece + marker, final=False)
         self.pending.append(token)
         piece = self.tokenizer.decode(self.pending, skip_special_tokens=True)
         if piece.endswith("\ufffd") and len(self.pending) < MAX_HELD_TOKENS:

@@ -38,6 +38,14 @@ def _marker(tokenizer, text: str) -> str:
     return json.dumps(text)
 
 
+def call_marker_ids(tokenizer) -> frozenset[int]:
+    """The ids of the call markers that are special tokens of the tokenizer (OpenASH's
+    `<tool_call>` and `</tool_call>`; none for samout's, whose markers are text): a reply parsed
+    for calls keeps their text (`TextStream(keep=...)`), where other special tokens are dropped."""
+    specials = set(special_token_texts(tokenizer))
+    return frozenset(tokenizer.token_to_id(t) for t in (CALL_START, CALL_END) if t in specials)
+
+
 def _call_schema(tool: dict) -> dict:
     """The JSON of one call to `tool`: {"name": NAME, "arguments": <its parameters>}."""
     function = tool["function"]

@@ -9,7 +9,9 @@ it to a grammar of calls (samout.decoding.tools). Calls come back in OpenAI's sh
 leading and trailing whitespace. A stream sends the content as it comes until a call may be
 starting (a `<` that could open `<tool_call>`), holds the rest, and at the end sends what is
 left of the content, one `tool_calls` delta per call (whole: id, name and arguments), and the
-finish reason: the same content and calls as without streaming.
+finish reason: the same content and calls as without streaming. Where the markers are special
+tokens (the OpenASH vocabulary) the reply's text keeps them for the parser; other special
+tokens are still dropped.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from samout.chat.tools import CALL_START, parse_tool_calls, prompt_tools
-from samout.decoding.detokenizer import token_bytes
+from samout.decoding.detokenizer import TextStream, token_bytes
 from samout.decoding.grammar import response_format_constraint
 from samout.decoding.logprobs import TokenLogprob
-from samout.decoding.tools import tool_call_constraint
+from samout.decoding.tools import call_marker_ids, tool_call_constraint
 from samout.errors import SamoutError
 from samout.serve import protocol as P
 from samout.serve.protocol import OpenAIError
@@ -53,6 +55,11 @@ class ChatRun(Run):
     def __init__(self, *args, tools: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.tools = tools  # the reply is parsed for tool calls
+        # Call markers that are special tokens (OpenASH) stay in the text the parser reads.
+        keep = call_marker_ids(self.served.tokenizer) if tools else frozenset()
+        if keep:
+            self.streams = [TextStream(self.served.tokenizer, self.body.stop_list, keep=keep)
+                            for _ in self.requests]
         # With tools, streamed: the reply's text released so far (past any stop string), the
         # content sent, whether a call has begun (all that follows is held to the end), calls.
         self.reply = [""] * len(self.requests)

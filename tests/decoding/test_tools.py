@@ -9,8 +9,9 @@ import jsonschema
 import pytest
 
 from samout.chat.tools import parse_tool_calls
+from samout.decoding.detokenizer import TextStream
 from samout.decoding.grammar import json_schema_constraint
-from samout.decoding.tools import tool_call_constraint, tool_call_grammar
+from samout.decoding.tools import call_marker_ids, tool_call_constraint, tool_call_grammar
 from samout.errors import SamoutError
 from samout.openash_tokenizer import SPECIAL_TOKENS, OpenAshVocab
 from tests.chat.chat_fixtures import chat_tokenizer
@@ -135,3 +136,27 @@ def test_openash_vocabulary_json_and_tool_calls():
     constraint = tool_call_constraint(vocab, tools, "required", eos_ids=[im_end])
     replies = sample_calls(vocab, constraint, n=50, seed=4, decode=vocab.decode)
     assert all(calls and all(c["function"]["name"] == "get_weather" for c in calls) for calls in replies)
+    # the server's detokenizer (special tokens dropped, the call markers kept) reads the same calls
+    assert call_marker_ids(vocab) == {start, end}
+    replies = sample_calls(vocab, constraint.fresh(), n=50, seed=4,
+                           decode=lambda ids: stream_text(vocab, ids))
+    assert all(calls and all(c["function"]["name"] == "get_weather" for c in calls) for calls in replies)
+
+
+def stream_text(tokenizer, ids) -> str:
+    stream = TextStream(tokenizer, keep=call_marker_ids(tokenizer))
+    text = "".join(stream.add(i) for i in ids) + stream.finish()
+    assert text == stream.text
+    return text
+
+
+def test_marker_ids_are_kept_and_other_special_tokens_dropped():
+    vocab = openash_vocab()
+    tokens = ["c", "<|think|>", "<tool_call>", "{", "}", "</tool_call>", "<|im_start|>"]
+    ids = [vocab.token_to_id(t) for t in tokens]
+    assert stream_text(vocab, ids) == "c<tool_call>{}</tool_call>"
+    assert "".join(TextStream(vocab).add(i) for i in ids) == "c{}"  # without keep: all dropped
+
+
+def test_samout_markers_are_text_so_no_ids_are_kept(tokenizer):
+    assert call_marker_ids(tokenizer) == frozenset()

@@ -6,6 +6,8 @@ content as the whole response; a free reply's calls are parsed, streamed or not,
 from __future__ import annotations
 
 import json
+import re
+from types import SimpleNamespace
 
 import httpx
 import jsonschema
@@ -15,6 +17,7 @@ import pytest
 
 from samout.chat.tools import call_text
 from samout.decoding.params import SamplingParams
+from samout.openash_tokenizer import SPECIAL_TOKENS, OpenAshVocab
 from samout.serve import protocol as P
 from samout.serve.api_server import ServerSettings
 from samout.serve.engine import GenerationRequest
@@ -166,3 +169,75 @@ def test_a_free_reply_streams_as_it_parses(serve_models, text, stop):
     reason = "tool_calls" if calls else "stop"
     assert chunks.count("data: ") == (len(calls) + 1 if calls else 1)
     assert f'"finish_reason": "{reason}"' in chunks
+
+
+# -- OpenASH: the call markers are special tokens ----------------------------------------
+
+def openash_vocab() -> OpenAshVocab:
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tokens = SPECIAL_TOKENS + [c for c in chars if c not in SPECIAL_TOKENS] + ["ts0", "te0"]
+    return OpenAshVocab({"token_to_id": {t: i for i, t in enumerate(tokens)},
+                         "id_to_token": {str(i): t for i, t in enumerate(tokens)},
+                         "agent_token_to_token_id": {}, "agent_token_id_to_token": {}})
+
+
+def openash_ids(vocab: OpenAshVocab, text: str) -> list[int]:
+    """The ids of `text`, its special tokens as their tokens and the rest character by character
+    (a word-level vocabulary with every ASCII character; no jieba needed)."""
+    pattern = "(" + "|".join(re.escape(t) for t in vocab.special_tokens) + ")"
+    return [i for piece in re.split(pattern, text) if piece
+            for i in ([vocab.token_to_id(piece)] if piece in vocab.special_tokens
+                      else [vocab.token_to_id(ch) for ch in piece])]
+
+
+OPENASH_REPLY = ("Let me <|think|>check.\n" + call_text("get_weather", {"city": "Paris", "unit": "celsius"})
+                 + "\n" + call_text("get_time", {"zone": "UTC"}))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_openash_marker_tokens_are_parsed_into_calls(stream):
+    """The OpenASH vocabulary's `<tool_call>`/`</tool_call>` are special tokens: a reply holding
+    them is parsed into OpenAI's tool_calls, the same streamed or not; other special tokens are
+    still dropped from the content."""
+    vocab = openash_vocab()
+    ids = openash_ids(vocab, OPENASH_REPLY)
+    assert vocab.token_to_id("<tool_call>") in ids and vocab.token_to_id("</tool_call>") in ids
+    served = SimpleNamespace(tokenizer=vocab, name="openash")
+    body = P.ChatCompletionRequest(model="openash", messages=MESSAGES, tools=TOOLS, stream=stream)
+    request = GenerationRequest(np.array([1], dtype=np.int32), SamplingParams(), lambda e: None)
+    run = ChatRun(body, served, [request], None, tools=True)
+    sent = "".join(run._apply(0, ("token", token)) for token in ids)
+    sent += run._apply(0, ("finish", "stop", {}))
+    want = [{"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+            {"name": "get_time", "arguments": '{"zone": "UTC"}'}]
+    if stream:
+        assert sent == "Let me check."
+        assert [c["function"] for c in run.calls[0]] == want
+        chunks = [json.loads(line[6:]) for line in run._chunk(0, "", "stop").split("\n\n") if line]
+        deltas = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[:-1]]
+        assert [(d["index"], d["type"], d["function"]) for d in deltas] == [(0, "function", want[0]),
+                                                                           (1, "function", want[1])]
+        assert all(d["id"].startswith("call_") for d in deltas)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    else:
+        choices = [{"index": 0, "text": run.streams[0].text, "finish_reason": run.finish[0],
+                    "logprobs": None}]
+        choice = run._response(choices, P.usage_dict(1, len(ids), 0))["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Let me check."
+        calls = choice["message"]["tool_calls"]
+        assert [(c["type"], c["function"]) for c in calls] == [("function", w) for w in want]
+        assert all(c["id"].startswith("call_") for c in calls)
+
+
+def test_openash_special_tokens_stay_hidden_without_tools():
+    """Without tools the markers are special tokens like any other: dropped from the text."""
+    vocab = openash_vocab()
+    served = SimpleNamespace(tokenizer=vocab, name="openash")
+    body = P.ChatCompletionRequest(model="openash", messages=MESSAGES, tools=TOOLS, tool_choice="none")
+    request = GenerationRequest(np.array([1], dtype=np.int32), SamplingParams(), lambda e: None)
+    run = ChatRun(body, served, [request], None, tools=False)
+    for token in openash_ids(vocab, OPENASH_REPLY):
+        run._apply(0, ("token", token))
+    run._apply(0, ("finish", "stop", {}))
+    assert "<" not in run.streams[0].text and run.streams[0].text.startswith("Let me check.\n{")
