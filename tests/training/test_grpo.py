@@ -337,3 +337,18 @@ def test_two_process_grpo_resume_in_the_middle_of_the_iterations_is_exact(dirs, 
         return [(r["step"], r["loss"], r["ratio_mean"]) for r in records if r["type"] == "train"]
 
     assert len(losses(whole)) == 4 and losses(whole) == losses(split)
+
+
+def test_each_rank_reloads_its_own_kept_rollouts_and_none_from_another_layout():
+    from types import SimpleNamespace
+
+    from samout.training.trainer import Trainer
+
+    def own(state, rank, world_size):
+        return Trainer._own_objective_state(SimpleNamespace(rank=rank, world_size=world_size), state)
+
+    saved = {"objective_per_rank": [{"cache": ["rank 0"]}, {"cache": ["rank 1"]}]}
+    assert own(saved, 1, 2) == {"cache": ["rank 1"]} and own(saved, 0, 2) == {"cache": ["rank 0"]}
+    assert own(saved, 0, 1) == {} and own(saved, 2, 4) == {}  # another number of processes
+    legacy = {"objective": {"cache": ["rank 0"]}}  # before objective_per_rank: rank 0's alone
+    assert own(legacy, 0, 1) == {"cache": ["rank 0"]} and own(legacy, 1, 2) == {}
