@@ -90,6 +90,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Collective under DDP (gathers every rank's RNG state): call it on every rank."""
         rngs = dist_utils.gather_objects(rng_state())
+        objective_states = dist_utils.gather_objects(
+            self.objective.state_dict() if hasattr(self.objective, "state_dict") else {})
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -104,8 +106,9 @@ class Trainer:
             "data_dir": str(self.data.dir.resolve()),
             # Batches are a pure function of these (TokenData.train_batch): the data position.
             "data_position": {"next_step": self.step, "seed": self.cfg.seed, "world_size": self.world_size},
-            # GRPO: the rollouts kept for the remaining --grpo-iterations steps.
-            "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
+            # GRPO: every rank's rollouts kept for the remaining --grpo-iterations steps, in
+            # rank order (each rank samples its own prompts), like the RNG states.
+            "objective_per_rank": objective_states,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -119,7 +122,16 @@ class Trainer:
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         set_rng_state(per_rank[self.rank] if len(per_rank) == self.world_size else state["rng"])
         if hasattr(self.objective, "load_state_dict"):
-            self.objective.load_state_dict(state.get("objective", {}))
+            self.objective.load_state_dict(self._own_objective_state(state))
+
+    def _own_objective_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's objective state (GRPO's kept rollouts). Saved with another number of
+        processes, the ranks' prompts differ: nothing is kept and the rollouts are sampled
+        again. Checkpoints before `objective_per_rank` held rank 0's alone, under `objective`."""
+        per_rank = state.get("objective_per_rank")
+        if per_rank is None:
+            per_rank = [state.get("objective", {})]
+        return per_rank[self.rank] if len(per_rank) == self.world_size else {}
 
     def save(self) -> Path | None:
         """Checkpoint (rank 0 writes, the others wait). A write failure (full disk, read-only

@@ -292,3 +292,63 @@ def test_grpo_killed_with_sigkill_then_resumed_ends_bit_identical(dirs, tmp_path
     assert proc.returncode == 0, proc.stderr
     a, b = load_file(straight / "model.safetensors"), load_file(crashed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_two_process_grpo_resume_in_the_middle_of_the_iterations_is_exact(dirs, tmp_path):
+    """torchrun x 2 (gloo, CPU): stopped after step 3 of 4 (the second step of --grpo-iterations
+    2 still to run on the kept rollouts), then resumed: the same weights and losses as one
+    uninterrupted 2-process run. Each rank resumes with its own rollouts, not rank 0's."""
+    import os
+
+    from samout.run_dir import list_checkpoints, load_training_state
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = tmp_path / "grpo.json"
+    config.write_text(json.dumps({"min_lr_ratio": 1.0}))  # the same learning rates whatever --max-steps
+
+    def torchrun(run, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "samout", "train", "--data", str(dirs / "prompts"), "--out", str(run),
+               "--objective", "grpo", "--init-from", str(dirs / "run-sft"), "--reward", "task",
+               "--reward", "tests.training.grpo_rewards:odd_first_token", "--num-generations", "3",
+               "--max-completion-length", "5", "--temperature", "1.5", "--batch-size", "2",
+               "--grpo-iterations", "2", "--kl-beta", "0.05", "--lr", "1e-2", "--config", str(config),
+               "--warmup-steps", "1", "--log-every", "1", "--eval-every", "1000", "--eval-windows", "1",
+               "--save-every", "1000", "--device", "cpu", "--seed", "7", "--quiet", *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    torchrun(whole, "--max-steps", "4")
+    torchrun(split, "--max-steps", "3")
+    kept = load_training_state(list_checkpoints(split)[-1])["objective_per_rank"]
+    assert len(kept) == 2 and all(len(rank["cache"]) == 1 for rank in kept)
+    prompts = [[g["index"] for g in rank["cache"][0]["groups"]] for rank in kept]
+    assert prompts[0] != prompts[1]  # each rank kept its own rollouts
+    torchrun(split, "--max-steps", "4", "--resume")
+
+    a, b = load_pretrained(whole), load_pretrained(split)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    def losses(run):
+        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["ratio_mean"]) for r in records if r["type"] == "train"]
+
+    assert len(losses(whole)) == 4 and losses(whole) == losses(split)
+
+
+def test_each_rank_reloads_its_own_kept_rollouts_and_none_from_another_layout():
+    from types import SimpleNamespace
+
+    from samout.training.trainer import Trainer
+
+    def own(state, rank, world_size):
+        return Trainer._own_objective_state(SimpleNamespace(rank=rank, world_size=world_size), state)
+
+    saved = {"objective_per_rank": [{"cache": ["rank 0"]}, {"cache": ["rank 1"]}]}
+    assert own(saved, 1, 2) == {"cache": ["rank 1"]} and own(saved, 0, 2) == {"cache": ["rank 0"]}
+    assert own(saved, 0, 1) == {} and own(saved, 2, 4) == {}  # another number of processes
+    legacy = {"objective": {"cache": ["rank 0"]}}  # before objective_per_rank: rank 0's alone
+    assert own(legacy, 0, 1) == {"cache": ["rank 0"]} and own(legacy, 1, 2) == {}

@@ -7,8 +7,9 @@ the prompt's place in the batch), scores them and keeps the batch of rollouts fo
 following iterations. A step's loss recomputes the completions' log-probabilities with the
 current policy; the "old" log-probabilities are those of the first step on the batch,
 detached (TRL's rule): the same function of the same weights, so the ratio is exactly 1
-before the first update. The kept rollouts travel in the checkpoint (`state_dict`), so
-`--resume` in the middle of the iterations continues exactly.
+before the first update. The kept rollouts travel in the checkpoint (`state_dict`; the
+Trainer gathers every rank's, and each rank reloads its own), so `--resume` in the middle of
+the iterations continues exactly, under torchrun too.
 """
 
 from __future__ import annotations
