@@ -153,6 +153,10 @@ class TrainConfig:
         self._validate_grpo()
 
     def _validate_grpo(self) -> None:
+        if self.objective == "grpo" and self.fsdp:
+            # The rollouts call the sharded model outside FSDP2's forward hooks (aten.mm gets
+            # mixed Tensor and DTensor); DDP works. Refused rather than failing at step 1.
+            raise SamoutError("--objective grpo does not run with --fsdp yet: use DDP (drop --fsdp)")
         for name in ("num_generations", "max_completion_length", "grpo_iterations"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

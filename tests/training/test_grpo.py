@@ -188,7 +188,8 @@ def test_cli_errors_are_one_line(dirs, tmp_path):
     cases = [(["--reward", "no_such_module_26:f"], "cannot import"),
              ([], "needs --reward"),
              (["--reward", "task", "--reward-weights", "1,2"], "one weight per --reward"),
-             (["--reward", "task", "--num-generations", "1"], "at least 2")]
+             (["--reward", "task", "--num-generations", "1"], "at least 2"),
+             (["--reward", "task", "--fsdp"], "does not run with --fsdp")]
     for extra, why in cases:
         proc = subprocess.run([sys.executable, "-m", "samout", "train", "--data", str(dirs / "prompts"),
                                "--out", str(tmp_path / "run"), "--objective", "grpo", "--init-from",
