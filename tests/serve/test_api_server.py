@@ -280,7 +280,7 @@ def test_what_clients_send_and_the_server_honours_is_accepted(server):
             "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"},
             "tool_choice": "none", "stop_token_ids": [], "repetition_penalty": 1.0, "logprobs": None}
     assert httpx.post(server + "/v1/completions", json=body).status_code == 200
-    chat = {"model": "samout", "messages": [{"role": "user", "content": "hi ✓ 中文", "name": "ann"}],
+    chat = {"model": "samout", "messages": [{"role": "user", "content": "hi ✓ 中文", "name": None}],
             "max_completion_tokens": 2, "temperature": 0.5, "stream_options": None}
     assert httpx.post(server + "/v1/chat/completions", json=chat).status_code == 200
 
