@@ -184,7 +184,7 @@ class TransformerConfig(JsonConfig):
 
 def style_fields(baseline: str) -> dict[str, Any]:
     """The option fields of a named baseline style (BASELINE_STYLES)."""
-    if baseline not in BASELINE_STYLES:
+    if not isinstance(baseline, str) or baseline not in BASELINE_STYLES:
         raise ValueError(f"unknown baseline {baseline!r}: choose one of {', '.join(BASELINE_STYLES)}")
     return dict(BASELINE_STYLES[baseline])
 
