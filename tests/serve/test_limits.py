@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import statistics
 import threading
 import time
 from types import SimpleNamespace
@@ -159,10 +160,13 @@ def test_a_large_prompt_is_tokenized_off_the_event_loop(serve_models):
         thread.join(120)
         assert answer["r"].status_code == 400  # over --max-prompt-tokens, found after tokenizing
         assert answer["r"].json()["error"]["code"] == "context_length_exceeded"
-        # Relative to the big request's own time, so that a loaded machine (slower at both)
-        # does not fail it: on the event loop, one small request waited for nearly all of it.
-        assert len(latencies) >= 3, latencies
-        assert max(latencies) < 0.5 * answer["seconds"], (latencies, answer["seconds"])
+        # Tokenized on the event loop, the small requests stopped while the big one was in: a
+        # few answered before it, then one that waited for nearly all of it. Off the loop, they
+        # kept being answered throughout. Judged by how many were answered and their median,
+        # relative to the big request's own time: one that a loaded machine's scheduler delays
+        # (seconds at load 6 on 2 cores) does not fail it, a blocked loop does.
+        assert len(latencies) >= 5, (latencies, answer["seconds"])
+        assert statistics.median(latencies) < 0.1 * answer["seconds"], (latencies, answer["seconds"])
 
 
 @pytest.fixture(scope="module")
