@@ -148,6 +148,8 @@ class DiskStateStore(StateStore):
         if held:
             _touch(path)
             return
+        # Not files.atomic_write: that recreates a missing directory (with the default mode)
+        # and opens the file to the umask, where a state file is the owner's alone (0600).
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)  # 0600
         try:
             with os.fdopen(fd, "wb") as f:
