@@ -208,7 +208,7 @@ def test_a_4_mb_prompt_costs_bounded_memory_and_keeps_health_answering(default_s
     text = ("the quick brown fox jumps over the lazy dog. " * 90_000)[:4_000_000]
     body = json.dumps({"prompt": text, "max_tokens": 1}).encode()
     del text
-    done, latencies = threading.Event(), []
+    done, probing, latencies = threading.Event(), threading.Event(), []
 
     def probe():
         with httpx.Client(timeout=30) as http:
@@ -216,16 +216,22 @@ def test_a_4_mb_prompt_costs_bounded_memory_and_keeps_health_answering(default_s
                 start = time.perf_counter()
                 assert http.get(url + "/health").status_code == 200
                 latencies.append(time.perf_counter() - start)
+                probing.set()
                 time.sleep(0.02)
 
     prober = threading.Thread(target=probe)
     measured = reset_peak_rss()
     before = rss_bytes()
     prober.start()
+    assert probing.wait(30)  # the 400 can come before a thread's first probe
     start = time.perf_counter()
     r = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"},
                    timeout=60)
     seconds = time.perf_counter() - start
+    probes = len(latencies)
+    deadline = time.monotonic() + 30
+    while len(latencies) <= probes and time.monotonic() < deadline:  # one probe after it too
+        time.sleep(0.005)
     done.set()
     prober.join(30)
     _error(r, 400, "prompt", "context_length_exceeded")
