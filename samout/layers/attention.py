@@ -22,7 +22,11 @@ parameters per swapped layer.
 State: {"key": [B, H, T_kept, dh], "value": [B, H, T_kept, dh]}. With
 `attention_window` W each token sees itself and the W - 1 tokens before it, and the
 state keeps only the last W - 1 keys and values (what a future token can still see), so
-it stays bounded; without a window it keeps everything (a KV cache).
+it stays bounded; without a window it keeps everything (a KV cache), preallocated and
+written in place outside autograd like the Transformer baseline's (kv_cache.py), so a
+decode step copies one token's keys, not the whole cache. A windowed state is cut to its
+last W - 1 keys each call (at most W - 1 copied per token, whatever the context).
+`set_kv_cache("concat")` restores the plain concatenation, the reference.
 
 Kernels: "fused" runs `F.scaled_dot_product_attention`; "reference" the textbook
 softmax(q k^T / sqrt(dh) + mask) v, for the tests that compare the two.
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samout.config import KERNELS, SamOutConfig
+from samout.layers.kv_cache import KV_CACHES, append_kv
 
 STATE_KEYS = ("key", "value")
 
@@ -62,6 +67,12 @@ class CausalAttention(nn.Module):
         self.window = config.attention_window
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.kv_cache = "preallocated"  # or "concat" (SamOut.set_kv_cache)
+
+    def set_kv_cache(self, kind: str) -> None:
+        if kind not in KV_CACHES:
+            raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")
+        self.kv_cache = kind
 
     def set_kernel(self, kernel: str) -> None:
         if kernel not in KERNELS:
@@ -80,12 +91,20 @@ class CausalAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         past = 0 if state is None else state["key"].shape[2]
-        if past:
+        in_place = (self.window is None and self.kv_cache == "preallocated"
+                    and not (torch.is_grad_enabled() and k.requires_grad))  # autograd needs new tensors
+        if in_place:
+            k = append_kv(state["key"] if past else None, k)
+            v = append_kv(state["value"] if past else None, v)
+        elif past:
             k = torch.cat((state["key"], k), dim=2)
             v = torch.cat((state["value"], v), dim=2)
         y = self._attend(q, k, v, past)
         keep = self.kept(past + t)
-        new_state = {"key": k[:, :, past + t - keep :], "value": v[:, :, past + t - keep :]}
+        if keep == past + t:  # everything kept: the state is k and v themselves (in place: buffer views)
+            new_state = {"key": k, "value": v}
+        else:
+            new_state = {"key": k[:, :, past + t - keep :], "value": v[:, :, past + t - keep :]}
         return self.out(y.transpose(1, 2).reshape(b, t, d)), new_state
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:

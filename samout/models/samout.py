@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from samout.config import SamOutConfig
 from samout.layers.attention import STATE_KEYS, CausalAttention
+from samout.layers.kv_cache import KV_CACHES
 from samout.layers.mixers import build_mixer
 from samout.models.base import PretrainedModelMixin
 from samout.ops.blend_norm import blend_norm
@@ -196,6 +197,17 @@ class SamOut(PretrainedModelMixin, nn.Module):
         for layer in self.layers:
             layer.mixer.set_kernel(kernel)
         self.config.kernel = kernel
+        return self
+
+    def set_kv_cache(self, kind: str) -> SamOut:
+        """The attention layers' KV cache (hybrids): "preallocated" (default: written in
+        place, samout/layers/kv_cache.py) or "concat" (a new tensor per call, the
+        reference). No effect on maxstate layers. Returns the model."""
+        if kind not in KV_CACHES:
+            raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")
+        for layer in self.layers:
+            if layer.kind == "attention":
+                layer.mixer.set_kv_cache(kind)
         return self
 
 

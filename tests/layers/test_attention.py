@@ -7,6 +7,7 @@ import torch
 
 from samout.config import KERNELS, SamOutConfig
 from samout.layers.attention import CausalAttention, visible
+from samout.layers.kv_cache import kv_buffer
 from tests.helpers import random_chunks
 
 
@@ -73,3 +74,39 @@ def test_causal_and_window_bounded(seed):
         b, _ = attn(other)
     changed = ((a - b).abs().amax(-1) > 0)[0].tolist()
     assert changed == [False] * 4 + [True] * 3 + [False] * 3  # positions 4, 5, 6 see position 4
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_preallocated_cache_equals_concatenation(seed, window):
+    """Outside autograd the unwindowed cache is written in place (kv_cache.py); outputs
+    and states equal the concatenating reference exactly, and an older state stays valid."""
+    rng = random.Random(seed)
+    attn, ref = _attention(window), _attention(window)
+    ref.load_state_dict(attn.state_dict())
+    ref.set_kv_cache("concat")
+    x = torch.randn(2, 40, 48)
+    with torch.no_grad():
+        for chunks in (random_chunks(40, rng), [1] * 40):
+            state = ref_state = None
+            t = 0
+            for n in chunks:
+                y, state = attn(x[:, t : t + n], state)
+                y_ref, ref_state = ref(x[:, t : t + n], ref_state)
+                assert torch.equal(y, y_ref)
+                for name in ("key", "value"):
+                    assert torch.equal(state[name], ref_state[name])
+                t += n
+            assert (kv_buffer(state["key"]) is not None) == (window is None)
+            assert kv_buffer(ref_state["key"]) is None
+        _, prefix = attn(x[:, :10])
+        snapshot = {k: v.clone() for k, v in prefix.items()}
+        y_a, _ = attn(x[:, 10:12], prefix)  # writes into prefix's buffer
+        y_b, _ = attn(x[:, 20:23], prefix)  # a branch from the same prefix: must copy
+        _, ref_prefix = ref(x[:, :10])
+        assert torch.equal(y_b, ref(x[:, 20:23], ref_prefix)[0])
+        assert all(torch.equal(prefix[k], snapshot[k]) for k in snapshot)
+
+
+def test_unknown_kv_cache_is_refused():
+    with pytest.raises(ValueError, match="unknown kv cache"):
+        _attention().set_kv_cache("paged")

@@ -7,8 +7,9 @@ import torch
 
 from samout import SamOut, SamOutConfig, State, Transformer, TransformerConfig, load_pretrained
 from samout.config import MIXERS, PRESETS
+from samout.layers.kv_cache import kv_buffer
 from samout.models import MODEL_CLASSES
-from samout.models.transformer import PaddedKVBatch, cache_row, kv_buffer, left_pad_caches
+from samout.models.transformer import PaddedKVBatch, cache_row, left_pad_caches
 from samout.models.transformer_config import BASELINE_STYLES, MATCH_TOLERANCE, match_transformer_to
 from tests.helpers import random_chunks
 
