@@ -27,8 +27,20 @@ def test_gpu_check_smoke_prints_every_figure(tmp_path):
     assert {(r["model"], r["batch"]) for r in results["decode"]} == {
         (m, b) for m in ("samout", "transformer (modern)") for b in (1, 2)}
     assert all(r["tokens_per_s"] > 0 for r in results["train"] + results["decode"])
-    assert sum(line.startswith("decode ") for line in lines) == 4 and "1,241" in lines[-2]
+    decode_lines = [line for line in lines if line.startswith("decode ")]
+    assert len(decode_lines) == 4
+    # a tiny model is not the author's 85M one: no comparison with the author's figure
+    assert not any("1,241" in line for line in decode_lines)
+    assert all(r["vs_author_4090"] is None for r in results["decode"])
     assert json.loads((tmp_path / "gpu_check.json").read_text())["ok"] is True
+
+
+def test_only_the_authors_model_is_compared_with_the_authors_figure(monkeypatch):
+    import samout.bench.gpu_check as gpu_check
+
+    monkeypatch.setattr(gpu_check, "AUTHOR_PRESET", SMOKE["decode_preset"])
+    rows = gpu_check.decode_throughput(GpuCheckSettings(**SMOKE), torch.device("cpu"))
+    assert rows and all(r["vs_author_4090"] == pytest.approx(r["tokens_per_s"] / 1241) for r in rows)
 
 
 @pytest.mark.slow
