@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from samout.decoding.constraint import TokenConstraint
-from samout.decoding.detokenizer import TextStream
+from samout.decoding.detokenizer import text_pieces
 from samout.decoding.logprobs import TokenLogprob
 from samout.decoding.params import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams
 from samout.decoding.processors import repetition_penalty_ref, top_k_ref, top_p_ref
@@ -99,15 +99,9 @@ def stream(model: torch.nn.Module, tokenizer, prompt: str, *, constraint: TokenC
            **kwargs) -> Iterator[str]:
     """Yield text pieces as tokens are sampled (waiting where a UTF-8 character spans tokens).
     `constraint`: a grammar the continuation is held to (e.g. `json_schema_constraint`)."""
-    text = TextStream(tokenizer)
-    for token in stream_ids(model, encode_prompt(tokenizer, prompt), SamplingParams(**kwargs),
-                            stop_ids=end_ids(tokenizer), constraint=constraint):
-        piece = text.add(token)
-        if piece:
-            yield piece
-    piece = text.finish()
-    if piece:
-        yield piece
+    tokens = stream_ids(model, encode_prompt(tokenizer, prompt), SamplingParams(**kwargs),
+                        stop_ids=end_ids(tokenizer), constraint=constraint)
+    yield from text_pieces(tokenizer, tokens)
 
 
 def generate(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> str:

@@ -35,7 +35,7 @@ from samout.chat.template import (
     render_text,
     turn_text,
 )
-from samout.decoding.detokenizer import TextStream
+from samout.decoding.detokenizer import text_pieces
 from samout.decoding.sampler import RowSampler, sample_one
 from samout.errors import SamoutError
 from samout.files import atomic_write
@@ -136,14 +136,7 @@ class Conversation:
 
     def send(self, message: str, **sampling) -> Iterator[str]:
         """Yield the reply as text pieces (waiting where a UTF-8 character spans tokens)."""
-        text = TextStream(self.tokenizer)
-        for token in self.send_ids(message, **sampling):
-            piece = text.add(token)
-            if piece:
-                yield piece
-        piece = text.finish()
-        if piece:
-            yield piece
+        yield from text_pieces(self.tokenizer, self.send_ids(message, **sampling))
 
     def reply(self, message: str, **sampling) -> str:
         return "".join(self.send(message, **sampling))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Iterable, Iterator
 
 from samout.tokenizer import _byte_decoder
 
@@ -78,6 +79,18 @@ class StopMatcher:
 def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
     """One automaton per set of stop strings (requests often repeat theirs)."""
     return StopMatcher(stops)
+
+
+def text_pieces(tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """The text of `tokens` as they come, in non-empty pieces (a `TextStream` without stops)."""
+    text = TextStream(tokenizer)
+    for token in tokens:
+        piece = text.add(token)
+        if piece:
+            yield piece
+    piece = text.finish()
+    if piece:
+        yield piece
 
 
 class TextStream:
