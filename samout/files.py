@@ -54,17 +54,21 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _temporary(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _file_mode())
+def _temporary(path: Path, private: bool = False) -> tuple[int, str]:
+    if not private:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0600
+    if not private:
+        os.fchmod(fd, _file_mode())
     return fd, tmp
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and a rename."""
+def atomic_write(path: str | Path, data: bytes | str, private: bool = False) -> None:
+    """Write `data` to `path` via a temporary file in the same directory and a rename.
+    private: the file is the owner's alone (0600) and the directory must exist already
+    (by default a missing directory is created and the file gets the umask's mode)."""
     path = Path(path)
-    fd, tmp = _temporary(path)
+    fd, tmp = _temporary(path, private)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

@@ -161,3 +161,14 @@ def test_a_checkpoint_writes_the_hugging_face_files_once_per_directory(tmp_path,
     save_checkpoint(tmp_path / "run", 1, model, tokenizer, {"step": 1}, keep=2)
     assert written == [".tmp-step-000001", "run"]
     assert (tmp_path / "run" / "tokenizer_config.json").is_file()  # the tokenizer's entries too
+
+
+def test_private_atomic_write_is_owner_only_and_never_creates_the_directory(tmp_path):
+    atomic_write(tmp_path / "state", b"x", private=True)
+    assert (tmp_path / "state").read_bytes() == b"x"
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileNotFoundError):
+        atomic_write(tmp_path / "gone" / "state", b"x", private=True)
+    assert not (tmp_path / "gone").exists()
+    atomic_write(tmp_path / "made" / "file", b"y")  # the default creates it
+    assert (tmp_path / "made" / "file").read_bytes() == b"y"

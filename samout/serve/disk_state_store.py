@@ -7,13 +7,13 @@ import contextlib
 import os
 import re
 import stat
-import tempfile
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
 from samout.errors import SamoutError
+from samout.files import atomic_write
 from samout.serve.state_format import Key
 from samout.serve.state_store import StateStore
 
@@ -148,18 +148,9 @@ class DiskStateStore(StateStore):
         if held:
             _touch(path)
             return
-        # Not files.atomic_write: that recreates a missing directory (with the default mode)
-        # and opens the file to the umask, where a state file is the owner's alone (0600).
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)  # 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # private: a state file is the owner's alone (0600), and a directory removed under us
+        # is not recreated with the default mode.
+        atomic_write(path, data, private=True)
         with self._lock:
             self._add(key, len(data))
             self._evict()
