@@ -90,11 +90,18 @@ def header_lines(benchmark: str, header: dict[str, Any]) -> list[str]:
             f"# {header['command']}"]
 
 
+def check_names(names: list[str], allowed, what: str, flag: str = "") -> list[str]:
+    """`names` without repeats, each one of `allowed`; else the one-line error
+    "[FLAG: ]unknown WHAT 'name': choose from ...". """
+    for name in names:
+        if name not in allowed:
+            prefix = f"{flag}: " if flag else ""
+            raise SamoutError(f"{prefix}unknown {what} {name!r}: choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
 def check_mixers(mixers: list[str]) -> list[str]:
-    for m in mixers:
-        if m not in MIXERS:
-            raise SamoutError(f"unknown mixer {m!r}: choose from {', '.join(MIXERS)}")
-    return list(dict.fromkeys(mixers))
+    return check_names(mixers, MIXERS, "mixer")
 
 
 def positive_ints(name: str, values: list[int]) -> list[int]:

@@ -40,6 +40,7 @@ from samout.bench.arguments import (
 )
 from samout.bench.common import (
     check_mixers,
+    check_names,
     check_variants,
     header_line,
     header_lines,
@@ -265,13 +266,9 @@ def transformer_name(baseline: str) -> str:
 
 
 def _check_baselines(s: QualitySettings) -> list[str]:
-    for b in s.baselines:
-        if b not in BASELINE_STYLES:
-            raise SamoutError(f"unknown baseline {b!r}: choose from {', '.join(BASELINE_STYLES)}")
-    for kind in s.rope_scaling:
-        if kind not in ROPE_SCALINGS:
-            raise SamoutError(f"unknown RoPE scaling {kind!r}: choose from {', '.join(ROPE_SCALINGS)}")
-    return list(dict.fromkeys(s.baselines))
+    baselines = check_names(s.baselines, BASELINE_STYLES, "baseline")
+    check_names(s.rope_scaling, ROPE_SCALINGS, "RoPE scaling")
+    return baselines
 
 
 def _scaling(kind: str, multiple: int, seq_len: int) -> dict[str, Any] | None:

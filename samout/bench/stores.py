@@ -39,6 +39,7 @@ import torch
 from samout.bench.arguments import add_run_arguments, command_line, names, settings_from_args
 from samout.bench.common import (
     build_model,
+    check_names,
     header_lines,
     median,
     prepare_out_dir,
@@ -99,12 +100,8 @@ def run(args: argparse.Namespace) -> int:
     s = settings_from_args(args, StoresBenchSettings, QUICK,
                            ("preset", "history", "follow_up_tokens", "repeats", "models", "tiers", "device",
                             "seed"))
-    for name in s.models:
-        if name not in MODELS:
-            raise SamoutError(f"--models: unknown model {name!r}, choose from {', '.join(MODELS)}")
-    for tier in s.tiers:
-        if tier not in TIERS:
-            raise SamoutError(f"--tiers: unknown tier {tier!r}, choose from {', '.join(TIERS)}")
+    check_names(s.models, MODELS, "model", "--models")
+    check_names(s.tiers, TIERS, "tier", "--tiers")
     if s.history < 1 or s.follow_up_tokens < 1 or s.repeats < 1:
         raise SamoutError("--history, --follow-up-tokens and --repeats must be at least 1")
     out = prepare_out_dir(args.out)
