@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samout.config import KERNELS, SamOutConfig
-from samout.layers.kv_cache import KV_CACHES, append_kv
+from samout.layers.kv_cache import append_kv, check_kv_cache
 
 STATE_KEYS = ("key", "value")
 
@@ -70,9 +70,7 @@ class CausalAttention(nn.Module):
         self.kv_cache = "preallocated"  # or "concat" (SamOut.set_kv_cache)
 
     def set_kv_cache(self, kind: str) -> None:
-        if kind not in KV_CACHES:
-            raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")
-        self.kv_cache = kind
+        self.kv_cache = check_kv_cache(kind)
 
     def set_kernel(self, kernel: str) -> None:
         if kernel not in KERNELS:

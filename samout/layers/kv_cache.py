@@ -27,6 +27,13 @@ KV_BLOCK = 64
 KV_CACHES = ("preallocated", "concat")
 
 
+def check_kv_cache(kind: str) -> str:
+    """`kind` if it names a KV cache (KV_CACHES), else a one-line ValueError."""
+    if kind not in KV_CACHES:
+        raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")
+    return kind
+
+
 class KVBuffer:
     """Capacity-sized key or value storage [B, H, C, dh] shared by the cache views cut from
     it; `length` is how many slots hold data (the longest view handed out)."""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from samout.config import SamOutConfig
 from samout.layers.attention import STATE_KEYS, CausalAttention
-from samout.layers.kv_cache import KV_CACHES
+from samout.layers.kv_cache import check_kv_cache
 from samout.layers.mixers import build_mixer
 from samout.models.base import PretrainedModelMixin
 from samout.ops.blend_norm import blend_norm
@@ -203,8 +203,7 @@ class SamOut(PretrainedModelMixin, nn.Module):
         """The attention layers' KV cache (hybrids): "preallocated" (default: written in
         place, samout/layers/kv_cache.py) or "concat" (a new tensor per call, the
         reference). No effect on maxstate layers. Returns the model."""
-        if kind not in KV_CACHES:
-            raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")
+        check_kv_cache(kind)
         for layer in self.layers:
             if layer.kind == "attention":
                 layer.mixer.set_kv_cache(kind)

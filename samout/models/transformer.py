@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samout.layers.kv_cache import KV_CACHES, append_kv
+from samout.layers.kv_cache import append_kv, check_kv_cache
 from samout.models.base import PretrainedModelMixin
 from samout.models.samout import check_input_ids, check_logits_to_keep
 from samout.models.transformer_config import TransformerConfig, match_transformer_to
@@ -292,8 +292,7 @@ class Transformer(PretrainedModelMixin, nn.Module):
     def set_kv_cache(self, kind: str) -> None:
         """"preallocated" (default: KV buffers written in place, grown by a quarter) or
         "concat" (a new tensor per call by concatenation, the reference)."""
-        if kind not in KV_CACHES:
-            raise ValueError(f"unknown kv cache {kind!r}: choose one of {', '.join(KV_CACHES)}")
+        check_kv_cache(kind)
         for layer in self.layers:
             layer.attn.kv_cache = kind
 

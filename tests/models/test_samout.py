@@ -6,6 +6,7 @@ import torch
 
 from samout import SamOut, SamOutConfig, State
 from samout.config import MIXERS, PRESETS
+from samout.layers.kv_cache import kv_buffer
 from tests.helpers import MODEL_VARIANTS, random_chunks
 
 VARIANTS = list(MODEL_VARIANTS)
@@ -462,3 +463,24 @@ def test_one_token_step_path_equals_the_plain_forward(seed, mixer, variant):
     model.set_kernel("reference")
     with torch.no_grad():
         assert not model._steps(tok)
+
+
+def test_hybrid_preallocated_kv_cache_equals_concatenation(seed):
+    """SamOut.set_kv_cache("concat") is the reference for the hybrids' attention caches:
+    the same logits and states over a prefill and one-token steps."""
+    config = SamOutConfig.from_preset("tiny", vocab_size=64, **MODEL_VARIANTS["hybrid"])
+    model, reference = SamOut(config).eval(), SamOut(config).eval()
+    reference.load_state_dict(model.state_dict())
+    assert reference.set_kv_cache("concat") is reference
+    ids = torch.randint(0, 64, (2, 30))
+    with torch.no_grad():
+        out, state = model(ids[:, :20])
+        ref, ref_state = reference(ids[:, :20])
+        for t in range(20, 30):
+            out, state = model(ids[:, t:t + 1], state)
+            ref, ref_state = reference(ids[:, t:t + 1], ref_state)
+            assert torch.equal(out, ref)
+    assert state.equal(ref_state)
+    assert kv_buffer(state[1]["key"]) is not None and kv_buffer(ref_state[1]["key"]) is None
+    with pytest.raises(ValueError, match="unknown kv cache 'paged'"):
+        model.set_kv_cache("paged")
