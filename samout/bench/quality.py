@@ -179,6 +179,9 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
         raise SamoutError("give the text to train on with --corpus shakespeare (built in) or --corpus DIR "
                           "(one document per file)")
     check_mixers(s.mixers)
+    preset = SamOutConfig.from_preset(s.preset, **s.overrides)
+    check_variants(s.variants, preset)
+    baselines = _check_baselines(s)  # every name checked before any data is prepared
     out = prepare_out_dir(out)
     device = resolve_device(s.device)
     files = corpus_files(s.corpus)
@@ -203,10 +206,8 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                           save_every=s.max_steps, keep_checkpoints=1, log_every=s.eval_every,
                           device=str(device), seed=s.seed, max_time=s.max_time)
     runs = {f"samout-{m}": {**s.overrides, "mixer": m} for m in s.mixers}
-    preset = SamOutConfig.from_preset(s.preset, **s.overrides)
-    check_variants(s.variants, preset)
     runs.update({v: {**s.overrides, **variant_fields(v, s.window, preset.num_layers)} for v in s.variants})
-    for baseline in _check_baselines(s):
+    for baseline in baselines:
         runs[transformer_name(baseline)] = {**s.overrides, "model_type": "transformer", "baseline": baseline,
                                             "max_position_embeddings": max(4096, longest)}
     results: dict[str, Any] = {
@@ -253,7 +254,7 @@ def run_quality(s: QualitySettings, out: str | Path, command: str = "samout benc
                 per_seed.setdefault(row, {})[str(seed)] = record
     for name, by_seed in per_seed.items():
         results["models"][name] = {**counts[name], **_summarize(by_seed, s.context_multiples)}
-    results["baselines"] = {transformer_name(b): f"{b} baseline" for b in _check_baselines(s)}
+    results["baselines"] = {transformer_name(b): f"{b} baseline" for b in baselines}
     results["matched_to"] = f"samout-{base.mixer}"
     results["plots"] = plot_quality(results, out)
     write_json(out / "quality.json", results)

@@ -41,6 +41,17 @@ def test_quality_needs_a_corpus_of_whole_documents(tmp_path, capsys):
     assert "needs at least 20 documents" in capsys.readouterr().err
 
 
+def test_unknown_names_fail_before_any_data_is_prepared(tmp_path, capsys):
+    for flag, value, message in (("--baseline", "gpt2", "unknown baseline 'gpt2'"),
+                                 ("--rope-scaling", "foo", "unknown RoPE scaling 'foo'"),
+                                 ("--variants", "mamba", "unknown variant 'mamba'")):
+        out = tmp_path / flag.strip("-")
+        assert main(["bench", "quality", "--corpus", "shakespeare", flag, value, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()  # no tokenizer trained, no data written
+
+
 def test_quality_runs_the_variants(tmp_path, shakespeare_dir):
     corpus = tmp_path / "plays"
     corpus.mkdir()
